@@ -1,0 +1,235 @@
+"""Checkpoints without pickle: weights in safetensors, everything else in JSON.
+
+Every file is written atomically (temp file, fsync, rename). The resume state is a step-named
+safetensors file (weights + optimizer moments) that is never overwritten, and a JSON file
+(step, RNG, data position) that points at it and is replaced last. A crash or Ctrl-C at any
+moment therefore leaves a JSON that names a complete, matching weights file.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save
+
+from minigpt_cli.errors import UserError
+
+MODEL_FILE = "model.safetensors"
+BEST_FILE = "best.safetensors"
+STATE_JSON = "train_state.json"
+CONFIG_FILE = "config.yaml"
+METRICS_FILE = "metrics.jsonl"
+
+
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):  # not every filesystem lets a directory be opened
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temp file in the same directory, fsync it, then rename over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o666 & ~_UMASK)  # mkstemp's 0600 would hide files from others
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict to save: no `_orig_mod.` prefix, and tied weights stored once."""
+    raw = getattr(model, "_orig_mod", model)
+    seen: set[int] = set()
+    out: dict[str, torch.Tensor] = {}
+    for name, t in raw.state_dict().items():
+        if t.data_ptr() in seen:  # lm_head.weight is the token embedding: store it once
+            continue
+        seen.add(t.data_ptr())
+        out[name] = t.detach().to("cpu").contiguous()
+    return out
+
+
+def save_safetensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    """Atomic safetensors write; metadata values are JSON so they keep their types."""
+    header = {k: json.dumps(v) for k, v in meta.items()}
+    atomic_write_bytes(path, save(tensors, metadata=header))
+
+
+def load_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Read tensors and JSON metadata; a damaged file becomes a one-line UserError."""
+    path = Path(path)
+    if path.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl"):
+        raise UserError(f"{path} is a pickle-based file, which minigpt never loads: "
+                        "convert it to safetensors first")
+    if not path.is_file():
+        raise UserError(f"checkpoint not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            raw_meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open API)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise UserError(f"checkpoint {path} is corrupt or truncated ({str(e).splitlines()[0]}); "
+                        "use another checkpoint or retrain") from None
+    meta: dict[str, Any] = {}
+    for k, v in raw_meta.items():
+        try:
+            meta[k] = json.loads(v)
+        except json.JSONDecodeError:
+            meta[k] = v
+    return tensors, meta
+
+
+def rng_state() -> dict[str, Any]:
+    """Torch RNG streams as base64 JSON: dropout masks after resume match an unbroken run."""
+    state: dict[str, Any] = {"cpu": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = [base64.b64encode(s.numpy().tobytes()).decode()
+                         for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    def decode(s: str) -> torch.Tensor:
+        return torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8)
+
+    torch.set_rng_state(decode(state["cpu"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([decode(s) for s in state["cuda"]])
+
+
+def optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[Any]]:
+    """Split an optimizer state dict into tensors (safetensors) and param groups (JSON)."""
+    sd = opt.state_dict()
+    tensors = {
+        f"optim.{pid}.{name}": (t if t.dim() else t.reshape(1)).detach().to("cpu").contiguous()
+        for pid, st in sd["state"].items()
+        for name, t in st.items()
+    }
+    return tensors, sd["param_groups"]
+
+
+def load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
+                   groups: list[Any]) -> None:
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, t in tensors.items():
+        if key.startswith("optim."):
+            _, pid, name = key.split(".", 2)
+            state.setdefault(int(pid), {})[name] = t.reshape(()) if name == "step" else t
+    opt.load_state_dict({"state": state, "param_groups": groups})
+
+
+def save_train_state(run_dir: Path, model: torch.nn.Module, opt: torch.optim.Optimizer,
+                     state: dict[str, Any]) -> None:
+    """Write the resume point: new weights file first, then the JSON that names it."""
+    step = state["step"]
+    name = f"train_state-{step:07d}.safetensors"
+    opt_tensors, groups = optimizer_tensors(opt)
+    tensors = {f"model.{k}": v for k, v in model_tensors(model).items()} | opt_tensors
+    save_safetensors(run_dir / name, tensors, {"step": step})
+    previous = read_state_json(run_dir)
+    payload = {**state, "weights_file": name, "param_groups": groups, "rng": rng_state()}
+    atomic_write_text(run_dir / STATE_JSON, json.dumps(payload, indent=1))
+    if previous and previous.get("weights_file") not in (None, name):
+        with contextlib.suppress(OSError):
+            (run_dir / previous["weights_file"]).unlink()
+
+
+def read_state_json(run_dir: Path) -> dict[str, Any] | None:
+    path = Path(run_dir) / STATE_JSON
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise UserError(f"{path} is corrupt; delete the run directory or train elsewhere") from None
+
+
+def load_train_state(run_dir: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The JSON state and the weights + optimizer tensors it points at, checked to match."""
+    state = read_state_json(run_dir)
+    if state is None:
+        raise UserError(f"nothing to resume in {run_dir}: no {STATE_JSON} (drop --resume to start)")
+    tensors, meta = load_safetensors(Path(run_dir) / state["weights_file"])
+    if meta.get("step") != state["step"]:
+        raise UserError(f"resume state in {run_dir} is inconsistent (json step {state['step']}, "
+                        f"weights step {meta.get('step')})")
+    return state, tensors
+
+
+def clean_stale_state_files(run_dir: Path) -> None:
+    """Remove weights files no JSON points at (left by a crash between write and switch)."""
+    state = read_state_json(run_dir) or {}
+    keep = state.get("weights_file")
+    for p in Path(run_dir).glob("train_state-*.safetensors"):
+        if p.name != keep:
+            with contextlib.suppress(OSError):
+                p.unlink()
+    for p in Path(run_dir).glob(".*.tmp"):
+        with contextlib.suppress(OSError):
+            p.unlink()
+
+
+def save_model(path: Path, model: torch.nn.Module, meta: dict[str, Any]) -> None:
+    """Inference weights: the safetensors metadata makes the file describe itself."""
+    save_safetensors(path, model_tensors(model), {"format": "minigpt", **meta})
+
+
+def build_model(tensors: dict[str, torch.Tensor], model_config: dict[str, Any], source: Path):
+    """A GPT from saved tensors, refusing files whose shapes or keys don't match the config."""
+    from minigpt_cli.model import GPT, GPTConfig
+
+    try:
+        cfg = GPTConfig(**model_config)
+    except TypeError:
+        raise UserError(f"{source} has an unreadable model config: {model_config}") from None
+    model = GPT(cfg)
+    tensors = {k.removeprefix("_orig_mod."): v for k, v in tensors.items()}
+    expected = model_tensors(model)
+    missing = sorted(set(expected) - set(tensors))
+    extra = sorted(set(tensors) - set(expected))
+    if missing or extra:
+        raise UserError(f"{source} does not match its model config (missing: "
+                        f"{', '.join(missing[:3]) or '-'}; unexpected: {', '.join(extra[:3]) or '-'})")
+    for k, t in expected.items():
+        if tensors[k].shape != t.shape:
+            raise UserError(f"{source}: tensor {k} has shape {tuple(tensors[k].shape)}, the model "
+                            f"config needs {tuple(t.shape)}")
+    model.load_state_dict(tensors, strict=False)  # lm_head.weight is tied to wte.weight
+    return model
+
+
+def load_model(path: Path):
+    """(model, metadata) from a minigpt safetensors file; the model is on CPU in float32."""
+    tensors, meta = load_safetensors(path)
+    if "model_config" not in meta or "tokenizer" not in meta:
+        raise UserError(f"{path} is not a minigpt checkpoint (no model_config/tokenizer metadata)")
+    return build_model(tensors, meta["model_config"], path), meta

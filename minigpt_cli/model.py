@@ -1,0 +1,202 @@
+"""GPT-2-shaped decoder, shared by training and inference.
+
+Training calls `model(idx, targets)`: one pass over every position under a causal mask.
+Inference calls `model(idx, cache=..., start_pos=...)`: the prompt once (prefill), then one token
+per step, reading earlier keys and values from a pre-allocated `KVCache` instead of recomputing.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int
+    block_size: int = 128
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    dropout: float = 0.0
+    bias: bool = True
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+
+class KVCache:
+    """Static per-layer key/value buffers [layers, batch, heads, max_len, head_dim].
+
+    Pre-allocated once so decode steps never reallocate; position `p` of a sequence is written
+    at index `p`, and attention reads the prefix `[:p + 1]`.
+    """
+
+    def __init__(self, cfg: GPTConfig, batch_size: int, max_len: int,
+                 device: torch.device | str, dtype: torch.dtype) -> None:
+        shape = (cfg.n_layer, batch_size, cfg.n_head, max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.max_len = max_len
+
+    def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        end = start + k.size(2)
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions, asked to write to {end}")
+        self.k[layer, :, :, start:end] = k
+        self.v[layer, :, :, start:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: GPTConfig, layer: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.n_head = cfg.n_head
+        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
+        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+        self.attn_dropout = cfg.dropout
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None, start_pos: int,
+                mask: torch.Tensor | None) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        if cache is not None:
+            k, v = cache.update(self.layer, start_pos, k, v)
+        # Without an explicit mask: causal when queries and keys are the same span (training,
+        # prefill from 0); a single new token against the cache may see every key.
+        is_causal = mask is None and T > 1
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=is_causal,
+            dropout_p=self.attn_dropout if self.training else 0.0,
+        )
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
+        self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # tanh GELU is what GPT-2 was trained with; it keeps imported weights exact.
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: GPTConfig, layer: int) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.attn = CausalSelfAttention(cfg, layer)
+        self.ln_2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None, start_pos: int,
+                mask: torch.Tensor | None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), cache, start_pos, mask)
+        return x + self.mlp(self.ln_2(x))
+
+
+def attention_mask(T: int, start_pos: int, key_valid: torch.Tensor | None,
+                   device: torch.device) -> torch.Tensor:
+    """Boolean mask [B|1, 1, T, start_pos+T]: query i sees key j iff j <= start_pos+i and j is
+    not padding. Each query always sees itself, so a padding row is never all-masked (NaN)."""
+    S = start_pos + T
+    q_pos = torch.arange(start_pos, S, device=device)[:, None]
+    k_pos = torch.arange(S, device=device)[None, :]
+    allowed = k_pos <= q_pos
+    if key_valid is not None:
+        allowed = allowed[None] & key_valid[:, None, :S]
+        allowed = allowed | (k_pos == q_pos)[None]
+        return allowed[:, None]
+    return allowed[None, None]
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.h = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.lm_head.weight = self.wte.weight  # tied, as in GPT-2
+        self.apply(self._init_weights)
+        # GPT-2 scales residual projections by 1/sqrt(2 * n_layer) so depth doesn't blow up.
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.wpe.weight.numel() if non_embedding else n
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        *,
+        cache: KVCache | None = None,
+        start_pos: int = 0,
+        pos_ids: torch.Tensor | None = None,
+        key_valid: torch.Tensor | None = None,
+        last_only: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits for `idx` [B, T] placed at positions start_pos.. (or `pos_ids` [B, T]).
+
+        `key_valid` [B, S] marks real tokens (False = left padding) over every position so far.
+        With `targets`, also the mean cross-entropy over all positions (-1 is ignored).
+        """
+        B, T = idx.shape
+        if start_pos + T > self.config.block_size:
+            raise ValueError(f"positions up to {start_pos + T} exceed block_size "
+                             f"{self.config.block_size}")
+        if pos_ids is None:
+            pos_ids = torch.arange(start_pos, start_pos + T, device=idx.device)[None]
+        x = self.drop(self.wte(idx) + self.wpe(pos_ids))
+        mask = None
+        if key_valid is not None or (cache is not None and start_pos > 0 and T > 1):
+            mask = attention_mask(T, start_pos, key_valid, idx.device)
+        for block in self.h:
+            x = block(x, cache, start_pos, mask)
+        x = self.ln_f(x)
+        if targets is not None:
+            logits = self.lm_head(x)
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.reshape(-1),
+                                   ignore_index=-1)
+            return logits, loss
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(x), None
+
+    def optimizer_groups(self, weight_decay: float) -> list[dict]:
+        """Decay 2-D weights (matmuls, embeddings) only; biases and LayerNorm gains stay free."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        return [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ]

@@ -1,0 +1,318 @@
+"""The training loop: parallel teacher forcing, AdamW, warmup + cosine, exact resume.
+
+One optimizer step = `grad_accum_steps` forward passes, each over every position of a batch of
+windows at once (causal mask, targets shifted by one). Dropout is on (`model.train()`); every
+evaluation switches to `model.eval()` + no-grad and back.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import yaml
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from minigpt_cli import checkpoint as ckpt
+from minigpt_cli import data as D
+from minigpt_cli import tokenizer as tok
+from minigpt_cli.config import Config, TrainConfig
+from minigpt_cli.device import autocast, resolve_device, resolve_dtype, synchronize
+from minigpt_cli.errors import UserError
+from minigpt_cli.model import GPT, GPTConfig
+
+# Keys that may change between a run and its resume: they don't change the model or data.
+_RESUMABLE_CHANGES = {"out_dir", "device", "dtype", "compile", "train"}
+
+
+def lr_at(step: int, t: TrainConfig) -> float:
+    """Linear warmup to `lr`, then cosine decay to `min_lr` at `max_steps`."""
+    if step < t.warmup_steps:
+        return t.lr * (step + 1) / t.warmup_steps
+    span = max(1, t.max_steps - t.warmup_steps)
+    progress = min(1.0, (step - t.warmup_steps) / span)
+    return t.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (t.lr - t.min_lr)
+
+
+@dataclass
+class EvalResult:
+    loss: float
+    bpb: float
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, batches: list, token_bytes: torch.Tensor,
+             device: torch.device, dtype: torch.dtype) -> EvalResult:
+    """Mean loss per token and bits per byte (summed nats / ln 2 / UTF-8 bytes), eval mode."""
+    was_training = model.training
+    model.eval()
+    nats = bytes_ = 0.0
+    total = count = 0.0
+    for x, y in batches:
+        x, y = x.to(device), y.to(device)
+        with autocast(device, dtype):
+            logits, _ = model(x)
+        losses = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none")
+        nb = token_bytes[y.flatten()]
+        nats += (losses * (nb > 0)).sum().item()  # special tokens stand for no bytes
+        bytes_ += nb.sum().item()
+        total += losses.sum().item()
+        count += losses.numel()
+    model.train(was_training)
+    return EvalResult(loss=total / count, bpb=nats / math.log(2) / max(bytes_, 1.0))
+
+
+def _check_out_dir(run_dir: Path, resume: bool) -> None:
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"out_dir {run_dir} is not writable ({e.strerror}); choose another "
+                        "with --set out_dir=PATH") from None
+    has_run = (run_dir / ckpt.STATE_JSON).exists() or (run_dir / ckpt.MODEL_FILE).exists()
+    if has_run and not resume:
+        raise UserError(f"out_dir {run_dir} already holds a run: add --resume to continue it, "
+                        "or --set out_dir=NEW_DIR to start fresh")
+
+
+def _check_same_run(run_dir: Path, cfg: Config) -> None:
+    """A resume must use the model shape, data and tokenizer the run was started with."""
+    path = run_dir / ckpt.CONFIG_FILE
+    if not path.is_file():
+        return
+    saved = yaml.safe_load(path.read_text()) or {}
+    now = cfg.to_dict()
+    for section, values in now.items():
+        if section in _RESUMABLE_CHANGES or not isinstance(values, dict):
+            continue
+        for key, value in values.items():
+            before = (saved.get(section) or {}).get(key, value)
+            if before != value:
+                raise UserError(f"{run_dir} was trained with {section}.{key}={before}, the config "
+                                f"says {value}: use the original config or another out_dir")
+
+
+def _metrics_after_resume(run_dir: Path, step: int) -> None:
+    """Drop metric lines past the resumed step, so the log reads like one unbroken run."""
+    path = run_dir / ckpt.METRICS_FILE
+    if path.is_file():
+        keep = [ln for ln in path.read_text().splitlines()
+                if ln.strip() and json.loads(ln).get("step", 0) <= step]
+        ckpt.atomic_write_text(path, "".join(ln + "\n" for ln in keep))
+
+
+class _StopFlag:
+    """First Ctrl-C asks the loop to save and stop at the next step boundary; a second one
+    interrupts at once (atomic writes keep the last checkpoint intact either way)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+
+    def __enter__(self) -> _StopFlag:
+        try:
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        except ValueError:  # not in the main thread: leave Ctrl-C alone
+            self._previous = None
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc: object) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+class Interrupted(Exception):
+    """Training stopped by Ctrl-C after saving; the CLI exits 130."""
+
+
+@dataclass
+class TrainSummary:
+    run_dir: str
+    step: int
+    train_loss: float
+    val_loss: float
+    val_bpb: float
+    best_val_loss: float
+    tokens_per_s: float
+    seconds: float
+
+
+def train(cfg: Config, resume: bool = False, console: Console | None = None) -> TrainSummary:
+    console = console or Console(stderr=True)
+    t0 = time.perf_counter()
+    run_dir = Path(cfg.out_dir)
+    _check_out_dir(run_dir, resume)
+    state: dict[str, Any] | None = None
+    if resume:
+        _check_same_run(run_dir, cfg)
+        state, state_tensors = ckpt.load_train_state(run_dir)
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    torch.manual_seed(cfg.seed)
+
+    # Data and tokenizer: a resumed run reuses its own saved tokenizer.
+    corpus = D.load_corpus(cfg.data.source, cfg.data.val_fraction)
+    if resume and cfg.tokenizer.kind == "bpe":
+        enc = tok.load_bpe_file(run_dir / tok.TOKENIZER_FILE)
+    else:
+        enc = D.tokenizer_for(corpus, cfg.tokenizer.kind, cfg.tokenizer.vocab_size)
+    tokens = D.tokenize_corpus(corpus, enc, cfg.tokenizer.kind)
+    T = cfg.model.block_size
+    if len(tokens.val) <= T + 1 or len(tokens.train) <= T + 1:
+        raise UserError(f"model.block_size ({T}) is larger than the data (train {len(tokens.train)}"
+                        f", val {len(tokens.val)} tokens): lower block_size or add text")
+    token_bytes = torch.tensor(tok.token_byte_lengths(enc), dtype=torch.float32, device=device)
+
+    mcfg = GPTConfig(vocab_size=enc.n_vocab, **asdict(cfg.model))
+    model = GPT(mcfg)
+    if state is not None:
+        model_sd = {k.removeprefix("model."): v for k, v in state_tensors.items()
+                    if k.startswith("model.")}
+        model = ckpt.build_model(model_sd, asdict(mcfg), run_dir / state["weights_file"])
+    model.to(device)
+    t = cfg.train
+    opt = torch.optim.AdamW(model.optimizer_groups(t.weight_decay), lr=t.lr,
+                            betas=(t.beta1, t.beta2), fused=device.type == "cuda" or None)
+    start_step = 0
+    best_val = math.inf
+    if state is not None:
+        ckpt.load_optimizer(opt, state_tensors, state["param_groups"])
+        ckpt.set_rng_state(state["rng"])
+        start_step, best_val = state["step"], state.get("best_val_loss", math.inf)
+        _metrics_after_resume(run_dir, start_step)
+        ckpt.clean_stale_state_files(run_dir)
+        console.print(f"[bold]resuming[/] {run_dir} at step {start_step}")
+    else:
+        ckpt.atomic_write_text(run_dir / ckpt.CONFIG_FILE, yaml.safe_dump(cfg.to_dict(),
+                                                                           sort_keys=False))
+        if cfg.tokenizer.kind == "bpe":
+            tok.save_ranks(enc, run_dir / tok.TOKENIZER_FILE)
+    fwd = torch.compile(model) if cfg.compile else model
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+
+    tok_desc = tok.describe(enc, cfg.tokenizer.kind)
+    val_batches = D.eval_batches(tokens.val, t.batch_size, T, t.eval_steps)
+    train_eval_batches = D.eval_batches(tokens.train, t.batch_size, T, t.eval_steps)
+    tokens_per_step = t.batch_size * T * t.grad_accum_steps
+    metrics = (run_dir / ckpt.METRICS_FILE).open("a", encoding="utf-8")
+    last = {"train_loss": math.nan, "val_loss": math.nan, "val_bpb": math.nan, "loss": math.nan}
+
+    def log(record: dict[str, Any]) -> None:
+        metrics.write(json.dumps(record) + "\n")
+        metrics.flush()
+
+    def save(step: int, val_loss: float | None) -> None:
+        meta = {"model_config": asdict(mcfg), "tokenizer": tok_desc, "step": step,
+                "val_loss": val_loss, "config": cfg.to_dict()}
+        ckpt.save_model(run_dir / ckpt.MODEL_FILE, model, meta)
+        ckpt.save_train_state(run_dir, model, opt, {
+            "step": step, "best_val_loss": best_val, "seed": cfg.seed,
+            # Batches are a pure function of (seed, step): the next step is the data position.
+            "data": {"sampler": "random-windows", "next_step": step},
+        })
+
+    console.print(f"[bold]training[/] {model.num_params() / 1e6:.2f}M params on {device} "
+                  f"({str(dtype).removeprefix('torch.')}), vocab {enc.n_vocab}, "
+                  f"{len(tokens.train):,} train / {len(tokens.val):,} val tokens")
+    progress = Progress(
+        TextColumn("[bold]step {task.completed}/{task.total}"), BarColumn(),
+        TextColumn("loss {task.fields[loss]:.4f}  val {task.fields[val]:.4f}  "
+                   "lr {task.fields[lr]:.2e}  {task.fields[tps]:,.0f} tok/s"),
+        TimeRemainingColumn(), console=console, transient=False,
+    )
+    model.train()
+    step = start_step
+    window_t, window_steps, tps = time.perf_counter(), 0, 0.0
+    with _StopFlag() as stop, progress, metrics:
+        task = progress.add_task("train", total=t.max_steps, completed=step, loss=math.nan,
+                                 val=math.nan, lr=0.0, tps=0.0)
+        while step < t.max_steps:
+            lr = lr_at(step, t)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            loss_sum = torch.zeros((), device=device)
+            for micro in range(t.grad_accum_steps):
+                x, y = D.train_batch(tokens.train, t.batch_size, T, cfg.seed, step, micro)
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                with autocast(device, dtype):
+                    _, loss = fwd(x, y)
+                scaler.scale(loss / t.grad_accum_steps).backward()
+                loss_sum += loss.detach()
+            if t.grad_clip > 0:
+                scaler.unscale_(opt)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            window_steps += 1
+            is_eval = step % t.eval_interval == 0 or step == t.max_steps
+            is_save = step % t.save_interval == 0 or step == t.max_steps or stop.requested
+            if step % t.log_interval == 0 or is_eval or is_save:
+                train_loss = loss_sum.item() / t.grad_accum_steps
+                if not math.isfinite(train_loss):
+                    raise UserError(f"loss became {train_loss} at step {step}; the last good "
+                                    f"checkpoint in {run_dir} is kept: lower train.lr or use "
+                                    "dtype float32")
+                synchronize(device)
+                now = time.perf_counter()
+                tps = window_steps * tokens_per_step / (now - window_t)
+                window_t, window_steps = now, 0
+                last["loss"] = train_loss
+                log({"step": step, "loss": train_loss, "lr": lr, "tokens_per_s": tps,
+                     "elapsed_s": now - t0})
+            val_loss = None
+            if is_eval:
+                tr = evaluate(fwd, train_eval_batches, token_bytes, device, dtype)
+                va = evaluate(fwd, val_batches, token_bytes, device, dtype)
+                val_loss = va.loss
+                last.update(train_loss=tr.loss, val_loss=va.loss, val_bpb=va.bpb)
+                log({"step": step, "train_loss": tr.loss, "val_loss": va.loss, "val_bpb": va.bpb})
+                if va.loss < best_val:
+                    best_val = va.loss
+                    meta = {"model_config": asdict(mcfg), "tokenizer": tok_desc, "step": step,
+                            "val_loss": va.loss, "config": cfg.to_dict()}
+                    ckpt.save_model(run_dir / ckpt.BEST_FILE, model, meta)
+                if not console.is_terminal:
+                    console.print(f"step {step}: train {tr.loss:.4f}  val {va.loss:.4f}  "
+                                  f"val bpb {va.bpb:.4f}  {tps:,.0f} tok/s")
+                window_t = time.perf_counter()  # evaluation time is not training throughput
+            if is_save:
+                save(step, val_loss if val_loss is not None else last["val_loss"])
+            progress.update(task, completed=step, loss=last["loss"], val=last["val_loss"],
+                            lr=lr, tps=tps)
+            if stop.requested:
+                raise Interrupted(f"interrupted at step {step}; checkpoint saved in {run_dir}: "
+                                  f"continue with --resume")
+
+    summary = TrainSummary(run_dir=str(run_dir), step=step, train_loss=last["train_loss"],
+                           val_loss=last["val_loss"], val_bpb=last["val_bpb"],
+                           best_val_loss=best_val, tokens_per_s=tps,
+                           seconds=time.perf_counter() - t0)
+    table = Table(title=f"run {run_dir}", show_header=False)
+    for name, value in (("steps", f"{step}"), ("train loss", f"{summary.train_loss:.4f}"),
+                        ("val loss", f"{summary.val_loss:.4f}"),
+                        ("val bits/byte", f"{summary.val_bpb:.4f}"),
+                        ("best val loss", f"{best_val:.4f}"),
+                        ("throughput", f"{tps:,.0f} tok/s"),
+                        ("wall time", f"{summary.seconds:.1f} s"),
+                        ("weights", str(run_dir / ckpt.MODEL_FILE))):
+        table.add_row(name, value)
+    console.print(table)
+    return summary
