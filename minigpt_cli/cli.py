@@ -59,6 +59,48 @@ def prepare(
     err.print(f"corpus ready: {path} ({path.stat().st_size / 1e6:.1f} MB)")
 
 
+@app.command()
+def generate(
+    prompt: Annotated[str, typer.Option(help="Text to continue; empty starts a new document.")
+                      ] = "",
+    checkpoint: Annotated[str | None, typer.Option(help="Run directory or .safetensors file "
+                                                   "(default: newest run under runs/).")] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="Most tokens to generate.")] = 200,
+    temperature: Annotated[float, typer.Option(help="0 is greedy; <1 sharper, >1 flatter.")
+                           ] = 0.8,
+    top_k: Annotated[int, typer.Option(help="Keep the k most likely tokens (0 = off).")] = 0,
+    top_p: Annotated[float, typer.Option(help="Nucleus: smallest set with this much "
+                                              "probability (1 = off).")] = 0.95,
+    min_p: Annotated[float, typer.Option(help="Drop tokens below min_p x the top "
+                                              "probability (0 = off).")] = 0.0,
+    repetition_penalty: Annotated[float, typer.Option(help="Penalise recent tokens "
+                                                           "(1 = off).")] = 1.0,
+    repeat_last_n: Annotated[int, typer.Option(help="How many recent tokens count as "
+                                                    "repeats.")] = 64,
+    seed: Annotated[int | None, typer.Option(help="Same seed, same text.")] = None,
+    num_beams: Annotated[int, typer.Option(help="Beam search with N beams (1 = sampling).")] = 1,
+    stop: Annotated[list[str] | None, typer.Option(help="Stop at this string, not printed "
+                                                        "(repeatable).")] = None,
+    num_samples: Annotated[int, typer.Option(help="Continuations of the prompt, in one batch.")
+                           ] = 1,
+    prompts_file: Annotated[Path | None, typer.Option(help="One prompt per line (or JSONL), "
+                                                           "generated as one batch.")] = None,
+    cache: Annotated[bool, typer.Option(help="--no-cache re-runs the whole sequence every "
+                                             "step (the naive loop).")] = True,
+    stream: Annotated[bool, typer.Option(help="Print tokens as they come.")] = True,
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    trace: Annotated[bool, typer.Option(help="Show each step: top candidates, choice, and "
+                                             "positions computed.")] = False,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | mps")] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto | float32 | bfloat16 | float16")] = "auto",
+) -> None:
+    """Generate text: prefill the prompt once, then one token per step through a KV cache."""
+    options = dict(locals())  # every flag above, by name: run_generate's keyword arguments
+    from minigpt_cli.generate_cli import run_generate
+
+    run_generate(**options)
+
+
 def main() -> None:
     """Entry point: run the app, turning user errors into one line and exit code 2."""
     try:

@@ -1,0 +1,116 @@
+"""Pure functions on logits: how the next token is chosen. No model needed to test them.
+
+Order of processors (each sees the previous one's output):
+  1. repetition penalty over the last `repeat_last_n` tokens
+  2. temperature (0 means greedy: argmax, no division)
+  3. top-k   4. top-p (nucleus)   5. min-p
+  6. sample from the softmax (or argmax when temperature is 0)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from minigpt_cli.errors import UserError
+
+
+@dataclass
+class SamplerSettings:
+    temperature: float = 0.8
+    top_k: int = 0  # 0 = off
+    top_p: float = 0.95  # 1.0 = off
+    min_p: float = 0.0  # 0 = off
+    repetition_penalty: float = 1.0  # 1.0 = off; >1 discourages repeats
+    repeat_last_n: int = 64
+
+    def validate(self) -> None:
+        if not self.temperature >= 0:
+            raise UserError(f"--temperature must be >= 0 (0 is greedy), got {self.temperature}")
+        if self.top_k < 0:
+            raise UserError(f"--top-k must be >= 0 (0 turns it off), got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise UserError(f"--top-p must be in (0, 1] (1 turns it off), got {self.top_p}")
+        if not 0 <= self.min_p < 1:
+            raise UserError(f"--min-p must be in [0, 1) (0 turns it off), got {self.min_p}")
+        if not self.repetition_penalty > 0:
+            raise UserError(f"--repetition-penalty must be > 0, got {self.repetition_penalty}")
+        if self.repeat_last_n < 0:
+            raise UserError(f"--repeat-last-n must be >= 0, got {self.repeat_last_n}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def apply_repetition_penalty(logits: torch.Tensor, history: torch.Tensor, penalty: float
+                             ) -> torch.Tensor:
+    """CTRL-style: a seen token's logit is divided by `penalty` if positive, multiplied if not.
+
+    `history` [B, L] holds recent token ids, -1 for none.
+    """
+    if penalty == 1.0 or history.numel() == 0:
+        return logits
+    seen = torch.zeros_like(logits, dtype=torch.bool)
+    valid = history >= 0
+    seen.scatter_(1, history.clamp(min=0), valid)
+    penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalised, logits)
+
+
+def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Divide by T: <1 sharpens, >1 flattens. T=0 leaves logits alone (greedy takes argmax)."""
+    return logits if temperature in (0.0, 1.0) else logits / temperature
+
+
+def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the k highest logits per row; k=0 or k >= vocab keeps all."""
+    if k <= 0 or k >= logits.size(-1):
+        return logits
+    kth = torch.topk(logits, k, dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Keep the smallest set of most likely tokens whose probabilities sum to at least p."""
+    if p >= 1.0:
+        return logits
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+    probs = torch.softmax(sorted_logits, dim=-1)
+    mass_before = torch.cumsum(probs, dim=-1) - probs
+    drop_sorted = mass_before >= p  # the token that crosses p is kept; the top token always is
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def min_p_filter(logits: torch.Tensor, min_p: float) -> torch.Tensor:
+    """Keep tokens whose probability is at least min_p times the top token's."""
+    if min_p <= 0.0:
+        return logits
+    probs = torch.softmax(logits, dim=-1)
+    threshold = min_p * probs.max(dim=-1, keepdim=True).values
+    return logits.masked_fill(probs < threshold, float("-inf"))
+
+
+def process(logits: torch.Tensor, s: SamplerSettings, history: torch.Tensor | None = None
+            ) -> torch.Tensor:
+    """Every filter in the documented order; returns logits with dropped tokens at -inf."""
+    logits = logits.float()
+    if history is not None:
+        logits = apply_repetition_penalty(logits, history, s.repetition_penalty)
+    if s.greedy:
+        return logits
+    logits = apply_temperature(logits, s.temperature)
+    logits = top_k_filter(logits, s.top_k)
+    logits = top_p_filter(logits, s.top_p)
+    return min_p_filter(logits, s.min_p)
+
+
+def choose(processed: torch.Tensor, s: SamplerSettings, generator: torch.Generator | None = None
+           ) -> torch.Tensor:
+    """Next token ids [B] from processed logits: argmax when greedy, else a draw."""
+    if s.greedy:
+        return processed.argmax(dim=-1)
+    probs = torch.softmax(processed, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
