@@ -110,7 +110,8 @@ def load_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any
 
 def rng_state() -> dict[str, Any]:
     """Torch RNG streams as base64 JSON: dropout masks after resume match an unbroken run."""
-    state: dict[str, Any] = {"cpu": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()}
+    cpu = torch.get_rng_state().numpy().tobytes()
+    state: dict[str, Any] = {"cpu": base64.b64encode(cpu).decode()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = [base64.b64encode(s.numpy().tobytes()).decode()
                          for s in torch.cuda.get_rng_state_all()]
@@ -218,7 +219,8 @@ def build_model(tensors: dict[str, torch.Tensor], model_config: dict[str, Any], 
     extra = sorted(set(tensors) - set(expected))
     if missing or extra:
         raise UserError(f"{source} does not match its model config (missing: "
-                        f"{', '.join(missing[:3]) or '-'}; unexpected: {', '.join(extra[:3]) or '-'})")
+                        f"{', '.join(missing[:3]) or '-'}; "
+                        f"unexpected: {', '.join(extra[:3]) or '-'})")
     for k, t in expected.items():
         if tensors[k].shape != t.shape:
             raise UserError(f"{source}: tensor {k} has shape {tuple(tensors[k].shape)}, the model "

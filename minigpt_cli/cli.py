@@ -101,6 +101,46 @@ def generate(
     run_generate(**options)
 
 
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"--lengths expects comma-separated integers, got '{text}'") from None
+
+
+@app.command()
+def bench(
+    checkpoint: Annotated[str | None, typer.Option(help="Run directory or .safetensors file.")
+                          ] = None,
+    config: Annotated[str | None, typer.Option(help="Random-weight model of this config's "
+                                                    "shape (default: configs/tiny.yaml).")
+                      ] = None,
+    lengths: Annotated[str, typer.Option(help="New-token counts to measure.")
+                       ] = "64,128,256,512,1024",
+    prompt_len: Annotated[int, typer.Option(help="Prompt tokens before generation.")] = 16,
+    batch_size: Annotated[int, typer.Option(help="Sequences decoded together.")] = 1,
+    repeats: Annotated[int, typer.Option(help="Timed runs per point; the median is kept.")] = 3,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | mps")] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto | float32 | bfloat16 | float16")] = "auto",
+    json_path: Annotated[Path | None, typer.Option("--json", help="Write every number here.")
+                         ] = None,
+    plot_path: Annotated[Path | None, typer.Option("--plot", help="Write a PNG plot here.")
+                         ] = None,
+    train_too: Annotated[bool, typer.Option("--train", help="Also compare a training step "
+                                                            "with generation.")] = False,
+) -> None:
+    """Measure generation with the KV cache on against off, and show why they differ."""
+    from minigpt_cli.bench import run_bench
+
+    if checkpoint is None and config is None and Path("configs/tiny.yaml").is_file():
+        config = "configs/tiny.yaml"
+    code = run_bench(checkpoint=checkpoint, config=config, lengths=_int_list(lengths),
+                     prompt_len=prompt_len, batch_size=batch_size, repeats=repeats,
+                     device=device, dtype=dtype, json_path=json_path, plot_path=plot_path,
+                     train=train_too, console=Console(highlight=False))
+    raise typer.Exit(code)
+
+
 def main() -> None:
     """Entry point: run the app, turning user errors into one line and exit code 2."""
     try:

@@ -122,7 +122,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
 
 def _build(cls: type, raw: Any, prefix: str) -> Any:
     if not isinstance(raw, dict):
-        raise UserError(f"{prefix or 'config'}: expected a mapping of keys, got {raw!r}")
+        raise UserError(f"{prefix.rstrip('.') or 'config'}: expected a mapping of keys, "
+                        f"got {raw!r}")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs: dict[str, Any] = {}

@@ -52,7 +52,7 @@ def _is_direction(block: str) -> bool:
 
 def _clean_line(line: str) -> str:
     line = _INLINE_DIRECTION.sub("", line)
-    return _ESCAPE.sub(r"\1", line).replace("_", "").rstrip()
+    return re.sub(r" {2,}", " ", _ESCAPE.sub(r"\1", line).replace("_", "")).strip()
 
 
 def play_to_text(markdown: str) -> str:
@@ -172,10 +172,7 @@ def load_corpus(source: str, val_fraction: float) -> Corpus:
     A literal <|endoftext|> in a text file separates documents. JSONL files are split by record:
     the last fraction of records is validation, since cutting short records in two helps nobody.
     """
-    if source == "shakespeare":
-        files = [prepare_shakespeare()]
-    else:
-        files = _source_files(source)
+    files = [prepare_shakespeare()] if source == "shakespeare" else _source_files(source)
     if not files:
         raise UserError(f"data.source '{source}' matched no files")
     h = hashlib.sha256()

@@ -23,7 +23,8 @@ def resolve_device(name: str) -> torch.device:
     if name not in ("cpu", "cuda", "mps"):
         raise UserError(f"unknown device '{name}': use auto, cpu, cuda or mps")
     if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("device 'cuda' was asked for but no CUDA GPU is available; use --device cpu")
+        raise UserError("device 'cuda' was asked for but no CUDA GPU is available; "
+                        "use --device cpu")
     if name == "mps" and not torch.backends.mps.is_available():
         raise UserError("device 'mps' was asked for but MPS is not available; use --device cpu")
     return torch.device(name)

@@ -6,4 +6,4 @@ every other exception is a bug and keeps its traceback.
 
 
 class UserError(Exception):
-    """Bad input from the user: a config, a path, a flag. The message says what and how to fix it."""
+    """Bad input from the user (a config, a path, a flag); the message says how to fix it."""

@@ -314,7 +314,7 @@ def beam_search(model: GPT, enc: tiktoken.Encoding, prompt: list[int], num_beams
         decoder.append(next_ids)
     for score, beam in zip(scores.tolist(), beams, strict=True):
         finished.append((score / max(1, len(beam)) ** length_penalty, beam))
-    best_score, best = max(finished, key=lambda f: f[0])
+    best = max(finished, key=lambda f: f[0])[1]
     reason = "eos" if len(best) < timings.steps else "length"
     timings.total_s = time.perf_counter() - t0
     decode_time = timings.total_s - timings.time_to_first_token_s

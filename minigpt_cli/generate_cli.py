@@ -37,8 +37,9 @@ def _token_repr(enc: tiktoken.Encoding, token: int) -> str:
 def _stats_line(timings: Timings, completions: list[Completion]) -> str:
     n = sum(len(c.tokens) for c in completions)
     reasons = ", ".join(sorted({c.finish_reason for c in completions}))
-    return (f"{n} tokens · finish: {reasons} · first token {timings.time_to_first_token_s * 1e3:.0f}"
-            f" ms · decode {timings.decode_tokens_per_s:,.0f} tok/s · total {timings.total_s:.2f} s")
+    return (f"{n} tokens · finish: {reasons} · "
+            f"first token {timings.time_to_first_token_s * 1e3:.0f} ms · "
+            f"decode {timings.decode_tokens_per_s:,.0f} tok/s · total {timings.total_s:.2f} s")
 
 
 def _json_record(c: Completion) -> dict:
@@ -69,7 +70,7 @@ def run_generate(
 
     out = Console(highlight=False, soft_wrap=True)
     err = Console(stderr=True, highlight=False, soft_wrap=True)
-    model, enc, meta, path = load_for_inference(checkpoint, device, dtype)
+    model, enc, _, path = load_for_inference(checkpoint, device, dtype)
     block = model.config.block_size
     prompts = []
     for text in texts:

@@ -171,7 +171,7 @@ class GPT(nn.Module):
         `key_valid` [B, S] marks real tokens (False = left padding) over every position so far.
         With `targets`, also the mean cross-entropy over all positions (-1 is ignored).
         """
-        B, T = idx.shape
+        T = idx.size(1)
         if start_pos + T > self.config.block_size:
             raise ValueError(f"positions up to {start_pos + T} exceed block_size "
                              f"{self.config.block_size}")

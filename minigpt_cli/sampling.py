@@ -52,9 +52,11 @@ def apply_repetition_penalty(logits: torch.Tensor, history: torch.Tensor, penalt
     """
     if penalty == 1.0 or history.numel() == 0:
         return logits
-    seen = torch.zeros_like(logits, dtype=torch.bool)
-    valid = history >= 0
-    seen.scatter_(1, history.clamp(min=0), valid)
+    vocab = logits.size(-1)
+    # Empty slots (-1) go to a spare column, so they can never unmark a real token.
+    seen = torch.zeros(logits.size(0), vocab + 1, dtype=torch.bool, device=logits.device)
+    seen.scatter_(1, torch.where(history >= 0, history, vocab), True)
+    seen = seen[:, :vocab]
     penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
     return torch.where(seen, penalised, logits)
 

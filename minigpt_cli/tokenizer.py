@@ -113,7 +113,8 @@ def load_bpe_file(path: Path, pattern: str = SPLIT_PATTERN) -> tiktoken.Encoding
     return _encoding("bpe", _load_ranks(path), pattern)
 
 
-def build(kind: str, texts: Iterable[str] | None = None, vocab_size: int = 4096) -> tiktoken.Encoding:
+def build(kind: str, texts: Iterable[str] | None = None, vocab_size: int = 4096
+          ) -> tiktoken.Encoding:
     """Make the encoding for a config; `bpe` trains on `texts` (the training split only)."""
     if kind == "byte":
         return byte_encoding()

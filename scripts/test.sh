@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Set up, lint, and run the whole test suite (offline: tiktoken files come from ../shared).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+if [ -z "${TIKTOKEN_CACHE_DIR:-}" ] && [ -d ../shared/tiktoken-cache ]; then
+  export TIKTOKEN_CACHE_DIR="$PWD/../shared/tiktoken-cache"
+fi
+.venv/bin/ruff check .
+.venv/bin/python -m pytest "$@"

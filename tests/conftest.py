@@ -1,0 +1,78 @@
+"""Shared fixtures: a small corpus, a tiny config, offline tiktoken files."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from minigpt_cli.config import config_from_dict
+from minigpt_cli.model import GPT, GPTConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+TIKTOKEN_CACHE = ROOT.parent / "shared" / "tiktoken-cache"
+if TIKTOKEN_CACHE.is_dir() and "TIKTOKEN_CACHE_DIR" not in os.environ:
+    os.environ["TIKTOKEN_CACHE_DIR"] = str(TIKTOKEN_CACHE)
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+WORDS = ["the", "king", "my", "lord", "good", "sweet", "love", "night", "day", "heart", "eyes",
+         "speak", "come", "go", "hath", "thou", "thee", "shall", "would", "death", "life", "fair",
+         "noble", "gentle"]
+
+
+def make_text(n_speeches: int = 300, seed: int = 0) -> str:
+    """A play-shaped corpus with enough structure for a tiny model to learn something."""
+    rng = random.Random(seed)
+    speakers = ["ROMEO", "JULIET", "NURSE", "FRIAR"]
+    out = []
+    for _ in range(n_speeches):
+        lines = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 8))).capitalize() + ","
+                 for _ in range(rng.randint(1, 3))]
+        out.append(f"{rng.choice(speakers)}:\n" + "\n".join(lines) + "\n")
+    return "\n".join(out)
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    d = tmp_path / "data"
+    monkeypatch.setenv("MINIGPT_DATA_DIR", str(d))
+    return d
+
+
+@pytest.fixture
+def corpus_file(tmp_path: Path) -> Path:
+    p = tmp_path / "corpus.txt"
+    p.write_text(make_text(), encoding="utf-8")
+    return p
+
+
+def tiny_raw(corpus: Path, out_dir: Path, **train: object) -> dict:
+    """A config dict small enough to train in a second or two on a CPU."""
+    return {
+        "out_dir": str(out_dir),
+        "seed": 7,
+        "device": "cpu",
+        "data": {"source": str(corpus), "val_fraction": 0.1},
+        "tokenizer": {"kind": "byte"},
+        "model": {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 32, "dropout": 0.1},
+        "train": {"batch_size": 8, "max_steps": 20, "lr": 3e-3, "min_lr": 3e-4,
+                  "warmup_steps": 4, "eval_interval": 10, "eval_steps": 2, "save_interval": 5,
+                  "log_interval": 5, **train},
+    }
+
+
+@pytest.fixture
+def tiny_config(tmp_path: Path, corpus_file: Path, data_dir: Path):
+    return config_from_dict(tiny_raw(corpus_file, tmp_path / "run"))
+
+
+@pytest.fixture
+def tiny_model() -> GPT:
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=257, block_size=32, n_layer=2, n_head=2, n_embd=32,
+                          dropout=0.0))
+    return model.eval()

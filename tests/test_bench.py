@@ -1,0 +1,88 @@
+"""bench: completes fast on a tiny model, reports every field, and catches a broken cache."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from rich.console import Console
+
+from minigpt_cli.bench import kv_cache_bytes, run_bench
+from minigpt_cli.errors import UserError
+from minigpt_cli.model import KVCache
+
+
+@pytest.fixture
+def small_config(tmp_path: Path) -> Path:
+    path = tmp_path / "small.yaml"
+    path.write_text(yaml.safe_dump({
+        "tokenizer": {"kind": "byte"},
+        "model": {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 64, "dropout": 0.0}}))
+    return path
+
+
+def _bench(config: Path, tmp_path: Path, **kw) -> tuple[int, dict]:
+    out = tmp_path / "bench.json"
+    args = {"checkpoint": None, "config": str(config), "lengths": [8, 160], "prompt_len": 4,
+            "batch_size": 1, "repeats": 1, "device": "cpu", "dtype": "float32",
+            "json_path": out, "plot_path": None, "train": False,
+            "console": Console(file=io.StringIO())}
+    code = run_bench(**{**args, **kw})
+    return code, json.loads(out.read_text())
+
+
+def test_bench_reports_every_field(small_config: Path, tmp_path: Path) -> None:
+    code, report = _bench(small_config, tmp_path, train=True)
+    assert code == 0
+    assert report["header"]["model"]["block_size"] == 164  # raised to fit prompt + 160
+    for field in ("device", "dtype", "threads", "torch", "params"):
+        assert field in report["header"]
+    short, long = report["lengths"]
+    assert (short["n"], long["n"]) == (8, 160)
+    for mode in ("cached", "uncached"):
+        for field in ("total_s", "tokens_per_s", "ms_per_token", "positions_computed"):
+            assert field in long[mode]
+        assert len(long[mode]["ms_per_token"]) == 160
+    assert long["seed_ops_uncached"] == 160 * 161 // 2 and long["seed_ops_cached"] == 160
+    assert long["cached"]["positions_computed"] == 4 + 159  # prefill once, then 1 per step
+    assert long["uncached"]["positions_computed"] == sum(4 + i for i in range(160))
+    assert long["tokens_match"] and short["tokens_match"] and long["ok"]
+    assert long["max_logit_diff"] < 1e-3
+    assert long["speedup"] > 1.0
+    assert long["kv_bytes_formula"] == kv_cache_bytes(2, 2, 164, 16, 1, 4)
+    tv = report["train_vs_generate"]
+    assert tv["training"]["forward_passes_per_sequence"] == 1
+    assert tv["generation"]["forward_passes_per_sequence"] == 163
+    assert tv["training"]["memory_bytes"]["activations_saved_for_backward"] > 0
+    assert report["memory"]["process_peak_rss_bytes"] > 0
+
+
+def test_seed_memory_example() -> None:
+    # GPT-2 small, 1000 tokens, fp32: 2 x 12 x 12 x 1000 x 64 floats = 73.7 MB (the seed's figure)
+    assert round(kv_cache_bytes(12, 12, 1000, 64, 1, 4) / 1e6, 1) == 73.7
+    assert round(kv_cache_bytes(12, 12, 1000, 64, 1, 2) / 1e6, 1) == 36.9
+
+
+def test_broken_cache_fails_the_equality_check(small_config: Path, tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    real_update = KVCache.update
+
+    def corrupt(self, layer, start, k, v):
+        keys, values = real_update(self, layer, start, k, v)
+        if keys.size(2) > 6:
+            keys[:, :, 2] += 1.0  # one cached key goes wrong after the prefill
+        return keys, values
+
+    monkeypatch.setattr(KVCache, "update", corrupt)
+    code, report = _bench(small_config, tmp_path, lengths=[30])
+    assert code == 1
+    assert report["lengths"][0]["ok"] is False
+    assert report["lengths"][0]["max_logit_diff"] > 1e-3
+
+
+def test_bench_bad_lengths(small_config: Path, tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="--lengths"):
+        _bench(small_config, tmp_path, lengths=[0])

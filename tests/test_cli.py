@@ -1,0 +1,119 @@
+"""End to end through a subprocess, as a user runs it; bad input is one line and exit 2."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import tiny_raw
+
+
+def run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "MINIGPT_DATA_DIR": str(cwd / "data")}
+    return subprocess.run([sys.executable, "-m", "minigpt_cli", *args], cwd=cwd,
+                          capture_output=True, text=True, env=env, timeout=300)
+
+
+def assert_user_error(p: subprocess.CompletedProcess, fragment: str) -> None:
+    assert p.returncode == 2, (p.returncode, p.stderr)
+    assert "Traceback" not in p.stderr
+    lines = [ln for ln in p.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), p.stderr
+    assert fragment in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One small run trained through the CLI, shared by the tests below."""
+    from tests.conftest import make_text
+
+    root = tmp_path_factory.mktemp("cli")
+    (root / "corpus.txt").write_text(make_text())
+    raw = tiny_raw(root / "corpus.txt", Path("runs/tiny"), max_steps=30)
+    raw["tokenizer"] = {"kind": "bpe", "vocab_size": 300}
+    (root / "cfg.yaml").write_text(yaml.safe_dump(raw))
+    p = run("train", "cfg.yaml", cwd=root)
+    assert p.returncode == 0, p.stderr
+    assert "val bits/byte" in p.stderr
+    return root
+
+
+def test_generate_streams_text(trained: Path) -> None:
+    p = run("generate", "--prompt", "ROMEO:", "--max-new-tokens", "30", "--seed", "1",
+            cwd=trained)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.startswith("ROMEO:") and len(p.stdout) > len("ROMEO:")
+    assert "tok/s" in p.stderr  # the stats line
+
+
+def test_generate_json_greedy_cache_matches_no_cache(trained: Path) -> None:
+    outs = []
+    for flag in ("--cache", "--no-cache"):
+        p = run("generate", "--prompt", "JULIET:", "--max-new-tokens", "40", "--temperature",
+                "0", "--json", flag, cwd=trained)
+        assert p.returncode == 0, p.stderr
+        outs.append(json.loads(p.stdout))
+    assert outs[0]["token_ids"] == outs[1]["token_ids"]
+    for key in ("prompt", "text", "token_ids", "finish_reason", "timings"):
+        assert key in outs[0]
+    assert outs[0]["timings"]["decode_tokens_per_s"] > 0
+
+
+def test_generate_trace_shows_positions(trained: Path) -> None:
+    p = run("generate", "--prompt", "NURSE:", "--max-new-tokens", "3", "--trace",
+            "--temperature", "0", cwd=trained)
+    assert p.returncode == 0, p.stderr
+    steps = [ln for ln in p.stdout.splitlines() if ln.startswith("step")]
+    assert len(steps) == 3 and "positions    1" in steps[1] and "→" in steps[0]
+
+
+def test_generate_batch_from_prompts_file(trained: Path) -> None:
+    (trained / "prompts.txt").write_text("ROMEO:\nJULIET: good\n")
+    p = run("generate", "--prompts-file", "prompts.txt", "--max-new-tokens", "5", "--json",
+            "--temperature", "0", cwd=trained)
+    assert p.returncode == 0, p.stderr
+    samples = json.loads(p.stdout)["samples"]
+    assert [s["prompt"] for s in samples] == ["ROMEO:", "JULIET: good"]
+
+
+@pytest.mark.parametrize(("args", "fragment"), [
+    (["--temperature", "-1"], "--temperature"),
+    (["--top-p", "1.5"], "--top-p"),
+    (["--top-k", "-2"], "--top-k"),
+    (["--min-p", "1"], "--min-p"),
+    (["--max-new-tokens", "0"], "--max-new-tokens"),
+    (["--num-beams", "0"], "--num-beams"),
+    (["--device", "quantum"], "unknown device"),
+    (["--checkpoint", "nowhere"], "checkpoint not found"),
+])
+def test_generate_bad_input(trained: Path, args: list[str], fragment: str) -> None:
+    assert_user_error(run("generate", "--prompt", "x", *args, cwd=trained), fragment)
+
+
+def test_generate_corrupt_and_missing_checkpoints(trained: Path, tmp_path: Path) -> None:
+    good = (trained / "runs/tiny/model.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(good[: len(good) // 2])
+    assert_user_error(run("generate", "--checkpoint", "cut.safetensors", cwd=tmp_path),
+                      "corrupt or truncated")
+    (tmp_path / "empty_dir").mkdir()
+    assert_user_error(run("generate", "--checkpoint", "empty_dir", cwd=tmp_path),
+                      "holds no model.safetensors")
+    assert_user_error(run("generate", cwd=tmp_path), "minigpt train configs/tiny.yaml")
+    (tmp_path / "w.bin").write_bytes(b"\x80\x02pickle")
+    assert_user_error(run("generate", "--checkpoint", "w.bin", cwd=tmp_path), "pickle")
+
+
+def test_train_bad_input(tmp_path: Path) -> None:
+    assert_user_error(run("train", "missing.yaml", cwd=tmp_path), "config file not found")
+    (tmp_path / "typo.yaml").write_text("modle: {n_layer: 2}\n")
+    assert_user_error(run("train", "typo.yaml", cwd=tmp_path), "did you mean 'model'")
+    (tmp_path / "nodata.yaml").write_text("data: {source: /no/such/file.txt}\n")
+    assert_user_error(run("train", "nodata.yaml", cwd=tmp_path), "not found")
+    assert_user_error(run("train", "nodata.yaml", "--set", "model.n_head=3", cwd=tmp_path),
+                      "divisible")

@@ -1,0 +1,71 @@
+"""Config: every bad value is refused before any work, naming the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from minigpt_cli.config import Config, config_from_dict, load_config
+from minigpt_cli.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_shipped_configs_load() -> None:
+    for path in (ROOT / "configs").glob("*.yaml"):
+        assert isinstance(load_config(path), Config)
+
+
+def test_tiny_yaml_documents_every_key() -> None:
+    text = (ROOT / "configs" / "tiny.yaml").read_text()
+    cfg = Config().to_dict()
+    keys = [k for k, v in cfg.items() if not isinstance(v, dict)]
+    keys += [k for v in cfg.values() if isinstance(v, dict) for k in v]
+    missing = [k for k in keys if f"{k}:" not in text]
+    assert not missing
+
+
+def test_set_overrides_are_typed() -> None:
+    cfg = config_from_dict({}, ["train.max_steps=5", "train.lr=1e-3", "compile=true",
+                                "data.source=my.txt", "model.dropout=0"])
+    assert cfg.train.max_steps == 5 and isinstance(cfg.train.max_steps, int)
+    assert cfg.train.lr == pytest.approx(1e-3)
+    assert cfg.compile is True
+    assert cfg.data.source == "my.txt"
+    assert cfg.model.dropout == 0.0 and isinstance(cfg.model.dropout, float)
+
+
+@pytest.mark.parametrize(("raw", "overrides", "fragment"), [
+    ({"trian": {}}, [], "did you mean 'train'"),
+    ({"train": {"max_step": 3}}, [], "did you mean 'max_steps'"),
+    ({"model": {"n_layer": "four"}}, [], "model.n_layer: expected an integer"),
+    ({"model": {"n_layer": 2.5}}, [], "model.n_layer: expected an integer"),
+    ({"compile": "yes"}, [], "compile: expected true or false"),
+    ({"device": "tpu"}, [], "device: 'tpu' is not one of"),
+    ({"model": {"n_embd": 100, "n_head": 3}}, [], "divisible by model.n_head"),
+    ({"train": {"lr": 0}}, [], "train.lr must be > 0"),
+    ({"train": {"lr": 1e-3, "min_lr": 1e-2}}, [], "train.min_lr"),
+    ({}, ["model.dropout=1.5"], "model.dropout"),
+    ({}, ["data.val_fraction=0"], "data.val_fraction"),
+    ({}, ["tokenizer.kind=wordpiece"], "tokenizer.kind"),
+    ({}, ["nonsense"], "--set expects key.sub=value"),
+    ({"model": 3}, [], "model: expected a mapping"),
+])
+def test_bad_values_name_the_key(raw: dict, overrides: list, fragment: str) -> None:
+    with pytest.raises(UserError, match=None) as e:
+        config_from_dict(raw, overrides)
+    assert fragment in str(e.value)
+
+
+def test_missing_and_malformed_files(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: {n_layer: 2\n")
+    with pytest.raises(UserError, match="not valid YAML"):
+        load_config(bad)
+    listy = tmp_path / "list.yaml"
+    listy.write_text("- 1\n- 2\n")
+    with pytest.raises(UserError, match="mapping"):
+        load_config(listy)

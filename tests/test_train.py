@@ -1,0 +1,231 @@
+"""Training: LR schedule, checkpoints, exact resume (also after kill -9), bad inputs."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from minigpt_cli import checkpoint as ckpt
+from minigpt_cli import train as train_module
+from minigpt_cli.config import TrainConfig, config_from_dict
+from minigpt_cli.errors import UserError
+from minigpt_cli.train import Interrupted, lr_at, train
+from tests.conftest import tiny_raw
+
+
+def test_lr_schedule_warmup_then_cosine() -> None:
+    t = TrainConfig(lr=1.0, min_lr=0.1, warmup_steps=10, max_steps=110)
+    assert lr_at(0, t) == pytest.approx(0.1)
+    assert lr_at(9, t) == pytest.approx(1.0)
+    assert lr_at(10, t) == pytest.approx(1.0)
+    assert lr_at(60, t) == pytest.approx(0.55)  # halfway down the cosine
+    assert lr_at(110, t) == pytest.approx(0.1)
+    values = [lr_at(s, t) for s in range(10, 111)]
+    assert all(a >= b for a, b in itertools.pairwise(values))
+
+
+def test_train_writes_a_complete_run(tiny_config) -> None:
+    summary = train(tiny_config)
+    run = Path(tiny_config.out_dir)
+    for name in (ckpt.MODEL_FILE, ckpt.BEST_FILE, ckpt.STATE_JSON, ckpt.CONFIG_FILE,
+                 ckpt.METRICS_FILE):
+        assert (run / name).is_file(), name
+    assert summary.step == 20 and math.isfinite(summary.val_bpb)
+    assert len(list(run.glob("train_state-*.safetensors"))) == 1  # old resume files removed
+    model, meta = ckpt.load_model(run / ckpt.MODEL_FILE)
+    assert meta["step"] == 20 and meta["tokenizer"]["kind"] == "byte"
+    records = [json.loads(x) for x in (run / ckpt.METRICS_FILE).read_text().splitlines()]
+    evals = [r for r in records if "val_bpb" in r]
+    assert [r["step"] for r in evals] == [10, 20]
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"] or evals[-1]["val_loss"] < 5.0
+    assert not any(k.startswith("_orig_mod") for k in ckpt.model_tensors(model))
+
+
+def test_checkpoint_round_trip(tiny_model, tmp_path: Path) -> None:
+    path = tmp_path / "m.safetensors"
+    ckpt.save_model(path, tiny_model, {"model_config": vars(tiny_model.config),
+                                       "tokenizer": {"kind": "byte"}, "step": 3})
+    back, meta = ckpt.load_model(path)
+    assert meta["step"] == 3
+    for (k, a), (_, b) in zip(tiny_model.state_dict().items(), back.state_dict().items(),
+                              strict=True):
+        assert torch.equal(a, b), k
+    assert back.lm_head.weight.data_ptr() == back.wte.weight.data_ptr()  # still tied
+
+
+def _final_weights(run: Path) -> dict[str, torch.Tensor]:
+    tensors, _ = ckpt.load_safetensors(run / ckpt.MODEL_FILE)
+    return tensors
+
+
+def test_ctrl_c_then_resume_equals_uninterrupted(tmp_path: Path, corpus_file: Path,
+                                                 data_dir: Path, monkeypatch) -> None:
+    straight = config_from_dict(tiny_raw(corpus_file, tmp_path / "a"))
+    train(straight)
+    # The same 20-step run gets a real SIGINT while fetching step 10's batch: it finishes that
+    # step, saves (save_interval is 5, so step 11 is an off-interval save), and stops.
+    real_batch = train_module.D.train_batch
+
+    def batch_then_interrupt(tokens, b, t, seed, step, micro=0):
+        if step == 10:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_batch(tokens, b, t, seed, step, micro)
+
+    monkeypatch.setattr(train_module.D, "train_batch", batch_then_interrupt)
+    with pytest.raises(Interrupted, match="step 11"):
+        train(config_from_dict(tiny_raw(corpus_file, tmp_path / "b")))
+    monkeypatch.setattr(train_module.D, "train_batch", real_batch)
+    assert ckpt.read_state_json(tmp_path / "b")["step"] == 11
+    train(config_from_dict(tiny_raw(corpus_file, tmp_path / "b")), resume=True)
+    a, b = _final_weights(tmp_path / "a"), _final_weights(tmp_path / "b")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _cli(*args: str, cwd: Path, env: dict | None = None, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "minigpt_cli", *args], cwd=cwd,
+                          capture_output=True, text=True, env=env, **kw)
+
+
+def _write_cfg(tmp_path: Path, raw: dict, name: str = "cfg.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def _wait_for_step(run: Path, step: int, proc: subprocess.Popen, timeout: float = 60) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        state = ckpt.read_state_json(run) if (run / ckpt.STATE_JSON).exists() else None
+        if state and state["step"] >= step:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"run never reached step {step} (exit {proc.poll()})")
+
+
+def test_kill_9_mid_training_then_resume_matches(tmp_path: Path, corpus_file: Path,
+                                                 data_dir: Path) -> None:
+    raw = tiny_raw(corpus_file, tmp_path / "killed", max_steps=60, save_interval=3)
+    cfg_path = _write_cfg(tmp_path, raw)
+    env = {**os.environ, "MINIGPT_DATA_DIR": str(data_dir)}
+    proc = subprocess.Popen([sys.executable, "-m", "minigpt_cli", "train", str(cfg_path)],
+                            cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        _wait_for_step(tmp_path / "killed", 6, proc)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    state = ckpt.read_state_json(tmp_path / "killed")
+    assert state is not None and 6 <= state["step"] < 60, "kill did not land mid-run"
+    done = _cli("train", str(cfg_path), "--resume", cwd=tmp_path, env=env)
+    assert done.returncode == 0, done.stderr
+    straight = config_from_dict({**raw, "out_dir": str(tmp_path / "straight")})
+    train(straight)
+    a, b = _final_weights(tmp_path / "killed"), _final_weights(tmp_path / "straight")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_ctrl_c_saves_and_exits_cleanly(tmp_path: Path, corpus_file: Path,
+                                        data_dir: Path) -> None:
+    raw = tiny_raw(corpus_file, tmp_path / "run", max_steps=100000, save_interval=1000)
+    cfg_path = _write_cfg(tmp_path, raw)
+    env = {**os.environ, "MINIGPT_DATA_DIR": str(data_dir)}
+    proc = subprocess.Popen([sys.executable, "-m", "minigpt_cli", "train", str(cfg_path)],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "run" / ckpt.METRICS_FILE
+    deadline = time.time() + 60
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().strip()):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "--resume" in err
+    state = ckpt.read_state_json(tmp_path / "run")
+    assert state is not None and state["step"] >= 5  # saved although save_interval is 1000
+
+
+def test_nan_loss_stops_and_keeps_last_checkpoint(tiny_config, monkeypatch) -> None:
+    train(tiny_config)
+    run = Path(tiny_config.out_dir)
+    before = (run / ckpt.MODEL_FILE).read_bytes()
+    from minigpt_cli.model import GPT
+
+    real_forward = GPT.forward
+
+    def poisoned(self, idx, targets=None, **kw):
+        logits, loss = real_forward(self, idx, targets, **kw)
+        return logits, (loss * float("nan") if loss is not None else None)
+
+    monkeypatch.setattr(GPT, "forward", poisoned)
+    again = config_from_dict(tiny_raw(Path(tiny_config.data.source), run, max_steps=40))
+    with pytest.raises(UserError, match="loss became nan"):
+        train(again, resume=True)
+    assert (run / ckpt.MODEL_FILE).read_bytes() == before
+    assert ckpt.read_state_json(run)["step"] == 20
+
+
+def test_existing_run_is_not_overwritten(tiny_config) -> None:
+    train(tiny_config)
+    with pytest.raises(UserError, match="already holds a run"):
+        train(tiny_config)
+
+
+def test_resume_with_another_model_shape_is_refused(tiny_config, corpus_file: Path) -> None:
+    train(tiny_config)
+    raw = tiny_raw(corpus_file, Path(tiny_config.out_dir))
+    raw["model"]["n_layer"] = 3
+    with pytest.raises(UserError, match=r"model\.n_layer=2"):
+        train(config_from_dict(raw), resume=True)
+
+
+def test_resume_without_a_run(tiny_config) -> None:
+    with pytest.raises(UserError, match="nothing to resume"):
+        train(tiny_config, resume=True)
+
+
+def test_truncated_checkpoint_on_resume(tiny_config) -> None:
+    train(tiny_config)
+    state = ckpt.read_state_json(Path(tiny_config.out_dir))
+    weights = Path(tiny_config.out_dir) / state["weights_file"]
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(UserError, match="corrupt or truncated"):
+        train(tiny_config, resume=True)
+
+
+def test_block_size_larger_than_data(tmp_path: Path, data_dir: Path) -> None:
+    small = tmp_path / "small.txt"
+    small.write_text("just a few words here\n" * 3)
+    raw = tiny_raw(small, tmp_path / "run")
+    with pytest.raises(UserError, match="block_size"):
+        train(config_from_dict(raw))
+
+
+def test_unwritable_out_dir(tmp_path: Path, corpus_file: Path, data_dir: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    cfg = config_from_dict(tiny_raw(corpus_file, blocker / "run"))
+    with pytest.raises(UserError, match="not writable"):
+        train(cfg)
+
+
+def test_atomic_write_leaves_old_file_on_failure(tmp_path: Path) -> None:
+    target = tmp_path / "x.bin"
+    ckpt.atomic_write_bytes(target, b"good")
+
+    with pytest.raises(TypeError):
+        ckpt.atomic_write_bytes(target, "not bytes")  # type: ignore[arg-type]
+    assert target.read_bytes() == b"good"
+    assert not list(tmp_path.glob(".*.tmp"))
