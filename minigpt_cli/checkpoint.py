@@ -230,8 +230,9 @@ def build_model(tensors: dict[str, torch.Tensor], model_config: dict[str, Any], 
 
 
 def load_model(path: Path):
-    """(model, metadata) from a minigpt safetensors file; the model is on CPU in float32."""
+    """(model, metadata) from a minigpt safetensors file: on CPU, float32, in eval mode (a loaded
+    checkpoint is for inference; training rebuilds its model from the resume state)."""
     tensors, meta = load_safetensors(path)
     if "model_config" not in meta or "tokenizer" not in meta:
         raise UserError(f"{path} is not a minigpt checkpoint (no model_config/tokenizer metadata)")
-    return build_model(tensors, meta["model_config"], path), meta
+    return build_model(tensors, meta["model_config"], path).eval(), meta

@@ -101,6 +101,31 @@ def generate(
     run_generate(**options)
 
 
+@app.command("import-hf")
+def import_hf(
+    hf_dir: Annotated[Path, typer.Argument(help="Folder from save_pretrained: config.json + "
+                                                "model.safetensors.")],
+    out_dir: Annotated[Path, typer.Argument(help="New minigpt run directory.")],
+) -> None:
+    """Import a Hugging Face GPT-2 checkpoint as a minigpt run (tokenizer: gpt2)."""
+    from minigpt_cli.interop import import_hf as run_import
+
+    path = run_import(hf_dir, out_dir)
+    err.print(f"imported {hf_dir} → {path}")
+
+
+@app.command("export-hf")
+def export_hf(
+    run_dir: Annotated[Path, typer.Argument(help="minigpt run directory or .safetensors file.")],
+    out_dir: Annotated[Path, typer.Argument(help="Folder for GPT2LMHeadModel.from_pretrained.")],
+) -> None:
+    """Export a run as a Hugging Face GPT-2 folder (config.json + model.safetensors)."""
+    from minigpt_cli.interop import export_hf as run_export
+
+    path = run_export(run_dir, out_dir)
+    err.print(f"exported {run_dir} → {path}")
+
+
 def _int_list(text: str) -> list[int]:
     try:
         return [int(x) for x in text.split(",") if x.strip()]

@@ -30,8 +30,10 @@ from minigpt_cli.device import autocast, resolve_device, resolve_dtype, synchron
 from minigpt_cli.errors import UserError
 from minigpt_cli.model import GPT, GPTConfig
 
-# Keys that may change between a run and its resume: they don't change the model or data.
-_RESUMABLE_CHANGES = {"out_dir", "device", "dtype", "compile", "train"}
+# What may change between a run and its resume. New data is how an imported or trained model
+# is fine-tuned; the model's shape and tokenizer must stay as they were.
+_RESUMABLE_CHANGES = {"train", "data"}
+_RESUMABLE_KEYS = {("model", "dropout")}
 
 
 def lr_at(step: int, t: TrainConfig) -> float:
@@ -97,6 +99,8 @@ def _check_same_run(run_dir: Path, cfg: Config) -> None:
         if section in _RESUMABLE_CHANGES or not isinstance(values, dict):
             continue
         for key, value in values.items():
+            if (section, key) in _RESUMABLE_KEYS:
+                continue
             before = (saved.get(section) or {}).get(key, value)
             if before != value:
                 raise UserError(f"{run_dir} was trained with {section}.{key}={before}, the config "

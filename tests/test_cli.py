@@ -109,6 +109,12 @@ def test_generate_corrupt_and_missing_checkpoints(trained: Path, tmp_path: Path)
     assert_user_error(run("generate", "--checkpoint", "w.bin", cwd=tmp_path), "pickle")
 
 
+def test_interop_bad_input(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    assert_user_error(run("import-hf", "empty", "out", cwd=tmp_path), "no config.json")
+    assert_user_error(run("export-hf", "nowhere", "out", cwd=tmp_path), "checkpoint not found")
+
+
 def test_train_bad_input(tmp_path: Path) -> None:
     assert_user_error(run("train", "missing.yaml", cwd=tmp_path), "config file not found")
     (tmp_path / "typo.yaml").write_text("modle: {n_layer: 2}\n")

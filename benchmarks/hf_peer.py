@@ -1,0 +1,100 @@
+"""minigpt generate against Hugging Face transformers' generate, same weights, one process.
+
+Both models hold the same random weights (ours exported with `minigpt export-hf`, loaded by
+`GPT2LMHeadModel.from_pretrained`), decode greedily at batch 1 with a KV cache on the same
+threads, and must produce identical tokens. Printed: tokens/s of each and the ratio.
+
+    TIKTOKEN_CACHE_DIR=../shared/tiktoken-cache python benchmarks/hf_peer.py [--new-tokens 200]
+
+Needs the dev extra (transformers). Shapes: the tiny model (4 layers, 4 heads, width 128) and
+GPT-2 124M (12, 12, 768), both with GPT-2's 50,257-token vocabulary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from transformers import GPT2LMHeadModel
+
+from minigpt_cli import checkpoint as ckpt
+from minigpt_cli import tokenizer as tok
+from minigpt_cli.generate import generate
+from minigpt_cli.interop import export_hf
+from minigpt_cli.model import GPT, GPTConfig
+from minigpt_cli.sampling import SamplerSettings
+
+SHAPES = {"tiny": dict(n_layer=4, n_head=4, n_embd=128),
+          "gpt2-124M": dict(n_layer=12, n_head=12, n_embd=768)}
+
+
+def compare(shape: str, new_tokens: int, repeats: int, workdir: Path) -> dict:
+    enc = tok.build("gpt2")
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=enc.n_vocab, block_size=1024, dropout=0.0, **SHAPES[shape])
+    ours = GPT(cfg).eval()
+    run = workdir / shape
+    ckpt.save_model(run / ckpt.MODEL_FILE, ours, {"model_config": vars(cfg),
+                                                  "tokenizer": tok.describe(enc, "gpt2")})
+    export_hf(run, workdir / f"{shape}-hf")
+    hf = GPT2LMHeadModel.from_pretrained(workdir / f"{shape}-hf").eval()
+    prompt = tok.encode(enc, "ROMEO: But soft, what light through yonder window breaks?")
+    greedy = SamplerSettings(temperature=0.0)
+
+    def run_ours() -> tuple[list[int], float]:
+        t = time.perf_counter()
+        out, _ = generate(ours, enc, [prompt], greedy, new_tokens)
+        return out[0].tokens, time.perf_counter() - t
+
+    def run_hf() -> tuple[list[int], float]:
+        ids = torch.tensor([prompt])
+        t = time.perf_counter()
+        with torch.inference_mode():
+            out = hf.generate(ids, max_new_tokens=new_tokens, do_sample=False, use_cache=True,
+                              pad_token_id=enc.eot_token)
+        return out[0, len(prompt):].tolist(), time.perf_counter() - t
+
+    run_ours(), run_hf()  # warm-up
+    ours_runs = [run_ours() for _ in range(repeats)]
+    hf_runs = [run_hf() for _ in range(repeats)]
+    ours_tokens, hf_tokens = ours_runs[0][0], hf_runs[0][0]
+    n = min(len(ours_tokens), len(hf_tokens))  # both stop at <|endoftext|> if it wins
+    ours_tps = len(ours_tokens) / statistics.median(t for _, t in ours_runs)
+    hf_tps = len(hf_tokens) / statistics.median(t for _, t in hf_runs)
+    return {"shape": shape, "params": ours.num_params(non_embedding=False),
+            "new_tokens": n, "minigpt_tok_s": ours_tps, "hf_tok_s": hf_tps,
+            "ratio": ours_tps / hf_tps, "tokens_identical": ours_tokens[:n] == hf_tokens[:n]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--new-tokens", type=int, default=200)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--shapes", default="tiny,gpt2-124M")
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    import transformers
+
+    print(f"torch {torch.__version__}, transformers {transformers.__version__}, "
+          f"{torch.get_num_threads()} threads, greedy, batch 1, {args.new_tokens} new tokens")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for shape in args.shapes.split(","):
+            r = compare(shape, args.new_tokens, args.repeats, Path(tmp))
+            rows.append(r)
+            print(f"{r['shape']:>10} ({r['params'] / 1e6:6.1f}M): minigpt {r['minigpt_tok_s']:8.1f}"
+                  f" tok/s · HF {r['hf_tok_s']:7.1f} tok/s · {r['ratio']:5.2f}× · same tokens: "
+                  f"{'yes' if r['tokens_identical'] else 'NO'}")
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+    if not all(r["tokens_identical"] for r in rows):
+        raise SystemExit("greedy tokens differ between minigpt and transformers")
+
+
+if __name__ == "__main__":
+    main()

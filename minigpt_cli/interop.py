@@ -1,0 +1,155 @@
+"""GPT-2 weights to and from Hugging Face's layout, exactly, without transformers at run time.
+
+minigpt names its modules as GPT-2 does (`wte`, `h.{i}.attn.c_attn`, ...), so the mapping is
+a prefix plus one transpose: GPT-2 stores its linear layers as `Conv1D` with weights
+[in, out]; `nn.Linear` keeps [out, in]. Only safetensors are read; pickle-based `.bin` files are
+refused. The tokenizer of an imported model is tiktoken's `gpt2`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from minigpt_cli import checkpoint as ckpt
+from minigpt_cli import tokenizer as tok
+from minigpt_cli.config import Config, ModelConfig, TokenizerConfig
+from minigpt_cli.errors import UserError
+from minigpt_cli.model import GPTConfig
+
+CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh")
+
+
+def _read_hf_config(hf_dir: Path) -> dict[str, Any]:
+    path = hf_dir / "config.json"
+    if not hf_dir.is_dir():
+        raise UserError(f"{hf_dir} is not a directory (expected a save_pretrained folder)")
+    if not path.is_file():
+        raise UserError(f"{hf_dir} has no config.json: is it a Hugging Face model directory?")
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise UserError(f"{path} is not valid JSON") from None
+    if cfg.get("model_type") != "gpt2":
+        raise UserError(f"{hf_dir} holds a '{cfg.get('model_type')}' model; only GPT-2 "
+                        "(model_type gpt2) maps onto minigpt's architecture")
+    checks = [
+        (cfg.get("activation_function", "gelu_new") in TANH_GELUS,
+         f"activation_function '{cfg.get('activation_function')}' (minigpt uses tanh GELU)"),
+        (cfg.get("n_inner") in (None, 4 * cfg["n_embd"]), f"n_inner {cfg.get('n_inner')}"),
+        (cfg.get("layer_norm_epsilon", 1e-5) == 1e-5,
+         f"layer_norm_epsilon {cfg.get('layer_norm_epsilon')}"),
+        (cfg.get("tie_word_embeddings", True), "untied input and output embeddings"),
+        (not cfg.get("scale_attn_by_inverse_layer_idx", False), "scale_attn_by_inverse_layer_idx"),
+        (not cfg.get("add_cross_attention", False), "cross-attention"),
+    ]
+    for ok, what in checks:
+        if not ok:
+            raise UserError(f"{hf_dir}: {what} is not supported by minigpt's GPT-2")
+    return cfg
+
+
+def _read_hf_tensors(hf_dir: Path) -> dict[str, torch.Tensor]:
+    single = hf_dir / "model.safetensors"
+    index = hf_dir / "model.safetensors.index.json"
+    if single.is_file():
+        tensors, _ = ckpt.load_safetensors(single)
+        return tensors
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        tensors = {}
+        for shard in shards:
+            tensors.update(ckpt.load_safetensors(hf_dir / shard)[0])
+        return tensors
+    if list(hf_dir.glob("*.bin")) or list(hf_dir.glob("*.pt")):
+        raise UserError(f"{hf_dir} has only pickle-based weights (.bin), which minigpt never "
+                        "loads: convert them to model.safetensors first (save_pretrained does)")
+    raise UserError(f"{hf_dir} has no model.safetensors")
+
+
+def hf_to_minigpt(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """HF GPT-2 state dict (with or without the `transformer.` prefix) to minigpt names."""
+    out = {}
+    for name, t in tensors.items():
+        name = name.removeprefix("transformer.")
+        if name == "lm_head.weight" or name.endswith((".attn.bias", ".attn.masked_bias")):
+            continue  # tied to wte / causal-mask buffers of older transformers versions
+        out[name] = t.t().contiguous() if name.endswith(CONV1D) else t
+    return out
+
+
+def minigpt_to_hf(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {f"transformer.{name}": (t.t().contiguous() if name.endswith(CONV1D) else t)
+            for name, t in tensors.items()}
+
+
+def import_hf(hf_dir: Path, out_dir: Path) -> Path:
+    """Write a minigpt run directory from a Hugging Face GPT-2 folder (tokenizer: gpt2)."""
+    hf_dir, out_dir = Path(hf_dir), Path(out_dir)
+    hf = _read_hf_config(hf_dir)
+    if (out_dir / ckpt.MODEL_FILE).exists() or (out_dir / ckpt.STATE_JSON).exists():
+        raise UserError(f"{out_dir} already holds a run; choose an empty directory")
+    model_cfg = ModelConfig(n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"],
+                            block_size=hf["n_positions"], dropout=hf.get("resid_pdrop", 0.0),
+                            bias=True)
+    gpt_cfg = GPTConfig(vocab_size=hf["vocab_size"], **asdict(model_cfg))
+    source = hf_dir / "model.safetensors"
+    model = ckpt.build_model(hf_to_minigpt(_read_hf_tensors(hf_dir)), asdict(gpt_cfg), source)
+    enc = tok.tiktoken_encoding("gpt2")
+    if enc.n_vocab > gpt_cfg.vocab_size:
+        raise UserError(f"{hf_dir}: vocab_size {gpt_cfg.vocab_size} is smaller than the gpt2 "
+                        f"tokenizer's {enc.n_vocab}")
+    tok_desc = tok.describe(enc, "gpt2")
+    cfg = Config(out_dir=str(out_dir), tokenizer=TokenizerConfig(kind="gpt2"), model=model_cfg)
+    meta = {"model_config": asdict(gpt_cfg), "tokenizer": tok_desc, "step": 0, "val_loss": None,
+            "config": cfg.to_dict(), "imported_from": str(hf_dir)}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ckpt.atomic_write_text(out_dir / ckpt.CONFIG_FILE, yaml.safe_dump(cfg.to_dict(),
+                                                                       sort_keys=False))
+    ckpt.save_model(out_dir / ckpt.MODEL_FILE, model, meta)
+    # A step-0 resume point with a fresh optimizer: `minigpt train CONFIG --resume` fine-tunes.
+    opt = torch.optim.AdamW(model.optimizer_groups(0.1), lr=1e-4)
+    ckpt.save_train_state(out_dir, model, opt, {"step": 0, "best_val_loss": float("inf"),
+                                                "seed": cfg.seed, "data": {"next_step": 0}})
+    return out_dir / ckpt.MODEL_FILE
+
+
+def export_hf(run: str | Path, out_dir: Path) -> Path:
+    """Write config.json + model.safetensors that GPT2LMHeadModel.from_pretrained loads."""
+    from minigpt_cli.generate import find_checkpoint
+
+    path = find_checkpoint(str(run))
+    model, meta = ckpt.load_model(path)
+    cfg: GPTConfig = model.config
+    if not cfg.bias:
+        raise UserError(f"{path} was trained with model.bias=false; GPT-2 always has biases, so "
+                        "it cannot be exported to GPT2LMHeadModel")
+    eot = meta["tokenizer"].get("eot_id", cfg.vocab_size - 1)
+    hf_config = {
+        "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
+        "vocab_size": cfg.vocab_size, "n_positions": cfg.block_size, "n_embd": cfg.n_embd,
+        "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_inner": None,
+        "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5,
+        "resid_pdrop": cfg.dropout, "embd_pdrop": cfg.dropout, "attn_pdrop": cfg.dropout,
+        "initializer_range": 0.02, "scale_attn_weights": True, "use_cache": True,
+        "bos_token_id": eot, "eos_token_id": eot, "tie_word_embeddings": True,
+        "minigpt_tokenizer": meta["tokenizer"],
+    }
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tensors = minigpt_to_hf(ckpt.model_tensors(model))
+    ckpt.atomic_write_text(out_dir / "config.json", json.dumps(hf_config, indent=2))
+    from safetensors.torch import save
+
+    ckpt.atomic_write_bytes(out_dir / "model.safetensors", save(tensors, {"format": "pt"}))
+    if meta["tokenizer"].get("kind") == "bpe":  # keep the ranks beside the weights
+        src = path.parent / meta["tokenizer"].get("file", tok.TOKENIZER_FILE)
+        if src.is_file():
+            ckpt.atomic_write_bytes(out_dir / tok.TOKENIZER_FILE, src.read_bytes())
+    return out_dir

@@ -1,0 +1,156 @@
+"""GPT-2 parity with Hugging Face transformers: import, export, round trip, bad folders."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from minigpt_cli import checkpoint as ckpt
+from minigpt_cli import tokenizer as tok
+from minigpt_cli.bench import timed_greedy
+from minigpt_cli.errors import UserError
+from minigpt_cli.generate import Decoder
+from minigpt_cli.interop import export_hf, import_hf
+from minigpt_cli.model import GPT, GPTConfig
+
+pytestmark = pytest.mark.skipif(
+    not Path(os.environ.get("TIKTOKEN_CACHE_DIR", "/nonexistent")).is_dir(),
+    reason="imported runs use tiktoken's gpt2 files (TIKTOKEN_CACHE_DIR)")
+
+VOCAB = 50257  # the gpt2 tokenizer's size: imported runs use it
+
+
+def _hf_model(n_embd: int = 32, random_biases: bool = False) -> GPT2LMHeadModel:
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=VOCAB, n_positions=64, n_embd=n_embd, n_layer=2, n_head=2,
+                     resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1)
+    model = GPT2LMHeadModel(cfg).eval()
+    if random_biases:  # HF initialises biases and LayerNorm to 0/1: make every tensor count
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("bias") or ".ln_" in name:
+                    p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+@pytest.fixture(params=[False, True], ids=["hf-init", "random-biases"])
+def imported(request, tmp_path: Path) -> tuple[GPT2LMHeadModel, GPT]:
+    hf = _hf_model(random_biases=request.param)
+    hf.save_pretrained(tmp_path / "hf")
+    import_hf(tmp_path / "hf", tmp_path / "run")
+    ours, meta = ckpt.load_model(tmp_path / "run" / ckpt.MODEL_FILE)
+    assert meta["tokenizer"]["kind"] == "gpt2" and not ours.training
+    return hf, ours
+
+
+def test_imported_logits_match(imported) -> None:
+    hf, ours = imported
+    ids = torch.randint(0, VOCAB, (3, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = hf(ids).logits
+        got, _ = ours(ids)
+    assert (ref - got).abs().max().item() < 1e-4
+
+
+def test_imported_cached_steps_match(imported) -> None:
+    hf, ours = imported
+    ids = torch.randint(0, VOCAB, (1, 30), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = hf(ids).logits[0]
+    decoder = Decoder(ours, [ids[0, :10].tolist()], use_cache=True)
+    worst = (decoder.logits()[0] - ref[9]).abs().max().item()
+    for t in range(10, 30):
+        decoder.append([int(ids[0, t])])
+        worst = max(worst, (decoder.logits()[0] - ref[t]).abs().max().item())
+        assert decoder.last_positions == 1
+    assert worst < 1e-4
+
+
+def test_imported_greedy_50_tokens_match_hf_generate(imported) -> None:
+    hf, ours = imported
+    prompt = torch.tensor([[15496, 995, 11]])
+    ref = hf.generate(prompt, max_new_tokens=50, min_new_tokens=50, do_sample=False,
+                      pad_token_id=0)[0, 3:].tolist()
+    tokens, _, _ = timed_greedy(ours, prompt, 50, True, torch.device("cpu"))
+    assert tokens[0] == ref
+
+
+def _minigpt_run(tmp_path: Path, vocab: int = 300) -> Path:
+    torch.manual_seed(3)
+    model = GPT(GPTConfig(vocab_size=vocab, block_size=48, n_layer=2, n_head=4, n_embd=32))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    run = tmp_path / "ours"
+    enc = tok.build("gpt2") if vocab == VOCAB else tok.byte_encoding()
+    kind = "gpt2" if vocab == VOCAB else "byte"
+    ckpt.save_model(run / ckpt.MODEL_FILE, model, {"model_config": vars(model.config),
+                                                   "tokenizer": tok.describe(enc, kind),
+                                                   "step": 5})
+    return run
+
+
+def test_export_loads_in_hf_without_warnings_and_matches(tmp_path: Path) -> None:
+    run = _minigpt_run(tmp_path)
+    export_hf(run, tmp_path / "hf")
+    hf, info = GPT2LMHeadModel.from_pretrained(tmp_path / "hf", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert not info["mismatched_keys"] and not info["error_msgs"]
+    ours, _ = ckpt.load_model(run / ckpt.MODEL_FILE)
+    ids = torch.randint(0, 300, (2, 48))
+    with torch.no_grad():
+        assert (hf.eval()(ids).logits - ours(ids)[0]).abs().max().item() < 1e-4
+
+
+def test_round_trip_is_bit_identical(tmp_path: Path) -> None:
+    run = _minigpt_run(tmp_path, vocab=VOCAB)
+    export_hf(run, tmp_path / "hf")
+    import_hf(tmp_path / "hf", tmp_path / "back")
+    a, _ = ckpt.load_safetensors(run / ckpt.MODEL_FILE)
+    b, _ = ckpt.load_safetensors(tmp_path / "back" / ckpt.MODEL_FILE)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_export_refuses_a_model_without_biases(tmp_path: Path) -> None:
+    model = GPT(GPTConfig(vocab_size=300, block_size=16, n_layer=1, n_head=2, n_embd=16,
+                          bias=False))
+    run = tmp_path / "nobias"
+    ckpt.save_model(run / ckpt.MODEL_FILE, model, {"model_config": vars(model.config),
+                                                   "tokenizer": {"kind": "byte"}})
+    with pytest.raises(UserError, match="bias"):
+        export_hf(run, tmp_path / "hf")
+
+
+def _saved(tmp_path: Path) -> Path:
+    d = tmp_path / "hf"
+    _hf_model().save_pretrained(d)
+    return d
+
+
+@pytest.mark.parametrize(("breakage", "fragment"), [
+    (lambda d: (d / "config.json").unlink(), "no config.json"),
+    (lambda d: (d / "model.safetensors").unlink(), "no model.safetensors"),
+    (lambda d: ((d / "model.safetensors").unlink(), (d / "pytorch_model.bin").write_bytes(b"x")),
+     "pickle"),
+    (lambda d: _edit_config(d, model_type="llama"), "only GPT-2"),
+    (lambda d: _edit_config(d, activation_function="relu"), "activation_function"),
+    (lambda d: _edit_config(d, n_embd=64), "shape"),
+    (lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:500]),
+     "corrupt or truncated"),
+])
+def test_bad_hf_folders(tmp_path: Path, breakage, fragment: str) -> None:
+    d = _saved(tmp_path)
+    breakage(d)
+    with pytest.raises(UserError, match=fragment):
+        import_hf(d, tmp_path / "run")
+
+
+def _edit_config(d: Path, **changes: object) -> None:
+    cfg = json.loads((d / "config.json").read_text())
+    cfg.update(changes)
+    (d / "config.json").write_text(json.dumps(cfg))
