@@ -6,19 +6,24 @@ threads, and must produce identical tokens. Printed: tokens/s of each and the ra
 
     TIKTOKEN_CACHE_DIR=../shared/tiktoken-cache python benchmarks/hf_peer.py [--new-tokens 200]
 
-Needs the dev extra (transformers). Shapes: the tiny model (4 layers, 4 heads, width 128) and
-GPT-2 124M (12, 12, 768), both with GPT-2's 50,257-token vocabulary.
+Needs the dev extra (transformers). Shapes: configs/tiny.yaml's model (4 layers, 4 heads, width
+128, context 256, its 2,048-token BPE vocabulary) and GPT-2 124M (12, 12, 768, context 1024,
+GPT-2's 50,257 tokens). Random weights: speed and equality do not depend on what was learned.
+The tiny shape's tokenizer is a fixed synthetic BPE table of the same size (256 bytes plus
+two-byte merges), so no training run is needed first.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
+import tiktoken
 import torch
 from transformers import GPT2LMHeadModel
 
@@ -29,18 +34,30 @@ from minigpt_cli.interop import export_hf
 from minigpt_cli.model import GPT, GPTConfig
 from minigpt_cli.sampling import SamplerSettings
 
-SHAPES = {"tiny": dict(n_layer=4, n_head=4, n_embd=128),
-          "gpt2-124M": dict(n_layer=12, n_head=12, n_embd=768)}
+SHAPES = {"tiny": dict(n_layer=4, n_head=4, n_embd=128, block_size=256),
+          "gpt2-124M": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024)}
+
+
+def synthetic_bpe(n_vocab: int) -> tiktoken.Encoding:
+    """A valid BPE table of n_vocab tokens: the 256 bytes, then two-byte printable merges."""
+    ranks = {bytes([i]): i for i in range(256)}
+    printable = [bytes([c]) for c in range(32, 127)]
+    for a, b in itertools.product(printable, printable):
+        if len(ranks) == n_vocab - 1:  # the last id is <|endoftext|>
+            break
+        ranks[a + b] = len(ranks)
+    return tiktoken.Encoding("synthetic", pat_str=tok.SPLIT_PATTERN, mergeable_ranks=ranks,
+                             special_tokens={tok.EOT: len(ranks)})
 
 
 def compare(shape: str, new_tokens: int, repeats: int, workdir: Path) -> dict:
-    enc = tok.build("gpt2")
+    enc = tok.build("gpt2") if shape == "gpt2-124M" else synthetic_bpe(2048)
     torch.manual_seed(0)
-    cfg = GPTConfig(vocab_size=enc.n_vocab, block_size=1024, dropout=0.0, **SHAPES[shape])
+    cfg = GPTConfig(vocab_size=enc.n_vocab, dropout=0.0, **SHAPES[shape])
     ours = GPT(cfg).eval()
     run = workdir / shape
     ckpt.save_model(run / ckpt.MODEL_FILE, ours, {"model_config": vars(cfg),
-                                                  "tokenizer": tok.describe(enc, "gpt2")})
+                                                  "tokenizer": {"kind": "synthetic"}})
     export_hf(run, workdir / f"{shape}-hf")
     hf = GPT2LMHeadModel.from_pretrained(workdir / f"{shape}-hf").eval()
     prompt = tok.encode(enc, "ROMEO: But soft, what light through yonder window breaks?")

@@ -66,16 +66,9 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The state dict to save: no `_orig_mod.` prefix, and tied weights stored once."""
+    """The state dict to save, from the uncompiled module (no `_orig_mod.` prefix)."""
     raw = getattr(model, "_orig_mod", model)
-    seen: set[int] = set()
-    out: dict[str, torch.Tensor] = {}
-    for name, t in raw.state_dict().items():
-        if t.data_ptr() in seen:  # lm_head.weight is the token embedding: store it once
-            continue
-        seen.add(t.data_ptr())
-        out[name] = t.detach().to("cpu").contiguous()
-    return out
+    return {name: t.detach().to("cpu").contiguous() for name, t in raw.state_dict().items()}
 
 
 def save_safetensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
@@ -225,7 +218,7 @@ def build_model(tensors: dict[str, torch.Tensor], model_config: dict[str, Any], 
         if tensors[k].shape != t.shape:
             raise UserError(f"{source}: tensor {k} has shape {tuple(tensors[k].shape)}, the model "
                             f"config needs {tuple(t.shape)}")
-    model.load_state_dict(tensors, strict=False)  # lm_head.weight is tied to wte.weight
+    model.load_state_dict(tensors)
     return model
 
 

@@ -112,8 +112,7 @@ class Decoder:
         self.windows = [list(self.windows[r]) for r in rows]
         if self.cache is not None and not self.needs_prefill:
             index = torch.tensor(rows, device=self.device)
-            self.cache.k = self.cache.k.index_select(1, index)
-            self.cache.v = self.cache.v.index_select(1, index)
+            self.cache.reorder(index)
             if self._valid is not None:
                 self._valid = self._valid.index_select(0, index)
 

@@ -1,9 +1,9 @@
 """GPT-2 weights to and from Hugging Face's layout, exactly, without transformers at run time.
 
-minigpt names its modules as GPT-2 does (`wte`, `h.{i}.attn.c_attn`, ...), so the mapping is
-a prefix plus one transpose: GPT-2 stores its linear layers as `Conv1D` with weights
-[in, out]; `nn.Linear` keeps [out, in]. Only safetensors are read; pickle-based `.bin` files are
-refused. The tokenizer of an imported model is tiktoken's `gpt2`.
+minigpt names its modules as GPT-2 does (`wte`, `h.{i}.attn.c_attn`, ...) and stores linear
+weights [in, out] as GPT-2's `Conv1D` does, so the mapping is only the `transformer.` prefix.
+Only safetensors are read; pickle-based `.bin` files are refused. The tokenizer of an imported
+model is tiktoken's `gpt2`.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ from minigpt_cli.config import Config, ModelConfig, TokenizerConfig
 from minigpt_cli.errors import UserError
 from minigpt_cli.model import GPTConfig
 
-CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh")
 
 
@@ -80,13 +79,12 @@ def hf_to_minigpt(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         name = name.removeprefix("transformer.")
         if name == "lm_head.weight" or name.endswith((".attn.bias", ".attn.masked_bias")):
             continue  # tied to wte / causal-mask buffers of older transformers versions
-        out[name] = t.t().contiguous() if name.endswith(CONV1D) else t
+        out[name] = t
     return out
 
 
 def minigpt_to_hf(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {f"transformer.{name}": (t.t().contiguous() if name.endswith(CONV1D) else t)
-            for name, t in tensors.items()}
+    return {f"transformer.{name}": t for name, t in tensors.items()}
 
 
 def import_hf(hf_dir: Path, out_dir: Path) -> Path:

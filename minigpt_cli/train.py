@@ -107,13 +107,25 @@ def _check_same_run(run_dir: Path, cfg: Config) -> None:
                                 f"says {value}: use the original config or another out_dir")
 
 
-def _metrics_after_resume(run_dir: Path, step: int) -> None:
-    """Drop metric lines past the resumed step, so the log reads like one unbroken run."""
+def _read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """metrics.jsonl records; a line cut short by a crash mid-append is skipped."""
     path = run_dir / ckpt.METRICS_FILE
+    records = []
     if path.is_file():
-        keep = [ln for ln in path.read_text().splitlines()
-                if ln.strip() and json.loads(ln).get("step", 0) <= step]
-        ckpt.atomic_write_text(path, "".join(ln + "\n" for ln in keep))
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return records
+
+
+def _metrics_after_resume(run_dir: Path, step: int) -> list[dict[str, Any]]:
+    """Drop metric lines past the resumed step, so the log reads like one unbroken run."""
+    keep = [r for r in _read_metrics(run_dir) if r.get("step", 0) <= step]
+    ckpt.atomic_write_text(run_dir / ckpt.METRICS_FILE, "".join(json.dumps(r) + "\n"
+                                                                 for r in keep))
+    return keep
 
 
 class _StopFlag:
@@ -195,13 +207,23 @@ def train(cfg: Config, resume: bool = False, console: Console | None = None) -> 
                             betas=(t.beta1, t.beta2), fused=device.type == "cuda" or None)
     start_step = 0
     best_val = math.inf
+    last = {"train_loss": math.nan, "val_loss": math.nan, "val_bpb": math.nan, "loss": math.nan}
     if state is not None:
         ckpt.load_optimizer(opt, state_tensors, state["param_groups"])
         ckpt.set_rng_state(state["rng"])
         start_step, best_val = state["step"], state.get("best_val_loss", math.inf)
-        _metrics_after_resume(run_dir, start_step)
+        history = _metrics_after_resume(run_dir, start_step)
         ckpt.clean_stale_state_files(run_dir)
-        console.print(f"[bold]resuming[/] {run_dir} at step {start_step}")
+        evals = [r for r in history if "val_loss" in r]
+        if evals:
+            last.update(train_loss=evals[-1]["train_loss"], val_loss=evals[-1]["val_loss"],
+                        val_bpb=evals[-1]["val_bpb"])
+        if start_step >= cfg.train.max_steps:
+            console.print(f"{run_dir} is already complete at step {start_step} "
+                          f"(train.max_steps={cfg.train.max_steps}); raise it with --set "
+                          "train.max_steps=N to train further")
+        else:
+            console.print(f"[bold]resuming[/] {run_dir} at step {start_step}")
     else:
         ckpt.atomic_write_text(run_dir / ckpt.CONFIG_FILE, yaml.safe_dump(cfg.to_dict(),
                                                                            sort_keys=False))
@@ -215,7 +237,6 @@ def train(cfg: Config, resume: bool = False, console: Console | None = None) -> 
     train_eval_batches = D.eval_batches(tokens.train, t.batch_size, T, t.eval_steps)
     tokens_per_step = t.batch_size * T * t.grad_accum_steps
     metrics = (run_dir / ckpt.METRICS_FILE).open("a", encoding="utf-8")
-    last = {"train_loss": math.nan, "val_loss": math.nan, "val_bpb": math.nan, "loss": math.nan}
 
     def log(record: dict[str, Any]) -> None:
         metrics.write(json.dumps(record) + "\n")
@@ -301,7 +322,7 @@ def train(cfg: Config, resume: bool = False, console: Console | None = None) -> 
                 save(step, val_loss if val_loss is not None else last["val_loss"])
             progress.update(task, completed=step, loss=last["loss"], val=last["val_loss"],
                             lr=lr, tps=tps)
-            if stop.requested:
+            if stop.requested and step < t.max_steps:
                 raise Interrupted(f"interrupted at step {step}; checkpoint saved in {run_dir}: "
                                   f"continue with --resume")
 

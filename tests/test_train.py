@@ -61,7 +61,12 @@ def test_checkpoint_round_trip(tiny_model, tmp_path: Path) -> None:
     for (k, a), (_, b) in zip(tiny_model.state_dict().items(), back.state_dict().items(),
                               strict=True):
         assert torch.equal(a, b), k
-    assert back.lm_head.weight.data_ptr() == back.wte.weight.data_ptr()  # still tied
+    x = torch.randint(0, 257, (1, 8))
+    with torch.no_grad():  # the head is the embedding: changing one changes the other
+        before, _ = back(x)
+        back.wte.weight.mul_(2.0)
+        after, _ = back(x)
+    assert not torch.allclose(before, after)
 
 
 def _final_weights(run: Path) -> dict[str, torch.Tensor]:
@@ -229,3 +234,21 @@ def test_atomic_write_leaves_old_file_on_failure(tmp_path: Path) -> None:
         ckpt.atomic_write_bytes(target, "not bytes")  # type: ignore[arg-type]
     assert target.read_bytes() == b"good"
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_resume_of_a_finished_run_reports_it(tiny_config) -> None:
+    first = train(tiny_config)
+    again = train(tiny_config, resume=True)
+    assert again.step == first.step == 20
+    assert again.val_loss == pytest.approx(first.val_loss)  # from metrics, not NaN
+
+
+def test_resume_survives_a_metrics_line_cut_by_a_crash(tiny_config, corpus_file: Path) -> None:
+    train(config_from_dict(tiny_raw(corpus_file, Path(tiny_config.out_dir), max_steps=10)))
+    metrics = Path(tiny_config.out_dir) / ckpt.METRICS_FILE
+    metrics.write_text(metrics.read_text() + '{"step": 11, "loss": 4.')  # kill -9 mid-append
+    done = train(config_from_dict(tiny_raw(corpus_file, Path(tiny_config.out_dir),
+                                           max_steps=20)), resume=True)
+    assert done.step == 20
+    records = [json.loads(x) for x in metrics.read_text().splitlines()]
+    assert [r["step"] for r in records if "val_loss" in r] == [10, 20]
