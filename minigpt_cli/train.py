@@ -287,8 +287,11 @@ def train(cfg: Config, resume: bool = False, console: Console | None = None) -> 
             opt.zero_grad(set_to_none=True)
             step += 1
             window_steps += 1
+            # Read the Ctrl-C flag once: a signal landing later in this block is handled at the
+            # next boundary, so "stop" always means "saved first".
+            stopping = stop.requested
             is_eval = step % t.eval_interval == 0 or step == t.max_steps
-            is_save = step % t.save_interval == 0 or step == t.max_steps or stop.requested
+            is_save = step % t.save_interval == 0 or step == t.max_steps or stopping
             if step % t.log_interval == 0 or is_eval or is_save:
                 train_loss = loss_sum.item() / t.grad_accum_steps
                 if not math.isfinite(train_loss):
@@ -322,7 +325,7 @@ def train(cfg: Config, resume: bool = False, console: Console | None = None) -> 
                 save(step, val_loss if val_loss is not None else last["val_loss"])
             progress.update(task, completed=step, loss=last["loss"], val=last["val_loss"],
                             lr=lr, tps=tps)
-            if stop.requested and step < t.max_steps:
+            if stopping and step < t.max_steps:
                 raise Interrupted(f"interrupted at step {step}; checkpoint saved in {run_dir}: "
                                   f"continue with --resume")
 
