@@ -242,10 +242,13 @@ def train(cfg: Config, resume: bool = False, console: Console | None = None) -> 
         metrics.write(json.dumps(record) + "\n")
         metrics.flush()
 
-    def save(step: int, val_loss: float | None) -> None:
-        meta = {"model_config": asdict(mcfg), "tokenizer": tok_desc, "step": step,
+    def model_meta(step: int, val_loss: float | None) -> dict[str, Any]:
+        """What makes a weights file self-describing: shape, tokenizer, provenance."""
+        return {"model_config": asdict(mcfg), "tokenizer": tok_desc, "step": step,
                 "val_loss": val_loss, "config": cfg.to_dict()}
-        ckpt.save_model(run_dir / ckpt.MODEL_FILE, model, meta)
+
+    def save(step: int, val_loss: float | None) -> None:
+        ckpt.save_model(run_dir / ckpt.MODEL_FILE, model, model_meta(step, val_loss))
         ckpt.save_train_state(run_dir, model, opt, {
             "step": step, "best_val_loss": best_val, "seed": cfg.seed,
             # Batches are a pure function of (seed, step): the next step is the data position.
@@ -314,9 +317,7 @@ def train(cfg: Config, resume: bool = False, console: Console | None = None) -> 
                 log({"step": step, "train_loss": tr.loss, "val_loss": va.loss, "val_bpb": va.bpb})
                 if va.loss < best_val:
                     best_val = va.loss
-                    meta = {"model_config": asdict(mcfg), "tokenizer": tok_desc, "step": step,
-                            "val_loss": va.loss, "config": cfg.to_dict()}
-                    ckpt.save_model(run_dir / ckpt.BEST_FILE, model, meta)
+                    ckpt.save_model(run_dir / ckpt.BEST_FILE, model, model_meta(step, va.loss))
                 if not console.is_terminal:
                     console.print(f"step {step}: train {tr.loss:.4f}  val {va.loss:.4f}  "
                                   f"val bpb {va.bpb:.4f}  {tps:,.0f} tok/s")
