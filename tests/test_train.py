@@ -119,14 +119,21 @@ def _wait_for_step(run: Path, step: int, proc: subprocess.Popen, timeout: float 
     raise AssertionError(f"run never reached step {step} (exit {proc.poll()})")
 
 
+def _spawn_train(cfg_path: Path, cwd: Path, data_dir: Path, **popen: object
+                 ) -> tuple[subprocess.Popen, dict[str, str]]:
+    """`minigpt train CFG` in a child process we can signal; also returns its environment."""
+    env = {**os.environ, "MINIGPT_DATA_DIR": str(data_dir)}
+    proc = subprocess.Popen([sys.executable, "-m", "minigpt_cli", "train", str(cfg_path)],
+                            cwd=cwd, env=env, **popen)
+    return proc, env
+
+
 def test_kill_9_mid_training_then_resume_matches(tmp_path: Path, corpus_file: Path,
                                                  data_dir: Path) -> None:
     raw = tiny_raw(corpus_file, tmp_path / "killed", max_steps=60, save_interval=3)
     cfg_path = _write_cfg(tmp_path, raw)
-    env = {**os.environ, "MINIGPT_DATA_DIR": str(data_dir)}
-    proc = subprocess.Popen([sys.executable, "-m", "minigpt_cli", "train", str(cfg_path)],
-                            cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc, env = _spawn_train(cfg_path, tmp_path, data_dir, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
     try:
         _wait_for_step(tmp_path / "killed", 6, proc)
     finally:
@@ -146,10 +153,8 @@ def test_ctrl_c_saves_and_exits_cleanly(tmp_path: Path, corpus_file: Path,
                                         data_dir: Path) -> None:
     raw = tiny_raw(corpus_file, tmp_path / "run", max_steps=100000, save_interval=1000)
     cfg_path = _write_cfg(tmp_path, raw)
-    env = {**os.environ, "MINIGPT_DATA_DIR": str(data_dir)}
-    proc = subprocess.Popen([sys.executable, "-m", "minigpt_cli", "train", str(cfg_path)],
-                            cwd=tmp_path, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc, _ = _spawn_train(cfg_path, tmp_path, data_dir, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
     metrics = tmp_path / "run" / ckpt.METRICS_FILE
     deadline = time.time() + 60
     while time.time() < deadline and not (metrics.exists() and metrics.read_text().strip()):
