@@ -258,6 +258,9 @@ def run_bench(*, checkpoint: str | None, config: str | None, lengths: list[int],
         report["train_vs_generate"] = measure_training(model, batch_size, dev, dt)
         _print_train(console, report["train_vs_generate"])
     report["memory"] = peak_memory(dev)
+    console.print("peak memory: " + ", ".join(f"{k.removesuffix('_bytes').replace('_', ' ')} "
+                                              f"{v / 1e6:,.0f} MB"
+                                              for k, v in report["memory"].items()))
     if json_path:
         json_path.write_text(json.dumps(report, indent=1))
         console.print(f"wrote {json_path}")
