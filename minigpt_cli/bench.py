@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from minigpt_cli.device import resolve_device, resolve_dtype, synchronize
@@ -246,9 +247,10 @@ def run_bench(*, checkpoint: str | None, config: str | None, lengths: list[int],
         "params": model.num_params(non_embedding=False), "model": asdict(cfg),
         "prompt_len": prompt_len, "batch_size": batch_size, "repeats": repeats,
     }
-    console.print(f"[bold]minigpt bench[/] · {source} · {header['params'] / 1e6:.2f}M params · "
-                  f"{cfg.n_layer} layers, {cfg.n_head} heads, width {cfg.n_embd} · {dev} "
-                  f"{header['dtype']} · {header['threads']} threads · torch {torch.__version__}")
+    console.print(f"[bold]minigpt bench[/] · {escape(source)} · "
+                  f"{header['params'] / 1e6:.2f}M params · {cfg.n_layer} layers, "
+                  f"{cfg.n_head} heads, width {cfg.n_embd} · {dev} {header['dtype']} · "
+                  f"{header['threads']} threads · torch {torch.__version__}")
     results = [measure_length(model, prompts, n, repeats, dev) for n in lengths]
     report = {"header": header, "lengths": [asdict(r) for r in results],
               "seed_example_gpt2_small_1000_tokens_fp32_bytes":

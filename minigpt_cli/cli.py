@@ -11,6 +11,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
 from minigpt_cli.errors import UserError
 
@@ -41,7 +42,7 @@ def train(
     try:
         run_train(cfg, resume=resume, console=err)
     except Interrupted as e:
-        err.print(f"[yellow]{e}[/]")
+        err.print(Text(str(e), style="yellow"))
         raise typer.Exit(130) from None
 
 
@@ -171,5 +172,6 @@ def main() -> None:
     try:
         app()
     except UserError as e:
-        err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        # The message is plain text: paths or ranges like "(0, 1]" must not be read as markup.
+        err.print(Text.assemble(("error:", "bold red"), " ", str(e)), soft_wrap=True)
         sys.exit(2)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import tiktoken
 from rich.console import Console
+from rich.markup import escape
 from rich.rule import Rule
 from rich.text import Text
 
@@ -31,7 +32,8 @@ from minigpt_cli.sampling import SamplerSettings
 
 
 def _token_repr(enc: tiktoken.Encoding, token: int) -> str:
-    return repr(enc.decode_single_token_bytes(token).decode("utf-8", errors="replace"))
+    """A token as a quoted literal, escaped for rich: model output may contain '[/' etc."""
+    return escape(repr(enc.decode_single_token_bytes(token).decode("utf-8", errors="replace")))
 
 
 def _stats_line(timings: Timings, completions: list[Completion]) -> str:
@@ -96,8 +98,9 @@ def run_generate(
                   f"→ [bold]{_token_repr(enc, info.chosen)}[/]", markup=True)
 
     if trace and not json_out:
-        out.print(f"[dim]{path} · KV cache {'on' if cache else 'off'} · positions = tokens this "
-                  "forward pass computed; candidates are after the sampler's filters[/]")
+        out.print(f"[dim]{escape(str(path))} · KV cache {'on' if cache else 'off'} · positions = "
+                  "tokens this forward pass computed; candidates are after the sampler's "
+                  "filters[/]")
     if num_beams > 1:
         completion, timings = beam_search(model, enc, prompts[0], num_beams, max_new_tokens,
                                           use_cache=cache)

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -219,11 +220,11 @@ def train(cfg: Config, resume: bool = False, console: Console | None = None) -> 
             last.update(train_loss=evals[-1]["train_loss"], val_loss=evals[-1]["val_loss"],
                         val_bpb=evals[-1]["val_bpb"])
         if start_step >= cfg.train.max_steps:
-            console.print(f"{run_dir} is already complete at step {start_step} "
+            console.print(f"{escape(str(run_dir))} is already complete at step {start_step} "
                           f"(train.max_steps={cfg.train.max_steps}); raise it with --set "
                           "train.max_steps=N to train further")
         else:
-            console.print(f"[bold]resuming[/] {run_dir} at step {start_step}")
+            console.print(f"[bold]resuming[/] {escape(str(run_dir))} at step {start_step}")
     else:
         ckpt.atomic_write_text(run_dir / ckpt.CONFIG_FILE, yaml.safe_dump(cfg.to_dict(),
                                                                            sort_keys=False))
@@ -334,7 +335,7 @@ def train(cfg: Config, resume: bool = False, console: Console | None = None) -> 
                            val_loss=last["val_loss"], val_bpb=last["val_bpb"],
                            best_val_loss=best_val, tokens_per_s=tps,
                            seconds=time.perf_counter() - t0)
-    table = Table(title=f"run {run_dir}", show_header=False)
+    table = Table(title=f"run {escape(str(run_dir))}", show_header=False)
     for name, value in (("steps", f"{step}"), ("train loss", f"{summary.train_loss:.4f}"),
                         ("val loss", f"{summary.val_loss:.4f}"),
                         ("val bits/byte", f"{summary.val_bpb:.4f}"),
@@ -342,6 +343,6 @@ def train(cfg: Config, resume: bool = False, console: Console | None = None) -> 
                         ("throughput", f"{tps:,.0f} tok/s"),
                         ("wall time", f"{summary.seconds:.1f} s"),
                         ("weights", str(run_dir / ckpt.MODEL_FILE))):
-        table.add_row(name, value)
+        table.add_row(name, escape(value))
     console.print(table)
     return summary

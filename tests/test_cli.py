@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -123,3 +124,18 @@ def test_train_bad_input(tmp_path: Path) -> None:
     assert_user_error(run("train", "nodata.yaml", cwd=tmp_path), "not found")
     assert_user_error(run("train", "nodata.yaml", "--set", "model.n_head=3", cwd=tmp_path),
                       "divisible")
+
+
+def test_trace_survives_markup_like_tokens() -> None:
+    """Token text such as '[/' or '[bold]' is printed literally, never parsed as rich markup."""
+    import tiktoken
+    from rich.console import Console
+
+    from minigpt_cli.generate_cli import _token_repr
+
+    ranks = {bytes([i]): i for i in range(256)} | {b"[/]": 256, b"[bold]": 257, b"[/x": 258}
+    enc = tiktoken.Encoding("markup", pat_str=r"\S+|\s+", mergeable_ranks=ranks,
+                            special_tokens={"<|endoftext|>": 259})
+    console = Console(file=io.StringIO(), width=200)
+    console.print(" · ".join(_token_repr(enc, t) for t in (256, 257, 258)) + " → [bold]x[/]")
+    assert "'[/]' · '[bold]' · '[/x' → x" in console.file.getvalue()
