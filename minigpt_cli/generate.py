@@ -42,7 +42,8 @@ class Decoder:
         self.pending: list[int] | None = None  # tokens appended since the last forward
         self.needs_prefill = True
         self.last_positions = 0  # positions the last forward pass computed (for --trace)
-        self.slides = 0
+        self._cols = 0  # cache columns filled (windows are left-padded to the longest)
+        self._valid: torch.Tensor | None = None  # [B, block_size] real-token mask, if padded
 
     @property
     def batch_size(self) -> int:
@@ -104,7 +105,6 @@ class Decoder:
                 if len(w) > self.block_size:
                     self.windows[i] = w[-self.keep:]
             self.needs_prefill = True
-            self.slides += 1
         self.pending = list(tokens)
 
     def reorder(self, rows: list[int]) -> None:
