@@ -66,6 +66,13 @@ def test_generate_json_greedy_cache_matches_no_cache(trained: Path) -> None:
     assert outs[0]["timings"]["decode_tokens_per_s"] > 0
 
 
+def test_empty_prompt_starts_from_endoftext(trained: Path) -> None:
+    p = run("generate", "--max-new-tokens", "5", "--temperature", "0", "--json", cwd=trained)
+    assert p.returncode == 0, p.stderr
+    out = json.loads(p.stdout)
+    assert out["prompt"] == "<|endoftext|>" and len(out["prompt_token_ids"]) == 1
+
+
 def test_generate_trace_shows_positions(trained: Path) -> None:
     p = run("generate", "--prompt", "NURSE:", "--max-new-tokens", "3", "--trace",
             "--temperature", "0", cwd=trained)
