@@ -210,14 +210,12 @@ def build_bench_model(checkpoint: str | None, config: str | None, lengths: list[
             raise UserError(f"no length fits the model's block_size {model.config.block_size} "
                             f"with --prompt-len {prompt_len}: pass smaller --lengths")
         return model, device, dtype, str(path), kept
-    from dataclasses import asdict as dc_asdict
-
     from minigpt_cli.config import Config, load_config
 
     cfg = load_config(config) if config else Config()
     vocab = {"bpe": cfg.tokenizer.vocab_size, "byte": 257, "gpt2": 50257, "r50k_base": 50257,
              "cl100k_base": 100277, "o200k_base": 200019}[cfg.tokenizer.kind]
-    shape = dc_asdict(cfg.model)
+    shape = asdict(cfg.model)
     if longest > shape["block_size"]:
         console.print(f"[dim]random weights: block_size raised from {shape['block_size']} to "
                       f"{longest} so every length fits one window[/]")
