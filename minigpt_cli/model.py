@@ -76,8 +76,9 @@ class Linear(nn.Module):
     """y = x @ W + b with W stored [in, out], GPT-2's own `Conv1D` layout.
 
     Decoding multiplies each weight by a single vector, so it is bound by memory bandwidth; on
-    the CPUs we measured, this layout streams 1.45-1.95x faster than nn.Linear's [out, in]
-    (docs/benchmarks.md). It also makes GPT-2 checkpoints load without transposes.
+    the CPU we measured, this layout streams 1.5-3x faster than nn.Linear's [out, in]
+    (benchmarks/decode_bandwidth.py, docs/benchmarks.md). It also makes GPT-2 checkpoints load
+    without transposes.
     """
 
     def __init__(self, n_in: int, n_out: int, bias: bool = True) -> None:
