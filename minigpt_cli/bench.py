@@ -25,6 +25,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from minigpt_cli import native
 from minigpt_cli.device import resolve_device, resolve_dtype, synchronize
 from minigpt_cli.errors import UserError
 from minigpt_cli.generate import Decoder
@@ -63,9 +64,10 @@ class LengthResult:
 
 
 def timed_greedy(model: GPT, prompts: torch.Tensor, n: int, use_cache: bool,
-                 device: torch.device) -> tuple[list[list[int]], list[float], int]:
+                 device: torch.device, engine: str = "auto"
+                 ) -> tuple[list[list[int]], list[float], int]:
     """Greedy-decode n tokens; per-step wall times (synchronised) and positions computed."""
-    decoder = Decoder(model, prompts.tolist(), use_cache=use_cache)
+    decoder = Decoder(model, prompts.tolist(), use_cache=use_cache, engine=engine)
     times: list[float] = []
     positions = 0
     out: list[list[int]] = [[] for _ in range(prompts.size(0))]
@@ -83,9 +85,10 @@ def timed_greedy(model: GPT, prompts: torch.Tensor, n: int, use_cache: bool,
 
 
 @torch.inference_mode()
-def max_logit_difference(model: GPT, prompts: torch.Tensor, n: int) -> float:
+def max_logit_difference(model: GPT, prompts: torch.Tensor, n: int, engine: str = "auto"
+                         ) -> float:
     """Step both decoders in lock-step on the same tokens; the largest logit disagreement."""
-    cached = Decoder(model, prompts.tolist(), use_cache=True)
+    cached = Decoder(model, prompts.tolist(), use_cache=True, engine=engine)
     naive = Decoder(model, prompts.tolist(), use_cache=False)
     worst = 0.0
     for _ in range(n):
@@ -98,9 +101,9 @@ def max_logit_difference(model: GPT, prompts: torch.Tensor, n: int) -> float:
 
 
 def measure_mode(model: GPT, prompts: torch.Tensor, n: int, use_cache: bool, repeats: int,
-                 device: torch.device) -> ModeResult:
-    timed_greedy(model, prompts, min(n, 8), use_cache, device)  # warm-up, not counted
-    runs = [timed_greedy(model, prompts, n, use_cache, device) for _ in range(repeats)]
+                 device: torch.device, engine: str = "auto") -> ModeResult:
+    timed_greedy(model, prompts, min(n, 8), use_cache, device, engine)  # warm-up, not counted
+    runs = [timed_greedy(model, prompts, n, use_cache, device, engine) for _ in range(repeats)]
     totals = [sum(times) for _, times, _ in runs]
     median_run = runs[totals.index(statistics.median_low(totals))]
     per_pos = [statistics.median(r[1][i] for r in runs) * 1e3 for i in range(n)]
@@ -111,13 +114,13 @@ def measure_mode(model: GPT, prompts: torch.Tensor, n: int, use_cache: bool, rep
 
 
 def measure_length(model: GPT, prompts: torch.Tensor, n: int, repeats: int,
-                   device: torch.device) -> LengthResult:
+                   device: torch.device, engine: str = "auto") -> LengthResult:
     cfg = model.config
-    cached = measure_mode(model, prompts, n, True, repeats, device)
+    cached = measure_mode(model, prompts, n, True, repeats, device, engine)
     uncached = measure_mode(model, prompts, n, False, repeats, device)
     elem = next(model.parameters()).element_size()
     B, P = prompts.shape
-    diff = max_logit_difference(model, prompts, n)
+    diff = max_logit_difference(model, prompts, n, engine)
     tolerance = 1e-3 if elem == 4 else 0.1  # float reassociation only; half precision is coarser
     same = cached.tokens == uncached.tokens
     return LengthResult(
@@ -131,7 +134,8 @@ def measure_length(model: GPT, prompts: torch.Tensor, n: int, repeats: int,
     )
 
 
-def measure_training(model: GPT, batch: int, device: torch.device, dtype: torch.dtype) -> dict:
+def measure_training(model: GPT, batch: int, device: torch.device, dtype: torch.dtype,
+                     engine: str = "auto") -> dict:
     """One training step over a full block against generating the same number of tokens."""
     from minigpt_cli.device import autocast
 
@@ -163,7 +167,7 @@ def measure_training(model: GPT, batch: int, device: torch.device, dtype: torch.
                     for v in s.values() if torch.is_tensor(v))
     model.eval()
     prompt = x[:, :1]
-    _, gen_times, _ = timed_greedy(model, prompt, T - 1, True, device)
+    _, gen_times, _ = timed_greedy(model, prompt, T - 1, True, device, engine)
     gen_s = sum(gen_times)
     return {
         "tokens": batch * T,
@@ -227,7 +231,8 @@ def build_bench_model(checkpoint: str | None, config: str | None, lengths: list[
 
 def run_bench(*, checkpoint: str | None, config: str | None, lengths: list[int], prompt_len: int,
               batch_size: int, repeats: int, device: str, dtype: str, json_path: Path | None,
-              plot_path: Path | None, train: bool, console: Console) -> int:
+              plot_path: Path | None, train: bool, console: Console, engine: str = "auto"
+              ) -> int:
     """Measure, print, write JSON/plot. Returns the exit code: 1 if any greedy output differs."""
     if not lengths or min(lengths) < 1:
         raise UserError("--lengths needs positive integers, e.g. 64,128,256")
@@ -238,8 +243,10 @@ def run_bench(*, checkpoint: str | None, config: str | None, lengths: list[int],
     cfg = model.config
     gen = torch.Generator().manual_seed(0)
     prompts = torch.randint(0, cfg.vocab_size, (batch_size, prompt_len), generator=gen).to(dev)
+    engine = native.choose_engine(engine, model, batch_size)
     header = {
-        "source": source, "device": str(dev), "dtype": str(dt).removeprefix("torch."),
+        "source": source, "engine": engine, "device": str(dev),
+        "dtype": str(dt).removeprefix("torch."),
         "threads": torch.get_num_threads(), "torch": torch.__version__,
         "python": platform.python_version(), "machine": platform.machine(),
         "params": model.num_params(non_embedding=False), "model": asdict(cfg),
@@ -248,14 +255,15 @@ def run_bench(*, checkpoint: str | None, config: str | None, lengths: list[int],
     console.print(f"[bold]minigpt bench[/] · {escape(source)} · "
                   f"{header['params'] / 1e6:.2f}M params · {cfg.n_layer} layers, "
                   f"{cfg.n_head} heads, width {cfg.n_embd} · {dev} {header['dtype']} · "
-                  f"{header['threads']} threads · torch {torch.__version__}")
-    results = [measure_length(model, prompts, n, repeats, dev) for n in lengths]
+                  f"{header['threads']} threads · torch {torch.__version__} · "
+                  f"cached steps by {'the fused C step' if engine == 'native' else 'PyTorch'}")
+    results = [measure_length(model, prompts, n, repeats, dev, engine) for n in lengths]
     report = {"header": header, "lengths": [asdict(r) for r in results],
               "seed_example_gpt2_small_1000_tokens_fp32_bytes":
                   kv_cache_bytes(12, 12, 1000, 64, 1, 4)}
     _print_table(console, results)
     if train:
-        report["train_vs_generate"] = measure_training(model, batch_size, dev, dt)
+        report["train_vs_generate"] = measure_training(model, batch_size, dev, dt, engine)
         _print_train(console, report["train_vs_generate"])
     report["memory"] = peak_memory(dev)
     console.print("peak memory: " + ", ".join(f"{k.removesuffix('_bytes').replace('_', ' ')} "

@@ -22,6 +22,8 @@ app = typer.Typer(
     help="Train small GPT language models on your own text, and run them.",
 )
 err = Console(stderr=True)
+ENGINE_HELP = ("Cached decode steps: auto (the fused C step on CPU float32 when a C compiler "
+               "is present, else PyTorch) | native | torch")
 
 
 @app.command()
@@ -94,6 +96,7 @@ def generate(
                                              "positions computed.")] = False,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | mps")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto | float32 | bfloat16 | float16")] = "auto",
+    engine: Annotated[str, typer.Option(help=ENGINE_HELP)] = "auto",
 ) -> None:
     """Generate text: prefill the prompt once, then one token per step through a KV cache."""
     options = dict(locals())  # every flag above, by name: run_generate's keyword arguments
@@ -154,6 +157,7 @@ def bench(
                          ] = None,
     train_too: Annotated[bool, typer.Option("--train", help="Also compare a training step "
                                                             "with generation.")] = False,
+    engine: Annotated[str, typer.Option(help=ENGINE_HELP)] = "auto",
 ) -> None:
     """Measure generation with the KV cache on against off, and show why they differ."""
     from minigpt_cli.bench import run_bench
@@ -163,7 +167,7 @@ def bench(
     code = run_bench(checkpoint=checkpoint, config=config, lengths=_int_list(lengths),
                      prompt_len=prompt_len, batch_size=batch_size, repeats=repeats,
                      device=device, dtype=dtype, json_path=json_path, plot_path=plot_path,
-                     train=train_too, console=Console(highlight=False))
+                     train=train_too, console=Console(highlight=False), engine=engine)
     raise typer.Exit(code)
 
 

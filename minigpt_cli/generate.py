@@ -23,6 +23,7 @@ import tiktoken
 import torch
 
 from minigpt_cli import checkpoint as ckpt
+from minigpt_cli import native
 from minigpt_cli.errors import UserError
 from minigpt_cli.model import GPT, KVCache
 from minigpt_cli.sampling import SamplerSettings, choose, process
@@ -31,7 +32,8 @@ from minigpt_cli.sampling import SamplerSettings, choose, process
 class Decoder:
     """Next-token logits for a batch of growing sequences, with or without a KV cache."""
 
-    def __init__(self, model: GPT, windows: list[list[int]], use_cache: bool = True) -> None:
+    def __init__(self, model: GPT, windows: list[list[int]], use_cache: bool = True,
+                 engine: str = "auto") -> None:
         self.model = model
         self.block_size = model.config.block_size
         self.keep = max(1, self.block_size // 2)
@@ -44,6 +46,10 @@ class Decoder:
         self.last_positions = 0  # positions the last forward pass computed (for --trace)
         self._cols = 0  # cache columns filled (windows are left-padded to the longest)
         self._valid: torch.Tensor | None = None  # [B, block_size] real-token mask, if padded
+        # Which code runs a cached decode step: the fused C step (minigpt_cli/native.py) or
+        # the model's forward. Prefill and the uncached loop always use the model's forward.
+        self.engine = native.choose_engine(engine, model, len(windows)) if use_cache else "torch"
+        self._native: native.NativeStep | None = None
 
     @property
     def batch_size(self) -> int:
@@ -65,7 +71,8 @@ class Decoder:
 
     @torch.inference_mode()
     def logits(self) -> torch.Tensor:
-        """Logits [B, V] for the next token of every sequence."""
+        """Logits [B, V] for the next token of every sequence. Read them before the next call:
+        the native engine reuses one buffer."""
         if self.use_cache and not self.needs_prefill and self.pending is not None:
             return self._decode_step()
         ids, pos, valid = self._layout()
@@ -85,15 +92,21 @@ class Decoder:
 
     def _decode_step(self) -> torch.Tensor:
         col = self._cols
-        ids = torch.tensor(self.pending, device=self.device)[:, None]
-        pos = torch.tensor([len(w) - 1 for w in self.windows], device=self.device)[:, None]
+        assert self.pending is not None and self.cache is not None
         if self._valid is not None:
             self._valid[:, col] = True
-        out, _ = self.model(ids, cache=self.cache, start_pos=col, pos_ids=pos,
-                            key_valid=self._valid, last_only=True)
         self._cols = col + 1
         self.last_positions = 1
-        self.pending = None
+        tokens, self.pending = self.pending, None
+        if self.engine == "native":
+            if self._native is None:
+                self._native = native.NativeStep(self.model, self.batch_size)
+            return self._native(tokens, [len(w) - 1 for w in self.windows], col, self.cache,
+                                self._valid)
+        ids = torch.tensor(tokens, device=self.device)[:, None]
+        pos = torch.tensor([len(w) - 1 for w in self.windows], device=self.device)[:, None]
+        out, _ = self.model(ids, cache=self.cache, start_pos=col, pos_ids=pos,
+                            key_valid=self._valid, last_only=True)
         return out[:, -1]
 
     def append(self, tokens: list[int]) -> None:
@@ -174,6 +187,7 @@ class Timings:
     total_s: float = 0.0
     steps: int = 0
     prefills: int = 0
+    engine: str = "torch"  # what ran the cached decode steps: native (C) or torch
 
 
 @dataclass
@@ -207,6 +221,7 @@ def generate(
     on_text: Callable[[int, str], None] | None = None,
     on_step: Callable[[StepInfo], None] | None = None,
     trace_top: int = 5,
+    engine: str = "auto",
 ) -> tuple[list[Completion], Timings]:
     """Generate for a batch of prompts (token ids); each sequence stops on its own.
 
@@ -216,11 +231,11 @@ def generate(
     generator = torch.Generator(device=device)
     generator.manual_seed(seed if seed is not None else torch.seed())
     eot = enc.eot_token
-    decoder = Decoder(model, prompts, use_cache=use_cache)
+    decoder = Decoder(model, prompts, use_cache=use_cache, engine=engine)
     streams = [TextStream(enc, stops or []) for _ in prompts]
     done = [False] * len(prompts)
     out = [Completion(prompt=enc.decode(p), prompt_tokens=list(p)) for p in prompts]
-    timings = Timings()
+    timings = Timings(engine=decoder.engine)
     t0 = time.perf_counter()
     t_first = t0
     for step in range(max_new_tokens):
@@ -272,18 +287,18 @@ def generate(
 
 @torch.inference_mode()
 def beam_search(model: GPT, enc: tiktoken.Encoding, prompt: list[int], num_beams: int,
-                max_new_tokens: int, length_penalty: float = 1.0, use_cache: bool = True
-                ) -> tuple[Completion, Timings]:
+                max_new_tokens: int, length_penalty: float = 1.0, use_cache: bool = True,
+                engine: str = "auto") -> tuple[Completion, Timings]:
     """Deterministic beam search: keep the `num_beams` best partial sequences by summed
     log-probability; finished ones are ranked by score / length**length_penalty."""
     t0 = time.perf_counter()
     eot = enc.eot_token
-    decoder = Decoder(model, [prompt] * num_beams, use_cache=use_cache)
+    decoder = Decoder(model, [prompt] * num_beams, use_cache=use_cache, engine=engine)
     scores = torch.full((num_beams,), float("-inf"), device=decoder.device)
     scores[0] = 0.0  # all beams start identical: expand only the first at step one
     beams: list[list[int]] = [[] for _ in range(num_beams)]
     finished: list[tuple[float, list[int]]] = []
-    timings = Timings()
+    timings = Timings(engine=decoder.engine)
     for step in range(max_new_tokens):
         logprobs = torch.log_softmax(decoder.logits().float(), dim=-1)
         if step == 0:

@@ -54,6 +54,7 @@ def run_generate(
     top_p: float, min_p: float, repetition_penalty: float, repeat_last_n: int, seed: int | None,
     num_beams: int, stop: list[str] | None, num_samples: int, prompts_file: Path | None,
     cache: bool, stream: bool, json_out: bool, trace: bool, device: str, dtype: str,
+    engine: str = "auto",
 ) -> None:
     settings = SamplerSettings(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                                repetition_penalty=repetition_penalty,
@@ -103,12 +104,12 @@ def run_generate(
                   "filters[/]")
     if num_beams > 1:
         completion, timings = beam_search(model, enc, prompts[0], num_beams, max_new_tokens,
-                                          use_cache=cache)
+                                          use_cache=cache, engine=engine)
         completions = [completion]
     else:
         completions, timings = generate(
             model, enc, prompts, settings, max_new_tokens, use_cache=cache, seed=seed,
-            stops=stop or [], on_text=on_text if live else None,
+            engine=engine, stops=stop or [], on_text=on_text if live else None,
             on_step=on_step if trace and not json_out else None)
 
     if json_out:

@@ -7,12 +7,13 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from rich.console import Console
 
 from minigpt_cli.bench import kv_cache_bytes, run_bench
 from minigpt_cli.errors import UserError
-from minigpt_cli.model import KVCache
+from minigpt_cli.generate import Decoder
 
 
 @pytest.fixture
@@ -66,18 +67,20 @@ def test_seed_memory_example() -> None:
     assert round(kv_cache_bytes(12, 12, 1000, 64, 1, 2) / 1e6, 1) == 36.9
 
 
+@pytest.mark.parametrize("engine", ["torch", "native"])
 def test_broken_cache_fails_the_equality_check(small_config: Path, tmp_path: Path,
-                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    real_update = KVCache.update
+                                               monkeypatch: pytest.MonkeyPatch,
+                                               engine: str) -> None:
+    real_step = Decoder._decode_step
 
-    def corrupt(self, layer, start, k, v):
-        keys, values = real_update(self, layer, start, k, v)
-        if keys.size(2) > 6:
-            keys[:, :, 2] += 1.0  # one cached key goes wrong after the prefill
-        return keys, values
+    def corrupt(self: Decoder) -> torch.Tensor:
+        if self._cols == 10:  # once, mid-way: one cached key of layer 0 goes wrong
+            self.cache.k[0, :, :, 2] += 5.0
+        return real_step(self)
 
-    monkeypatch.setattr(KVCache, "update", corrupt)
-    code, report = _bench(small_config, tmp_path, lengths=[30])
+    monkeypatch.setattr(Decoder, "_decode_step", corrupt)
+    code, report = _bench(small_config, tmp_path, lengths=[30], engine=engine)
+    assert report["header"]["engine"] == engine
     assert code == 1
     assert report["lengths"][0]["ok"] is False
     assert report["lengths"][0]["max_logit_diff"] > 1e-3

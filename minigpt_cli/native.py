@@ -1,0 +1,191 @@
+"""The fused CPU decode step (native/decode_step.c): build it once, bind it, call it.
+
+A cached decode step of a small model is ~60 tiny operations, and eager PyTorch spends more
+time dispatching them than computing; for a large model, PyTorch's batch-1 matrix-vector
+product runs on one core. The C step does the whole token in one call, with every
+matrix-vector product split over the cores. It is an inference-only fast path for float32 on
+the CPU. Prefill, training, the uncached loop and every other device stay in PyTorch, and the
+two must agree (tests/test_native.py, and `minigpt bench`'s ✓ column).
+
+The library is compiled on first use with the system C compiler (`$CC`, else `cc`) into the
+user cache directory, keyed by a hash of the source, the flags and the CPU, and written
+atomically so concurrent first uses are safe. Without a compiler, `engine="auto"` quietly uses
+PyTorch and `engine="native"` is a clear error.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+from minigpt_cli.errors import UserError
+from minigpt_cli.model import GPT, KVCache
+
+SOURCE = Path(__file__).with_name("native") / "decode_step.c"
+ABI_VERSION = 1
+ENGINES = ("auto", "native", "torch")
+# -march=native is safe because the library is built on the machine that runs it (the cache
+# key includes the CPU). No -ffast-math: NaNs and infinities must behave as in PyTorch.
+FLAGS = ["-O3", "-march=native", "-fPIC", "-shared", "-std=c11"]
+# The fused step's working set per thread is small; past this many weights the step is
+# bandwidth-bound and a second core adds bandwidth, below it thread hand-offs cost more.
+PARALLEL_MIN_PARAMS = 4_000_000
+
+
+def cache_dir() -> Path:
+    """Where built libraries live: $MINIGPT_CACHE_DIR, else $XDG_CACHE_HOME/minigpt."""
+    if os.environ.get("MINIGPT_CACHE_DIR"):
+        return Path(os.environ["MINIGPT_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "minigpt"
+
+
+def _cpu_id() -> str:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    lines = [ln for ln in text.splitlines() if ln.startswith(("model name", "flags"))]
+    return "\n".join(sorted(set(lines)))
+
+
+def _compile(out: Path) -> None:
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not compiler:
+        raise RuntimeError("no C compiler found (install gcc or clang, or set CC)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+    os.close(fd)
+    try:
+        # OpenMP splits the matrix-vector products over cores; a compiler without it still
+        # builds a correct single-threaded library.
+        for extra in (["-fopenmp"], ["-fopenmp-simd"], []):
+            cmd = [compiler, *FLAGS, *extra, str(SOURCE), "-o", tmp, "-lm"]
+            done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            if done.returncode == 0:
+                os.replace(tmp, out)
+                return
+        raise RuntimeError(f"compiling {SOURCE.name} failed: {done.stderr.strip()[:300]}")
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+@functools.lru_cache(maxsize=1)
+def load_library() -> ctypes.CDLL | str:
+    """The bound library, or the reason it is unavailable (a string). Built at most once."""
+    if platform.system() == "Windows":
+        return "the native decode step is built for Linux and macOS only"
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(source + " ".join(FLAGS).encode() + _cpu_id().encode()).hexdigest()
+    path = cache_dir() / "native" / f"decode_step-{key[:16]}.so"
+    try:
+        if not path.exists():
+            _compile(path)
+        lib = ctypes.CDLL(str(path))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+        return str(exc)
+    if lib.minigpt_abi_version() != ABI_VERSION:
+        return f"{path} has an unexpected ABI version; delete it to rebuild"
+    lib.minigpt_decode_step.restype = ctypes.c_int
+    lib.minigpt_decode_step.argtypes = [ctypes.c_void_p] * 9
+    return lib
+
+
+def unsupported(model: GPT, batch_size: int) -> str | None:
+    """Why the native step can't run this model and batch, or None if it can."""
+    p = next(model.parameters())
+    if p.device.type != "cpu":
+        return f"the native step runs on the CPU, the model is on {p.device.type}"
+    if p.dtype != torch.float32:
+        dtype = str(p.dtype).removeprefix("torch.")
+        return f"the native step is float32 only, the model is {dtype}"
+    if model.training:
+        return "the native step is for inference; the model is in training mode"
+    lib = load_library()
+    if isinstance(lib, str):
+        return lib
+    if batch_size > lib.minigpt_max_batch():
+        return f"the native step decodes at most {lib.minigpt_max_batch()} sequences at once"
+    return None
+
+
+def choose_engine(engine: str, model: GPT, batch_size: int) -> str:
+    """Resolve 'auto' to 'native' when it can run, else 'torch'; 'native' must be possible."""
+    if engine not in ENGINES:
+        raise UserError(f"unknown engine '{engine}': use auto, native or torch")
+    if engine == "torch":
+        return "torch"
+    reason = unsupported(model, batch_size)
+    if reason is None:
+        return "native"
+    if engine == "native":
+        raise UserError(f"--engine native is not available: {reason}; use --engine torch")
+    return "torch"
+
+
+class NativeStep:
+    """One decode step for a batch through the C library, reading and writing a `KVCache`."""
+
+    def __init__(self, model: GPT, batch_size: int) -> None:
+        lib = load_library()
+        assert not isinstance(lib, str), lib
+        self.lib = lib
+        cfg = model.config
+        self.cfg = cfg
+        self.batch_size = batch_size
+        # Hold a reference to every tensor whose address we hand to C, so none is freed.
+        head_t = model.wte.weight.detach().t().contiguous()
+        globals_ = [model.wte.weight, model.wpe.weight, head_t, model.ln_f.weight, model.ln_f.bias]
+        per_layer = []
+        for block in model.h:
+            a, m = block.attn, block.mlp
+            per_layer += [block.ln_1.weight, block.ln_1.bias, a.c_attn.weight, a.c_attn.bias,
+                          a.c_proj.weight, a.c_proj.bias, block.ln_2.weight, block.ln_2.bias,
+                          m.c_fc.weight, m.c_fc.bias, m.c_proj.weight, m.c_proj.bias]
+        self._tensors = [t.detach().contiguous() if t is not None else None
+                         for t in globals_ + per_layer]
+        self._ptrs = (ctypes.c_void_p * len(self._tensors))(
+            *[t.data_ptr() if t is not None else None for t in self._tensors])
+        n_params = sum(p.numel() for p in model.parameters())
+        self.threads = torch.get_num_threads() if n_params >= PARALLEL_MIN_PARAMS else 1
+        self._dims = (ctypes.c_int64 * 8)(cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.vocab_size,
+                                           batch_size, 0, 0, self.threads)
+        self._tokens = (ctypes.c_int64 * batch_size)()
+        self._pos = (ctypes.c_int64 * batch_size)()
+        self.logits = torch.empty(batch_size, cfg.vocab_size)
+        self._scratch = torch.empty(10 * batch_size * cfg.n_embd)
+
+    def __call__(self, tokens: list[int], positions: list[int], col: int, cache: KVCache,
+                 valid: torch.Tensor | None) -> torch.Tensor:
+        """Logits [B, V] for `tokens` at `positions`, cached at column `col`. The returned
+        tensor is reused by the next call."""
+        cfg = self.cfg
+        if not 0 <= col < cache.max_len:
+            raise ValueError(f"KV cache holds {cache.max_len} positions, asked to write to {col}")
+        for i, (t, p) in enumerate(zip(tokens, positions, strict=True)):
+            if not (0 <= t < cfg.vocab_size and 0 <= p < cfg.block_size):
+                raise ValueError(f"token {t} or position {p} out of range")
+            self._tokens[i], self._pos[i] = t, p
+        assert cache.k.is_contiguous() and cache.k.dtype == torch.float32
+        self._dims[5], self._dims[6] = cache.max_len, col
+        valid_ptr = None
+        if valid is not None:  # bool is one byte, 0 or 1: C reads it as uint8_t
+            assert valid.dtype == torch.bool and valid.is_contiguous()
+            assert valid.shape == (self.batch_size, cache.max_len)
+            valid_ptr = valid.data_ptr()
+        rc = self.lib.minigpt_decode_step(
+            self._dims, self._ptrs, self._tokens, self._pos, valid_ptr, cache.k.data_ptr(),
+            cache.v.data_ptr(), self.logits.data_ptr(), self._scratch.data_ptr())
+        if rc != 0:
+            raise RuntimeError(f"native decode step rejected its arguments (code {rc})")
+        return self.logits

@@ -1,0 +1,151 @@
+"""The fused C decode step must compute what the PyTorch forward computes.
+
+Every check steps both engines on the same inputs and compares logits (float32: only the
+order of additions differs) and greedy tokens. Shapes cover bias on and off, batches with
+left padding, context overflow (re-prefill), and beam search's cache reordering.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from minigpt_cli import native
+from minigpt_cli import tokenizer as tok
+from minigpt_cli.errors import UserError
+from minigpt_cli.generate import Decoder, beam_search, generate
+from minigpt_cli.model import GPT, GPTConfig
+from minigpt_cli.sampling import SamplerSettings
+
+GREEDY = SamplerSettings(temperature=0.0)
+
+
+def _model(seed: int = 3, **shape: object) -> GPT:
+    torch.manual_seed(seed)
+    cfg = {"vocab_size": 257, "block_size": 48, "n_layer": 2, "n_head": 4, "n_embd": 64,
+           **shape}
+    model = GPT(GPTConfig(**cfg)).eval()
+    with torch.no_grad():  # larger weights than GPT-2's init: peaked, context-dependent logits
+        for p in model.parameters():
+            p.normal_(0.0, 0.3 if p.dim() > 1 else 0.5)
+    return model
+
+
+def _lockstep(model: GPT, prompts: list[list[int]], steps: int) -> float:
+    """Step a native and a torch decoder on the same tokens; the largest logit difference."""
+    fast = Decoder(model, prompts, engine="native")
+    ref = Decoder(model, prompts, engine="torch")
+    assert (fast.engine, ref.engine) == ("native", "torch")
+    worst = 0.0
+    for _ in range(steps):
+        a, b = fast.logits(), ref.logits()
+        assert a.shape == b.shape == (len(prompts), model.config.vocab_size)
+        worst = max(worst, (a - b).abs().max().item())
+        nxt = b.argmax(-1).tolist()
+        fast.append(nxt)
+        ref.append(nxt)
+    return worst
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_native_step_matches_torch(bias: bool) -> None:
+    model = _model(bias=bias)
+    assert _lockstep(model, [[1, 2, 3, 4, 5]], 30) < 1e-4
+
+
+def test_native_step_matches_torch_with_padding_and_overflow() -> None:
+    model = _model(block_size=16)
+    prompts = [[7], [1, 2, 3, 4, 5, 6, 7, 8, 9], [200, 100, 50]]
+    # 60 steps cross the 16-token window several times: slides, re-prefills, padding masks.
+    assert _lockstep(model, prompts, 60) < 1e-4
+
+
+def test_native_step_sees_the_cache() -> None:
+    """Guard against a step that ignores the cache: corrupting a cached key must show."""
+    model = _model()
+    d = Decoder(model, [[1, 2, 3, 4, 5, 6]], engine="native")
+    d.logits()
+    d.append([9])
+    clean = d.logits().clone()
+    d2 = Decoder(model, [[1, 2, 3, 4, 5, 6]], engine="native")
+    d2.logits()
+    with torch.inference_mode():
+        d2.cache.k[1, 0, :, 2] += 3.0
+    d2.append([9])
+    assert (d2.logits() - clean).abs().max().item() > 1e-2
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_generate_native_equals_torch(use_cache: bool) -> None:
+    enc = tok.byte_encoding()
+    model = _model(block_size=24)
+    prompts = [tok.encode(enc, "Once upon"), tok.encode(enc, "a")]
+    runs = {}
+    for engine in ("native", "torch"):
+        out, timings = generate(model, enc, prompts, GREEDY, 80, use_cache=use_cache,
+                                engine=engine)
+        assert timings.engine == (engine if use_cache else "torch")
+        runs[engine] = [c.tokens for c in out]
+    assert runs["native"] == runs["torch"]
+    assert len(runs["native"][0]) > 40
+
+
+def test_beam_search_native_equals_torch() -> None:
+    enc = tok.byte_encoding()
+    model = _model()
+    prompt = tok.encode(enc, "to be")
+    fast, t_fast = beam_search(model, enc, prompt, 4, 30, engine="native")
+    ref, t_ref = beam_search(model, enc, prompt, 4, 30, engine="torch")
+    assert (t_fast.engine, t_ref.engine) == ("native", "torch")
+    assert fast.tokens == ref.tokens
+
+
+def test_engine_choice() -> None:
+    model = _model()
+    assert native.choose_engine("auto", model, 1) == "native"
+    assert native.choose_engine("torch", model, 1) == "torch"
+    assert native.choose_engine("auto", model, 17) == "torch"  # above the C step's batch limit
+    with pytest.raises(UserError, match="at most 16"):
+        native.choose_engine("native", model, 17)
+    with pytest.raises(UserError, match="unknown engine"):
+        native.choose_engine("fast", model, 1)
+    half = _model().to(torch.bfloat16)
+    assert native.choose_engine("auto", half, 1) == "torch"
+    with pytest.raises(UserError, match="float32 only"):
+        native.choose_engine("native", half, 1)
+    model.train()
+    assert native.choose_engine("auto", model, 1) == "torch"
+
+
+@pytest.fixture
+def fresh_library(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """load_library() against an empty cache directory; the real one is restored after."""
+    monkeypatch.setenv("MINIGPT_CACHE_DIR", str(tmp_path / "cache"))
+    native.load_library.cache_clear()
+    yield tmp_path / "cache"
+    native.load_library.cache_clear()
+
+
+def test_library_is_built_once_into_the_cache_dir(fresh_library: Path) -> None:
+    lib = native.load_library()
+    assert not isinstance(lib, str), lib
+    built = list((fresh_library / "native").glob("decode_step-*.so"))
+    assert len(built) == 1
+    assert [p.name for p in (fresh_library / "native").iterdir()] == [built[0].name]  # no temp
+    stamp = built[0].stat().st_mtime_ns
+    native.load_library.cache_clear()
+    assert not isinstance(native.load_library(), str)
+    assert built[0].stat().st_mtime_ns == stamp  # reused, not rebuilt
+
+
+def test_without_a_compiler_auto_falls_back(fresh_library: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CC", str(fresh_library / "no-such-compiler"))
+    model = _model()
+    assert isinstance(native.load_library(), str)
+    assert native.choose_engine("auto", model, 1) == "torch"
+    assert Decoder(model, [[1, 2]]).engine == "torch"
+    with pytest.raises(UserError, match="--engine native is not available"):
+        native.choose_engine("native", model, 1)
