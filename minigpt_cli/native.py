@@ -36,9 +36,6 @@ ENGINES = ("auto", "native", "torch")
 # -march=native is safe because the library is built on the machine that runs it (the cache
 # key includes the CPU). No -ffast-math: NaNs and infinities must behave as in PyTorch.
 FLAGS = ["-O3", "-march=native", "-fPIC", "-shared", "-std=c11"]
-# The fused step's working set per thread is small; past this many weights the step is
-# bandwidth-bound and a second core adds bandwidth, below it thread hand-offs cost more.
-PARALLEL_MIN_PARAMS = 4_000_000
 
 
 def cache_dir() -> Path:
@@ -156,8 +153,9 @@ class NativeStep:
                          for t in globals_ + per_layer]
         self._ptrs = (ctypes.c_void_p * len(self._tensors))(
             *[t.data_ptr() if t is not None else None for t in self._tensors])
-        n_params = sum(p.numel() for p in model.parameters())
-        self.threads = torch.get_num_threads() if n_params >= PARALLEL_MIN_PARAMS else 1
+        # PyTorch's thread count: the step shares OpenMP's thread pool with PyTorch (one
+        # libgomp per process), so this never oversubscribes the cores PyTorch was given.
+        self.threads = torch.get_num_threads()
         self._dims = (ctypes.c_int64 * 8)(cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.vocab_size,
                                            batch_size, 0, 0, self.threads)
         self._tokens = (ctypes.c_int64 * batch_size)()

@@ -33,13 +33,47 @@ enum { WTE, WPE, HEAD_T, LNF_W, LNF_B, GLOBALS };
 int minigpt_abi_version(void) { return 1; }
 int minigpt_max_batch(void) { return MAX_BATCH; }
 
-/* y[b, :] = x[b, :] @ W + bias for b < B; W is [n_in, n_out], row-major.
- * Output columns are cut into tiles, one thread per tile. A tile's accumulators stay in L1
- * while W's rows stream past once, four rows at a time, shared by every batch row: one load
- * and store of an accumulator per four weights keeps the loop bound by DRAM bandwidth
- * (40 GB/s on the 2-core machine of docs/benchmarks.md, against 23 GB/s one row at a time). */
+/* e^x for float32, written so `omp simd` loops vectorize it (libm's expf is a scalar call:
+ * it was half the step's time on a small model). Cody-Waite range reduction x = n ln2 + r and
+ * Cephes' degree-6 polynomial, within 2 ulp of expf; inputs below -87.3 give ~1e-38, not 0. */
+#pragma omp declare simd
+static inline float exp_f32(float x) {
+    x = fminf(fmaxf(x, -87.3f), 88.7f);
+    const float n = floorf(x * 1.44269504088896341f + 0.5f);
+    float r = x - n * 0.693359375f;
+    r = r + n * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    const float e = p * r * r + r + 1.f;
+    union { int32_t i; float f; } scale = { ((int32_t)n + 127) << 23 };
+    return e * scale.f;
+}
+
+/* GELU with GPT-2's tanh approximation; tanh(u) = 1 - 2 / (e^(2u) + 1), vectorizable. */
+#pragma omp declare simd
+static inline float gelu_tanh(float v) {
+    const float k = 0.7978845608028654f; /* sqrt(2 / pi) */
+    const float t = 1.f - 2.f / (exp_f32(2.f * k * (v + 0.044715f * v * v * v)) + 1.f);
+    return 0.5f * v * (1.f + t);
+}
+
+/* What a matrix-vector product does with its result: store it, store GELU of it (the MLP's
+ * first layer), or add it to the destination (the residual stream after a projection).
+ * Fusing these into the product's last pass saves a sweep and a thread barrier each. */
+enum { STORE, STORE_GELU, ADD };
+
+/* y[b, :] (op)= x[b, :] @ W + bias for b < B; W is [n_in, n_out], row-major.
+ * Runs inside the step's parallel region: `omp for` hands each thread whole column tiles.
+ * A tile's accumulators stay in L1 while W's rows stream past once, four rows at a time,
+ * shared by every batch row: one accumulator load and store per four weights keeps the loop
+ * at DRAM bandwidth (40 GB/s on the machine of docs/benchmarks.md; 23 GB/s one row at a
+ * time). */
 static void matvec(int B, int n_in, int n_out, const float *x, const float *W, const float *bias,
-                   float *y, int nt) {
+                   float *y, int op, int nt) {
     const int max_tile = ACC_FLOATS / B / 16 * 16;
     int ntiles = (n_out + max_tile - 1) / max_tile;
     if (ntiles < nt) ntiles = nt;
@@ -47,7 +81,7 @@ static void matvec(int B, int n_in, int n_out, const float *x, const float *W, c
     int tile = (n_out + ntiles - 1) / ntiles;
     tile = (tile + 15) / 16 * 16;
     ntiles = (n_out + tile - 1) / tile;
-#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1 && ntiles > 1)
+#pragma omp for schedule(static)
     for (int t = 0; t < ntiles; t++) {
         const int j0 = t * tile;
         const int w = j0 + tile < n_out ? tile : n_out - j0;
@@ -79,8 +113,19 @@ static void matvec(int B, int n_in, int n_out, const float *x, const float *W, c
                 for (int j = 0; j < w; j++) a[j] += xi * row[j];
             }
         }
-        for (int b = 0; b < B; b++)
-            memcpy(y + (size_t)b * n_out + j0, acc + b * tile, (size_t)w * sizeof(float));
+        for (int b = 0; b < B; b++) {
+            const float *restrict a = acc + b * tile;
+            float *restrict out = y + (size_t)b * n_out + j0;
+            if (op == ADD) {
+#pragma omp simd
+                for (int j = 0; j < w; j++) out[j] += a[j];
+            } else if (op == STORE_GELU) {
+#pragma omp simd
+                for (int j = 0; j < w; j++) out[j] = gelu_tanh(a[j]);
+            } else {
+                memcpy(out, a, (size_t)w * sizeof(float));
+            }
+        }
     }
 }
 
@@ -103,57 +148,54 @@ static void layer_norm(int B, int C, const float *x, const float *g, const float
     }
 }
 
-/* One query per (row, head) against cache columns 0..col; masked columns (valid == 0) are
- * skipped. The new token's own column is always valid, so no row is ever empty. */
-static void attention(int B, int H, int D, int S, int col, const float *qkv, const float *kc,
-                      const float *vc, const uint8_t *valid, float *out, int nt) {
-    const int C = H * D;
+/* One query per (row, head) against cache columns 0..col, after writing this token's key
+ * and value at column col; masked columns (valid == 0) get zero weight. The new token's own
+ * column is always valid, so no row is ever empty. Each (row, head) is one thread's work. */
+static void attention(int B, int H, int D, int S, int col, const float *qkv, float *kc,
+                      float *vc, const uint8_t *valid, float *out) {
+    const int C = H * D, n = col + 1;
     const float scale = 1.f / sqrtf((float)D);
-#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1 && (B * H) > 1 && col >= 64)
+#pragma omp for schedule(static)
     for (int bh = 0; bh < B * H; bh++) {
         const int b = bh / H, h = bh % H;
         const float *q = qkv + (size_t)b * 3 * C + (size_t)h * D;
-        const float *K = kc + ((size_t)b * H + h) * (size_t)S * D;
-        const float *V = vc + ((size_t)b * H + h) * (size_t)S * D;
+        float *K = kc + ((size_t)b * H + h) * (size_t)S * D;
+        float *V = vc + ((size_t)b * H + h) * (size_t)S * D;
+        memcpy(K + (size_t)col * D, q + C, (size_t)D * sizeof(float));
+        memcpy(V + (size_t)col * D, q + 2 * C, (size_t)D * sizeof(float));
         const uint8_t *ok = valid ? valid + (size_t)b * S : NULL;
-        float scores[col + 1];
+        float p[n];
         float mx = -INFINITY;
-        for (int s = 0; s <= col; s++) {
-            if (ok && !ok[s] && s != col) { scores[s] = -INFINITY; continue; }
+        for (int s = 0; s < n; s++) {
             float dot = 0.f;
             const float *k = K + (size_t)s * D;
 #pragma omp simd reduction(+ : dot)
             for (int d = 0; d < D; d++) dot += q[d] * k[d];
-            scores[s] = dot * scale;
-            if (scores[s] > mx) mx = scores[s];
+            p[s] = dot * scale;
+            if ((!ok || ok[s] || s == col) && p[s] > mx) mx = p[s];
         }
         float sum = 0.f;
-        for (int s = 0; s <= col; s++) {
-            scores[s] = scores[s] == -INFINITY ? 0.f : expf(scores[s] - mx);
-            sum += scores[s];
+#pragma omp simd reduction(+ : sum)
+        for (int s = 0; s < n; s++) {
+            p[s] = exp_f32(p[s] - mx);
+            sum += p[s];
         }
+        if (ok) {
+            sum = 0.f;
+            for (int s = 0; s < n; s++) {
+                if (!ok[s] && s != col) p[s] = 0.f;
+                sum += p[s];
+            }
+        }
+        const float inv = 1.f / sum;
         float *o = out + (size_t)b * C + (size_t)h * D;
         memset(o, 0, (size_t)D * sizeof(float));
-        for (int s = 0; s <= col; s++) {
-            if (scores[s] == 0.f) continue;
-            const float p = scores[s] / sum;
+        for (int s = 0; s < n; s++) {
+            const float wt = p[s] * inv;
             const float *v = V + (size_t)s * D;
 #pragma omp simd
-            for (int d = 0; d < D; d++) o[d] += p * v[d];
+            for (int d = 0; d < D; d++) o[d] += wt * v[d];
         }
-    }
-}
-
-static void add_into(size_t n, float *x, const float *y) {
-#pragma omp simd
-    for (size_t i = 0; i < n; i++) x[i] += y[i];
-}
-
-static void gelu_tanh(size_t n, float *x) {
-    const float k = 0.7978845608028654f; /* sqrt(2 / pi) */
-    for (size_t i = 0; i < n; i++) {
-        const float v = x[i];
-        x[i] = 0.5f * v * (1.f + tanhf(k * (v + 0.044715f * v * v * v)));
     }
 }
 
@@ -170,32 +212,40 @@ int minigpt_decode_step(const int64_t *dims, const float *const *w, const int64_
     float *x = scratch, *h = x + B * C, *att = h + B * C, *qkv = att + B * C;
     float *f = qkv + 3 * B * C; /* 4 * B * C */
 
-    for (int b = 0; b < B; b++) {
-        const float *te = w[WTE] + (size_t)tokens[b] * C, *pe = w[WPE] + (size_t)pos[b] * C;
-        for (int c = 0; c < C; c++) x[b * C + c] = te[c] + pe[c];
+    /* One parallel region for the whole step: every `omp for` below shares out its loop and
+     * ends in a barrier, and `single` does the small serial parts. Forking threads once per
+     * step instead of once per product matters when a product takes a few microseconds. */
+#pragma omp parallel num_threads(nt) if (nt > 1)
+    {
+#pragma omp single
+        for (int b = 0; b < B; b++) {
+            const float *te = w[WTE] + (size_t)tokens[b] * C;
+            const float *pe = w[WPE] + (size_t)pos[b] * C;
+            for (int c = 0; c < C; c++) x[b * C + c] = te[c] + pe[c];
+            if (L > 0)
+                layer_norm(1, C, x + b * C, w[GLOBALS + LN1_W], w[GLOBALS + LN1_B], h + b * C);
+        }
+        for (int l = 0; l < L; l++) {
+            const float *const *p = w + GLOBALS + (size_t)l * PER_LAYER;
+            const size_t layer_off = (size_t)l * B * H * S * D;
+            matvec(B, C, 3 * C, h, p[ATTN_W], p[ATTN_B], qkv, STORE, nt);
+            attention(B, H, D, S, col, qkv, kc + layer_off, vc + layer_off, valid, att);
+            matvec(B, C, C, att, p[APROJ_W], p[APROJ_B], x, ADD, nt);
+#pragma omp single
+            layer_norm(B, C, x, p[LN2_W], p[LN2_B], h);
+            matvec(B, C, 4 * C, h, p[FC_W], p[FC_B], f, STORE_GELU, nt);
+            matvec(B, 4 * C, C, f, p[MPROJ_W], p[MPROJ_B], x, ADD, nt);
+            /* The next layer's first LayerNorm, or the final one. */
+            const float *g = l + 1 < L ? p[PER_LAYER + LN1_W] : w[LNF_W];
+            const float *beta = l + 1 < L ? p[PER_LAYER + LN1_B] : w[LNF_B];
+#pragma omp single
+            layer_norm(B, C, x, g, beta, h);
+        }
+        if (L == 0) {
+#pragma omp single
+            layer_norm(B, C, x, w[LNF_W], w[LNF_B], h);
+        }
+        matvec(B, C, V, h, w[HEAD_T], NULL, logits, STORE, nt);
     }
-    for (int l = 0; l < L; l++) {
-        const float *const *p = w + GLOBALS + (size_t)l * PER_LAYER;
-        const size_t layer_off = (size_t)l * B * H * S * D;
-        layer_norm(B, C, x, p[LN1_W], p[LN1_B], h);
-        matvec(B, C, 3 * C, h, p[ATTN_W], p[ATTN_B], qkv, nt);
-        for (int b = 0; b < B; b++)
-            for (int hh = 0; hh < H; hh++) {
-                const size_t at = layer_off + (((size_t)b * H + hh) * S + col) * D;
-                memcpy(kc + at, qkv + (size_t)b * 3 * C + C + (size_t)hh * D, D * sizeof(float));
-                memcpy(vc + at, qkv + (size_t)b * 3 * C + 2 * C + (size_t)hh * D,
-                       D * sizeof(float));
-            }
-        attention(B, H, D, S, col, qkv, kc + layer_off, vc + layer_off, valid, att, nt);
-        matvec(B, C, C, att, p[APROJ_W], p[APROJ_B], h, nt);
-        add_into((size_t)B * C, x, h);
-        layer_norm(B, C, x, p[LN2_W], p[LN2_B], h);
-        matvec(B, C, 4 * C, h, p[FC_W], p[FC_B], f, nt);
-        gelu_tanh((size_t)B * 4 * C, f);
-        matvec(B, 4 * C, C, f, p[MPROJ_W], p[MPROJ_B], h, nt);
-        add_into((size_t)B * C, x, h);
-    }
-    layer_norm(B, C, x, w[LNF_W], w[LNF_B], h);
-    matvec(B, C, V, h, w[HEAD_T], NULL, logits, nt);
     return 0;
 }
