@@ -33,12 +33,17 @@ def _ids(enc, text: str) -> list[int]:
     return tok.encode(enc, text)
 
 
-def test_greedy_cached_equals_uncached_across_overflow(small_block_model, enc) -> None:
+ENGINES = pytest.mark.parametrize("engine", ["torch", "native"])  # cached steps: both paths
+
+
+@ENGINES
+def test_greedy_cached_equals_uncached_across_overflow(small_block_model, enc,
+                                                       engine: str) -> None:
     prompt = _ids(enc, "Once upon a time")
     runs = {}
     for use_cache in (True, False):
         out, timings = generate(small_block_model, enc, [prompt], GREEDY, 320,
-                                use_cache=use_cache)
+                                use_cache=use_cache, engine=engine)
         runs[use_cache] = (out[0].tokens, timings)
     cached, uncached = runs[True][0], runs[False][0]
     assert len(cached) >= 300 or runs[True][1].steps == 320
@@ -60,11 +65,12 @@ def test_decoder_positions_processed(small_block_model, enc) -> None:
     assert naive.last_positions == 6
 
 
-def test_batched_with_padding_equals_alone(small_block_model, enc) -> None:
+@ENGINES
+def test_batched_with_padding_equals_alone(small_block_model, enc, engine: str) -> None:
     prompts = [_ids(enc, p) for p in ("A", "The quick brown", "to be or")]
-    batch, _ = generate(small_block_model, enc, prompts, GREEDY, 40)
+    batch, _ = generate(small_block_model, enc, prompts, GREEDY, 40, engine=engine)
     for p, b in zip(prompts, batch, strict=True):
-        alone, _ = generate(small_block_model, enc, [p], GREEDY, 40)
+        alone, _ = generate(small_block_model, enc, [p], GREEDY, 40, engine=engine)
         assert b.tokens == alone[0].tokens
 
 
