@@ -48,7 +48,7 @@ class Decoder:
         self._valid: torch.Tensor | None = None  # [B, block_size] real-token mask, if padded
         # Which code runs a cached decode step: the fused C step (minigpt_cli/native.py) or
         # the model's forward. Prefill and the uncached loop always use the model's forward.
-        self.engine = native.choose_engine(engine, model, len(windows)) if use_cache else "torch"
+        self.engine = native.choose_engine(engine, model, len(windows), use_cache)
         self._native: native.NativeStep | None = None
 
     @property

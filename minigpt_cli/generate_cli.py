@@ -41,7 +41,8 @@ def _stats_line(timings: Timings, completions: list[Completion]) -> str:
     reasons = ", ".join(sorted({c.finish_reason for c in completions}))
     return (f"{n} tokens · finish: {reasons} · "
             f"first token {timings.time_to_first_token_s * 1e3:.0f} ms · "
-            f"decode {timings.decode_tokens_per_s:,.0f} tok/s · total {timings.total_s:.2f} s")
+            f"decode {timings.decode_tokens_per_s:,.0f} tok/s ({timings.engine}) · "
+            f"total {timings.total_s:.2f} s")
 
 
 def _json_record(c: Completion) -> dict:

@@ -116,11 +116,12 @@ def unsupported(model: GPT, batch_size: int) -> str | None:
     return None
 
 
-def choose_engine(engine: str, model: GPT, batch_size: int) -> str:
-    """Resolve 'auto' to 'native' when it can run, else 'torch'; 'native' must be possible."""
+def choose_engine(engine: str, model: GPT, batch_size: int, use_cache: bool = True) -> str:
+    """Resolve 'auto' to 'native' when it can run, else 'torch'; 'native' must be possible.
+    Without the KV cache there are no cached steps, so the answer is 'torch'."""
     if engine not in ENGINES:
         raise UserError(f"unknown engine '{engine}': use auto, native or torch")
-    if engine == "torch":
+    if engine == "torch" or not use_cache:
         return "torch"
     reason = unsupported(model, batch_size)
     if reason is None:

@@ -55,12 +55,14 @@ def test_generate_streams_text(trained: Path) -> None:
 
 def test_generate_json_greedy_cache_matches_no_cache(trained: Path) -> None:
     outs = []
-    for flag in ("--cache", "--no-cache"):
+    for flags in (["--cache"], ["--no-cache"], ["--engine", "torch"]):
         p = run("generate", "--prompt", "JULIET:", "--max-new-tokens", "40", "--temperature",
-                "0", "--json", flag, cwd=trained)
+                "0", "--json", *flags, cwd=trained)
         assert p.returncode == 0, p.stderr
         outs.append(json.loads(p.stdout))
-    assert outs[0]["token_ids"] == outs[1]["token_ids"]
+    assert outs[0]["token_ids"] == outs[1]["token_ids"] == outs[2]["token_ids"]
+    # The cached default runs the fused C step; --no-cache and --engine torch run PyTorch.
+    assert [o["timings"]["engine"] for o in outs] == ["native", "torch", "torch"]
     for key in ("prompt", "text", "token_ids", "finish_reason", "timings"):
         assert key in outs[0]
     assert outs[0]["timings"]["decode_tokens_per_s"] > 0
@@ -98,6 +100,8 @@ def test_generate_batch_from_prompts_file(trained: Path) -> None:
     (["--max-new-tokens", "0"], "--max-new-tokens"),
     (["--num-beams", "0"], "--num-beams"),
     (["--device", "quantum"], "unknown device"),
+    (["--engine", "turbo"], "unknown engine"),
+    (["--engine", "native", "--dtype", "bfloat16"], "float32 only"),
     (["--checkpoint", "nowhere"], "checkpoint not found"),
 ])
 def test_generate_bad_input(trained: Path, args: list[str], fragment: str) -> None:
