@@ -37,7 +37,8 @@ def plot(results: list[LengthResult], header: dict, path: Path) -> None:
               xscale="log", yscale="log")
     right.legend()
     fig.suptitle(f"minigpt bench · {header['params'] / 1e6:.2f}M params · {header['device']} "
-                 f"{header['dtype']} · {header['threads']} threads · batch {header['batch_size']}")
+                 f"{header['dtype']} · {header['threads']} threads · "
+                 f"batch {header['batch_size']} · cached steps: {header.get('engine', 'torch')}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -39,7 +39,7 @@ def test_bench_reports_every_field(small_config: Path, tmp_path: Path) -> None:
     code, report = _bench(small_config, tmp_path, train=True)
     assert code == 0
     assert report["header"]["model"]["block_size"] == 164  # raised to fit prompt + 160
-    for field in ("device", "dtype", "threads", "torch", "params"):
+    for field in ("device", "dtype", "threads", "torch", "params", "engine"):
         assert field in report["header"]
     short, long = report["lengths"]
     assert (short["n"], long["n"]) == (8, 160)
@@ -56,6 +56,7 @@ def test_bench_reports_every_field(small_config: Path, tmp_path: Path) -> None:
     assert long["kv_bytes_formula"] == kv_cache_bytes(2, 2, 164, 16, 1, 4)
     tv = report["train_vs_generate"]
     assert tv["training"]["forward_passes_per_sequence"] == 1
+    assert tv["scoring"]["forward_passes_per_sequence"] == 1 and tv["scoring"]["tokens_per_s"] > 0
     assert tv["generation"]["forward_passes_per_sequence"] == 163
     assert tv["training"]["memory_bytes"]["activations_saved_for_backward"] > 0
     assert report["memory"]["process_peak_rss_bytes"] > 0
