@@ -1,8 +1,9 @@
 """Does torch.compile remove the per-step overhead of batch-1 decoding on a CPU?
 
 Decodes 200 tokens greedily through the KV cache on a random model of configs/tiny.yaml's shape
-(4 layers, width 128, vocabulary 2,048), eager and then `torch.compile(dynamic=True)`, and prints
-ms per token for each plus the one-off compile time.
+(4 layers, width 128, vocabulary 2,048): eager, then `torch.compile(dynamic=True)`, then
+minigpt's fused C step (minigpt_cli/native.py), and prints ms per token for each plus the
+one-off compile time.
 
     python benchmarks/compiled_decode.py
 """
@@ -14,6 +15,7 @@ import time
 import torch
 
 from minigpt_cli.model import GPT, GPTConfig, KVCache
+from minigpt_cli.native import NativeStep
 
 
 def ms_per_token(model: torch.nn.Module, cfg: GPTConfig, n: int = 200, prompt: int = 16) -> float:
@@ -29,6 +31,20 @@ def ms_per_token(model: torch.nn.Module, cfg: GPTConfig, n: int = 200, prompt: i
         return (time.perf_counter() - t) / n * 1e3
 
 
+def native_ms_per_token(model: GPT, cfg: GPTConfig, n: int = 200, prompt: int = 16) -> float:
+    """The same decode through the fused C step (the prefill stays in PyTorch)."""
+    cache = KVCache(cfg, 1, cfg.block_size, "cpu", torch.float32)
+    step = NativeStep(model, 1)
+    ids = torch.randint(0, cfg.vocab_size, (1, prompt), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        logits, _ = model(ids, cache=cache, last_only=True)
+        tok = int(logits[0, -1].argmax())
+        t = time.perf_counter()
+        for i in range(n):
+            tok = int(step([tok], [prompt + i], prompt + i, cache, None).argmax())
+        return (time.perf_counter() - t) / n * 1e3
+
+
 def main() -> None:
     torch.manual_seed(0)
     cfg = GPTConfig(vocab_size=2048, block_size=256, n_layer=4, n_head=4, n_embd=128)
@@ -40,9 +56,12 @@ def main() -> None:
     ms_per_token(compiled, cfg)
     compile_s = time.perf_counter() - t
     fast = min(ms_per_token(compiled, cfg) for _ in range(3))
+    native_ms_per_token(model, cfg)  # builds the library on first use
+    fused = min(native_ms_per_token(model, cfg) for _ in range(3))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(f"eager {eager:.3f} ms/token · compiled {fast:.3f} ms/token ({eager / fast:.2f}×) · "
-          f"first compiled run {compile_s:.1f} s")
+          f"first compiled run {compile_s:.1f} s · fused C step {fused:.3f} ms/token "
+          f"({eager / fused:.2f}×)")
 
 
 if __name__ == "__main__":

@@ -142,7 +142,8 @@ class NativeStep:
         self.cfg = cfg
         self.batch_size = batch_size
         # Hold a reference to every tensor whose address we hand to C, so none is freed.
-        head_t = model.wte.weight.detach().t().contiguous()
+        with torch.no_grad():
+            head_t = model.head_weight_t()
         globals_ = [model.wte.weight, model.wpe.weight, head_t, model.ln_f.weight, model.ln_f.bias]
         per_layer = []
         for block in model.h:
