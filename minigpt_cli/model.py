@@ -204,6 +204,16 @@ class GPT(nn.Module):
             self._head_t, self._head_key = w.detach().t().contiguous(), key
         return self._head_t
 
+    def set_dropout(self, p: float) -> None:
+        """Change every dropout rate in place: `bench --train` times a training step with
+        dropout on even when the model was built (or trained) without it."""
+        self.config.dropout = p
+        for m in self.modules():
+            if isinstance(m, nn.Dropout):
+                m.p = p
+            if isinstance(m, CausalSelfAttention):
+                m.attn_dropout = p
+
     def num_params(self, non_embedding: bool = True) -> int:
         n = sum(p.numel() for p in self.parameters())
         return n - self.wpe.weight.numel() if non_embedding else n

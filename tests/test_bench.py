@@ -56,6 +56,7 @@ def test_bench_reports_every_field(small_config: Path, tmp_path: Path) -> None:
     assert long["kv_bytes_formula"] == kv_cache_bytes(2, 2, 164, 16, 1, 4)
     tv = report["train_vs_generate"]
     assert tv["training"]["forward_passes_per_sequence"] == 1
+    assert tv["training"]["dropout"] == 0.1  # the config has none: timed with dropout on
     assert tv["scoring"]["forward_passes_per_sequence"] == 1 and tv["scoring"]["tokens_per_s"] > 0
     assert tv["generation"]["forward_passes_per_sequence"] == 163
     assert tv["training"]["memory_bytes"]["activations_saved_for_backward"] > 0

@@ -51,6 +51,18 @@ def test_dropout_only_in_train_mode() -> None:
     assert torch.equal(c, d)
 
 
+def test_set_dropout_turns_every_dropout_on_and_off() -> None:
+    torch.manual_seed(3)
+    model = GPT(GPTConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32)).train()
+    x = torch.randint(0, 64, (2, 16))
+    assert torch.equal(model(x)[0], model(x)[0])  # built with dropout 0
+    model.set_dropout(0.3)
+    assert not torch.allclose(model(x)[0], model(x)[0])
+    assert model.h[0].attn.attn_dropout == 0.3 and model.h[1].mlp.dropout.p == 0.3
+    model.set_dropout(0.0)
+    assert torch.equal(model(x)[0], model(x)[0])
+
+
 def test_tiny_model_overfits_short_text() -> None:
     torch.manual_seed(4)
     text = b"to be or not to be, that is the question. "
