@@ -20,6 +20,7 @@ import functools
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -56,18 +57,25 @@ def _cpu_id() -> str:
 
 
 def _compile(out: Path) -> None:
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if not compiler:
+    compiler = shlex.split(os.environ.get("CC", "")) or [shutil.which("cc") or
+                                                         shutil.which("gcc") or ""]
+    if not compiler[0]:
         raise RuntimeError("no C compiler found (install gcc or clang, or set CC)")
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
     try:
         # OpenMP splits the matrix-vector products over cores; a compiler without it still
-        # builds a correct single-threaded library.
-        for extra in (["-fopenmp"], ["-fopenmp-simd"], []):
-            cmd = [compiler, *FLAGS, *extra, str(SOURCE), "-o", tmp, "-lm"]
-            done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        # builds a correct single-threaded library, and one without -march=native a portable
+        # one.
+        portable = [f for f in FLAGS if f != "-march=native"]
+        for flags in ([*FLAGS, "-fopenmp"], [*FLAGS, "-fopenmp-simd"], FLAGS, portable):
+            cmd = [*compiler, *flags, str(SOURCE), "-o", tmp, "-lm"]
+            try:
+                done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            except OSError as exc:
+                raise RuntimeError(f"the C compiler {compiler[0]} could not run: "
+                                   f"{exc.strerror}") from None
             if done.returncode == 0:
                 os.replace(tmp, out)
                 return
