@@ -98,13 +98,13 @@ class Decoder:
         self._cols = col + 1
         self.last_positions = 1
         tokens, self.pending = self.pending, None
+        positions = [len(w) - 1 for w in self.windows]
         if self.engine == "native":
             if self._native is None:
                 self._native = native.NativeStep(self.model, self.batch_size)
-            return self._native(tokens, [len(w) - 1 for w in self.windows], col, self.cache,
-                                self._valid)
+            return self._native(tokens, positions, col, self.cache, self._valid)
         ids = torch.tensor(tokens, device=self.device)[:, None]
-        pos = torch.tensor([len(w) - 1 for w in self.windows], device=self.device)[:, None]
+        pos = torch.tensor(positions, device=self.device)[:, None]
         out, _ = self.model(ids, cache=self.cache, start_pos=col, pos_ids=pos,
                             key_valid=self._valid, last_only=True)
         return out[:, -1]

@@ -200,7 +200,7 @@ class GPT(nn.Module):
         (for GPT-2 124M it is 154 MB, so it is made once)."""
         w = self.wte.weight
         key = (w.data_ptr(), w._version, w.dtype, w.device)
-        if self._head_key != key or self._head_t is None:
+        if self._head_key != key:
             self._head_t, self._head_key = w.detach().t().contiguous(), key
         return self._head_t
 

@@ -178,13 +178,17 @@ class NativeStep:
         """Logits [B, V] for `tokens` at `positions`, cached at column `col`. The returned
         tensor is reused by the next call."""
         cfg = self.cfg
+        if len(tokens) != self.batch_size or cache.k.size(1) != self.batch_size:
+            raise ValueError(f"this step decodes {self.batch_size} sequences, got {len(tokens)} "
+                             f"tokens and a cache for {cache.k.size(1)}")
         if not 0 <= col < cache.max_len:
             raise ValueError(f"KV cache holds {cache.max_len} positions, asked to write to {col}")
         for i, (t, p) in enumerate(zip(tokens, positions, strict=True)):
             if not (0 <= t < cfg.vocab_size and 0 <= p < cfg.block_size):
                 raise ValueError(f"token {t} or position {p} out of range")
             self._tokens[i], self._pos[i] = t, p
-        assert cache.k.is_contiguous() and cache.k.dtype == torch.float32
+        for t in (cache.k, cache.v):  # the C step indexes both as dense float32 arrays
+            assert t.is_contiguous() and t.dtype == torch.float32
         self._dims[5], self._dims[6] = cache.max_len, col
         valid_ptr = None
         if valid is not None:  # bool is one byte, 0 or 1: C reads it as uint8_t
