@@ -18,6 +18,7 @@ from rich.markup import escape
 from rich.rule import Rule
 from rich.text import Text
 
+from minigpt_cli import native
 from minigpt_cli import tokenizer as tok
 from minigpt_cli.errors import UserError
 from minigpt_cli.generate import (
@@ -85,6 +86,8 @@ def run_generate(
             ids = ids[-block:]
         prompts.append(ids)
 
+    # Check the engine before anything is printed, so a refusal is the only output.
+    native.choose_engine(engine, model, num_beams if num_beams > 1 else len(prompts), cache)
     single = len(prompts) == 1
     live = stream and single and not json_out and not trace and num_beams == 1
     if live:

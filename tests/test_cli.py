@@ -105,7 +105,9 @@ def test_generate_batch_from_prompts_file(trained: Path) -> None:
     (["--checkpoint", "nowhere"], "checkpoint not found"),
 ])
 def test_generate_bad_input(trained: Path, args: list[str], fragment: str) -> None:
-    assert_user_error(run("generate", "--prompt", "x", *args, cwd=trained), fragment)
+    p = run("generate", "--prompt", "x", *args, cwd=trained)
+    assert_user_error(p, fragment)
+    assert p.stdout == ""  # refused before the prompt is echoed
 
 
 def test_generate_corrupt_and_missing_checkpoints(trained: Path, tmp_path: Path) -> None:
