@@ -18,30 +18,26 @@ from minigpt_cli.model import GPT, GPTConfig, KVCache
 from minigpt_cli.native import NativeStep
 
 
-def ms_per_token(model: torch.nn.Module, cfg: GPTConfig, n: int = 200, prompt: int = 16) -> float:
+def ms_per_token(model: torch.nn.Module, cfg: GPTConfig, fused: bool = False, n: int = 200,
+                 prompt: int = 16) -> float:
+    """Prefill `prompt` tokens, then time n greedy steps through `model`, or through the fused
+    C step when `fused` (the prefill stays in PyTorch either way)."""
     cache = KVCache(cfg, 1, cfg.block_size, "cpu", torch.float32)
     ids = torch.randint(0, cfg.vocab_size, (1, prompt), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
-        logits, _ = model(ids, cache=cache, last_only=True)
-        tok = logits[:, -1].argmax(-1, keepdim=True)
-        t = time.perf_counter()
-        for i in range(n):
-            logits, _ = model(tok, cache=cache, start_pos=prompt + i, last_only=True)
-            tok = logits[:, -1].argmax(-1, keepdim=True)
-        return (time.perf_counter() - t) / n * 1e3
+        native = NativeStep(model, 1) if fused else None
 
+        def step(tok: int, pos: int) -> torch.Tensor:
+            if native is not None:
+                return native([tok], [pos], pos, cache, None)[0]
+            out, _ = model(torch.tensor([[tok]]), cache=cache, start_pos=pos, last_only=True)
+            return out[0, -1]
 
-def native_ms_per_token(model: GPT, cfg: GPTConfig, n: int = 200, prompt: int = 16) -> float:
-    """The same decode through the fused C step (the prefill stays in PyTorch)."""
-    cache = KVCache(cfg, 1, cfg.block_size, "cpu", torch.float32)
-    step = NativeStep(model, 1)
-    ids = torch.randint(0, cfg.vocab_size, (1, prompt), generator=torch.Generator().manual_seed(0))
-    with torch.inference_mode():
         logits, _ = model(ids, cache=cache, last_only=True)
         tok = int(logits[0, -1].argmax())
         t = time.perf_counter()
         for i in range(n):
-            tok = int(step([tok], [prompt + i], prompt + i, cache, None).argmax())
+            tok = int(step(tok, prompt + i).argmax())
         return (time.perf_counter() - t) / n * 1e3
 
 
@@ -56,8 +52,8 @@ def main() -> None:
     ms_per_token(compiled, cfg)
     compile_s = time.perf_counter() - t
     fast = min(ms_per_token(compiled, cfg) for _ in range(3))
-    native_ms_per_token(model, cfg)  # builds the library on first use
-    fused = min(native_ms_per_token(model, cfg) for _ in range(3))
+    ms_per_token(model, cfg, fused=True)  # builds the library on first use
+    fused = min(ms_per_token(model, cfg, fused=True) for _ in range(3))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(f"eager {eager:.3f} ms/token · compiled {fast:.3f} ms/token ({eager / fast:.2f}×) · "
           f"first compiled run {compile_s:.1f} s · fused C step {fused:.3f} ms/token "

@@ -72,8 +72,8 @@ enum { STORE, STORE_GELU, ADD };
  * Runs inside the step's parallel region: `omp for` hands each thread whole column tiles.
  * A tile's accumulators stay in L1 while W's rows stream past once, four rows at a time,
  * shared by every batch row: one accumulator load and store per four weights keeps the loop
- * at DRAM bandwidth (40 GB/s on the machine of docs/benchmarks.md; 23 GB/s one row at a
- * time). */
+ * at DRAM bandwidth (41 GB/s on the machine of docs/benchmarks.md, benchmarks/native_step.py).
+ */
 static void matvec(int B, int n_in, int n_out, const float *x, const float *W, const float *bias,
                    float *y, int op, int nt) {
     const int max_tile = ACC_FLOATS / B / 16 * 16;
