@@ -31,19 +31,19 @@ class GPTConfig:
 
 
 class KVCache:
-    """Static per-layer key/value buffers [layers, batch, heads, max_len, head_dim].
+    """Static per-layer key/value buffers [layers, slots, heads, max_len, head_dim].
 
-    Pre-allocated once so decode steps never reallocate; position `p` of a sequence is written
-    at index `p`, and attention reads the prefix `[:p + 1]`.
+    Pre-allocated once so decode steps never reallocate. Each slot (batch row) holds one
+    sequence: its position `p` is written at column `p`, and attention reads columns `[:p + 1]`.
     """
 
     def __init__(self, cfg: GPTConfig, batch_size: int, max_len: int,
                  device: torch.device | str, dtype: torch.dtype) -> None:
         shape = (cfg.n_layer, batch_size, cfg.n_head, max_len, cfg.head_dim)
-        # Uninitialised on purpose: attention only reads positions already written, and
-        # zero-filling GPT-2 small's 75 MB cache would cost more than the prompt's prefill.
-        self.k = torch.empty(shape, device=device, dtype=dtype)
-        self.v = torch.empty(shape, device=device, dtype=dtype)
+        # Zeroed, not left uninitialised: a step over slots of different lengths reads past a
+        # short slot's end (masked to weight 0), and 0 x NaN garbage would still be NaN.
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.max_len = max_len
         self._views()
 
@@ -62,6 +62,15 @@ class KVCache:
         values[:, :, start:end] = v
         return keys[:, :, :end], values[:, :, :end]
 
+    def slot(self, index: int) -> KVCache:
+        """One slot as a batch-1 cache sharing this one's memory: a prompt is prefilled into
+        its slot alone, exactly as it would be with no other sequence present."""
+        view = KVCache.__new__(KVCache)
+        view.k, view.v = self.k[:, index:index + 1], self.v[:, index:index + 1]
+        view.max_len = self.max_len
+        view._views()
+        return view
+
     def reorder(self, rows: torch.Tensor) -> None:
         """Beam search: batch row i becomes a copy of row rows[i]."""
         self.k, self.v = self.k.index_select(1, rows), self.v.index_select(1, rows)
@@ -70,6 +79,33 @@ class KVCache:
     @property
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes
+
+
+class RowsView:
+    """A decode step's view of a `KVCache`: row i writes its new key and value at column
+    cols[i] of slot slots[i] and attends over that slot's columns [:cols[i] + 1], so sequences
+    of different lengths share one forward pass with no padding (continuous batching)."""
+
+    def __init__(self, cache: KVCache, slots: list[int], cols: list[int]) -> None:
+        device = cache.k.device
+        self.cache = cache
+        self.slots = torch.tensor(slots, device=device)
+        self.cols = torch.tensor(cols, device=device)
+        self.span = max(cols) + 1
+        # Slots 0..B-1 in order read the buffers through views; any other set is gathered.
+        self.prefix = slots == list(range(len(slots)))
+        seen = torch.arange(self.span, device=device)[None, :] <= self.cols[:, None]
+        self.mask = seen[:, None, None, :]  # [B, 1, 1, span] for one query per row
+
+    def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        keys, values = self.cache._k[layer], self.cache._v[layer]
+        keys[self.slots, :, self.cols] = k[:, :, 0]
+        values[self.slots, :, self.cols] = v[:, :, 0]
+        if self.prefix:
+            n = self.slots.numel()
+            return keys[:n, :, :self.span], values[:n, :, :self.span]
+        return keys[self.slots, :, :self.span], values[self.slots, :, :self.span]
 
 
 class Linear(nn.Module):
@@ -103,7 +139,7 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(cfg.dropout)
         self.attn_dropout = cfg.dropout
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None, start_pos: int,
+    def forward(self, x: torch.Tensor, cache: KVCache | RowsView | None, start_pos: int,
                 mask: torch.Tensor | None) -> torch.Tensor:
         B, T, C = x.shape
         qkv = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head)
@@ -141,7 +177,7 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None, start_pos: int,
+    def forward(self, x: torch.Tensor, cache: KVCache | RowsView | None, start_pos: int,
                 mask: torch.Tensor | None) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x), cache, start_pos, mask)
         return x + self.mlp(self.ln_2(x))
@@ -223,7 +259,7 @@ class GPT(nn.Module):
         idx: torch.Tensor,
         targets: torch.Tensor | None = None,
         *,
-        cache: KVCache | None = None,
+        cache: KVCache | RowsView | None = None,
         start_pos: int = 0,
         pos_ids: torch.Tensor | None = None,
         key_valid: torch.Tensor | None = None,
@@ -232,6 +268,7 @@ class GPT(nn.Module):
         """Logits for `idx` [B, T] placed at positions start_pos.. (or `pos_ids` [B, T]).
 
         `key_valid` [B, S] marks real tokens (False = left padding) over every position so far.
+        With a `RowsView` cache each row is one new token at its own slot and column.
         With `targets`, also the mean cross-entropy over all positions (-1 is ignored).
         """
         T = idx.size(1)
@@ -241,7 +278,7 @@ class GPT(nn.Module):
         if pos_ids is None:
             pos_ids = torch.arange(start_pos, start_pos + T, device=idx.device)[None]
         x = self.drop(self.wte(idx) + self.wpe(pos_ids))
-        mask = None
+        mask = cache.mask if isinstance(cache, RowsView) else None
         if key_valid is not None or (cache is not None and start_pos > 0 and T > 1):
             mask = attention_mask(T, start_pos, key_valid, idx.device)
         for block in self.h:

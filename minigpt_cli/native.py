@@ -32,7 +32,7 @@ from minigpt_cli.errors import UserError
 from minigpt_cli.model import GPT, KVCache
 
 SOURCE = Path(__file__).with_name("native") / "decode_step.c"
-ABI_VERSION = 1
+ABI_VERSION = 2
 ENGINES = ("auto", "native", "torch")
 # -march=native is safe because the library is built on the machine that runs it (the cache
 # key includes the CPU). No -ffast-math: NaNs and infinities must behave as in PyTorch.
@@ -102,7 +102,7 @@ def load_library() -> ctypes.CDLL | str:
     if lib.minigpt_abi_version() != ABI_VERSION:
         return f"{path} has an unexpected ABI version; delete it to rebuild"
     lib.minigpt_decode_step.restype = ctypes.c_int
-    lib.minigpt_decode_step.argtypes = [ctypes.c_void_p] * 9
+    lib.minigpt_decode_step.argtypes = [ctypes.c_void_p] * 10
     return lib
 
 
@@ -140,15 +140,16 @@ def choose_engine(engine: str, model: GPT, batch_size: int, use_cache: bool = Tr
 
 
 class NativeStep:
-    """One decode step for a batch through the C library, reading and writing a `KVCache`."""
+    """One decode step through the C library: each row feeds one token into its own cache slot
+    at its own column, so sequences of any lengths share the step (continuous batching)."""
 
-    def __init__(self, model: GPT, batch_size: int) -> None:
+    def __init__(self, model: GPT, max_rows: int) -> None:
         lib = load_library()
         assert not isinstance(lib, str), lib
         self.lib = lib
         cfg = model.config
         self.cfg = cfg
-        self.batch_size = batch_size
+        self.max_rows = max_rows
         # Hold a reference to every tensor whose address we hand to C, so none is freed.
         with torch.no_grad():
             head_t = model.head_weight_t()
@@ -167,37 +168,32 @@ class NativeStep:
         # libgomp per process), so this never oversubscribes the cores PyTorch was given.
         self.threads = torch.get_num_threads()
         self._dims = (ctypes.c_int64 * 8)(cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.vocab_size,
-                                           batch_size, 0, 0, self.threads)
-        self._tokens = (ctypes.c_int64 * batch_size)()
-        self._pos = (ctypes.c_int64 * batch_size)()
-        self.logits = torch.empty(batch_size, cfg.vocab_size)
-        self._scratch = torch.empty(10 * batch_size * cfg.n_embd)
+                                           0, 0, 0, self.threads)
+        self._rows = [(ctypes.c_int64 * max_rows)() for _ in range(4)]  # token, pos, slot, col
+        self.logits = torch.empty(max_rows, cfg.vocab_size)
+        self._scratch = torch.empty(10 * max_rows * cfg.n_embd)
 
-    def __call__(self, tokens: list[int], positions: list[int], col: int, cache: KVCache,
-                 valid: torch.Tensor | None) -> torch.Tensor:
-        """Logits [B, V] for `tokens` at `positions`, cached at column `col`. The returned
-        tensor is reused by the next call."""
-        cfg = self.cfg
-        if len(tokens) != self.batch_size or cache.k.size(1) != self.batch_size:
-            raise ValueError(f"this step decodes {self.batch_size} sequences, got {len(tokens)} "
-                             f"tokens and a cache for {cache.k.size(1)}")
-        if not 0 <= col < cache.max_len:
-            raise ValueError(f"KV cache holds {cache.max_len} positions, asked to write to {col}")
-        for i, (t, p) in enumerate(zip(tokens, positions, strict=True)):
-            if not (0 <= t < cfg.vocab_size and 0 <= p < cfg.block_size):
-                raise ValueError(f"token {t} or position {p} out of range")
-            self._tokens[i], self._pos[i] = t, p
+    def __call__(self, tokens: list[int], positions: list[int], slots: list[int],
+                 cols: list[int], cache: KVCache) -> torch.Tensor:
+        """Logits [rows, V]: row i feeds tokens[i] at positions[i] and caches its key and value
+        at column cols[i] of slot slots[i]. The returned tensor is reused by the next call."""
+        cfg, rows = self.cfg, len(tokens)
+        if not 1 <= rows <= self.max_rows:
+            raise ValueError(f"this step decodes 1..{self.max_rows} rows, got {rows}")
+        n_slots = cache.k.size(1)
+        for i, (t, p, s, c) in enumerate(zip(tokens, positions, slots, cols, strict=True)):
+            if not (0 <= t < cfg.vocab_size and 0 <= p < cfg.block_size and 0 <= s < n_slots
+                    and 0 <= c < cache.max_len):
+                raise ValueError(f"row {i}: token {t}, position {p}, slot {s} or column {c} "
+                                 "out of range")
+            for arr, v in zip(self._rows, (t, p, s, c), strict=True):
+                arr[i] = v
         for t in (cache.k, cache.v):  # the C step indexes both as dense float32 arrays
             assert t.is_contiguous() and t.dtype == torch.float32
-        self._dims[5], self._dims[6] = cache.max_len, col
-        valid_ptr = None
-        if valid is not None:  # bool is one byte, 0 or 1: C reads it as uint8_t
-            assert valid.dtype == torch.bool and valid.is_contiguous()
-            assert valid.shape == (self.batch_size, cache.max_len)
-            valid_ptr = valid.data_ptr()
+        self._dims[4], self._dims[5], self._dims[6] = rows, cache.max_len, n_slots
         rc = self.lib.minigpt_decode_step(
-            self._dims, self._ptrs, self._tokens, self._pos, valid_ptr, cache.k.data_ptr(),
-            cache.v.data_ptr(), self.logits.data_ptr(), self._scratch.data_ptr())
+            self._dims, self._ptrs, *self._rows, cache.k.data_ptr(), cache.v.data_ptr(),
+            self.logits.data_ptr(), self._scratch.data_ptr())
         if rc != 0:
             raise RuntimeError(f"native decode step rejected its arguments (code {rc})")
-        return self.logits
+        return self.logits[:rows]

@@ -13,7 +13,7 @@ from rich.console import Console
 
 from minigpt_cli.bench import kv_cache_bytes, run_bench
 from minigpt_cli.errors import UserError
-from minigpt_cli.generate import Decoder
+from minigpt_cli.engine import ModelRunner
 
 
 @pytest.fixture
@@ -73,14 +73,14 @@ def test_seed_memory_example() -> None:
 def test_broken_cache_fails_the_equality_check(small_config: Path, tmp_path: Path,
                                                monkeypatch: pytest.MonkeyPatch,
                                                engine: str) -> None:
-    real_step = Decoder._decode_step
+    real_step = ModelRunner._step
 
-    def corrupt(self: Decoder) -> torch.Tensor:
-        if self._cols == 10:  # once, mid-way: one cached key of layer 0 goes wrong
+    def corrupt(self: ModelRunner, slots: list[int], tokens: list[int]) -> torch.Tensor:
+        if len(self.windows[slots[0]]) == 10:  # once, mid-way: a cached key of layer 0 breaks
             self.cache.k[0, :, :, 2] += 5.0
-        return real_step(self)
+        return real_step(self, slots, tokens)
 
-    monkeypatch.setattr(Decoder, "_decode_step", corrupt)
+    monkeypatch.setattr(ModelRunner, "_step", corrupt)
     code, report = _bench(small_config, tmp_path, lengths=[30], engine=engine)
     assert report["header"]["engine"] == engine
     assert code == 1

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from minigpt_cli import tokenizer as tok
-from minigpt_cli.generate import Decoder, TextStream, beam_search, generate
+from minigpt_cli.engine import TextStream
+from minigpt_cli.generate import Decoder, beam_search, generate
 from minigpt_cli.model import GPT, GPTConfig
 from minigpt_cli.sampling import SamplerSettings
 

@@ -106,9 +106,9 @@ def test_engine_choice() -> None:
     model = _model()
     assert native.choose_engine("auto", model, 1) == "native"
     assert native.choose_engine("torch", model, 1) == "torch"
-    assert native.choose_engine("auto", model, 17) == "torch"  # above the C step's batch limit
-    with pytest.raises(UserError, match="at most 16"):
-        native.choose_engine("native", model, 17)
+    assert native.choose_engine("auto", model, 65) == "torch"  # above the C step's row limit
+    with pytest.raises(UserError, match="at most 64"):
+        native.choose_engine("native", model, 65)
     with pytest.raises(UserError, match="unknown engine"):
         native.choose_engine("fast", model, 1)
     half = _model().to(torch.bfloat16)

@@ -1,4 +1,4 @@
-/* One batch-1..16 GPT-2 decode step on the CPU, all in one call.
+/* One GPT-2 decode step for 1..64 rows on the CPU, all in one call.
  *
  * Why this exists: a cached decode step of a small model does ~60 tiny operations, and in
  * eager PyTorch each one costs a few microseconds of dispatch; together they, not arithmetic,
@@ -10,8 +10,9 @@
  *
  * The math is exactly the model's (minigpt_cli/model.py): pre-LayerNorm blocks, tanh GELU,
  * scaled dot-product attention over the key/value cache, tied output head. Only float32.
- * The cache is minigpt's KVCache layout, [layers, batch, heads, cache_len, head_dim]; this step
- * writes the new keys and values at column `col` and attends over columns 0..col.
+ * The cache is minigpt's KVCache layout, [layers, slots, heads, cache_len, head_dim]; each row
+ * names its own slot and column, writes its new key and value there and attends over columns
+ * 0..col of that slot, so sequences of different lengths share a step with no padding.
  *
  * Built on first use by minigpt_cli/native.py with the system C compiler; when there is none,
  * minigpt decodes with PyTorch instead. tests/test_native.py holds it to the PyTorch path.
@@ -21,7 +22,7 @@
 #include <stdint.h>
 #include <string.h>
 
-#define MAX_BATCH 16
+#define MAX_BATCH 64
 #define ACC_FLOATS 4096 /* per-thread accumulators: 16 KB, inside L1 */
 #define LN_EPS 1e-5f
 
@@ -31,7 +32,7 @@ enum { LN1_W, LN1_B, ATTN_W, ATTN_B, APROJ_W, APROJ_B, LN2_W, LN2_B, FC_W, FC_B,
 /* Model-level pointers come first. */
 enum { WTE, WPE, HEAD_T, LNF_W, LNF_B, GLOBALS };
 
-int minigpt_abi_version(void) { return 1; }
+int minigpt_abi_version(void) { return 2; }
 int minigpt_max_batch(void) { return MAX_BATCH; }
 
 /* e^x for float32, written so the softmax and GELU loops vectorize (libm's expf is an opaque
@@ -150,22 +151,29 @@ static void layer_norm(int B, int C, const float *x, const float *g, const float
     }
 }
 
-/* One query per (row, head) against cache columns 0..col, after writing this token's key
- * and value at column col; masked columns (valid == 0) get zero weight. The new token's own
- * column is always valid, so no row is ever empty. Each (row, head) is one thread's work. */
-static void attention(int B, int H, int D, int S, int col, const float *qkv, float *kc,
-                      float *vc, const uint8_t *valid, float *out) {
-    const int C = H * D, n = col + 1;
+/* Write each row's new key and value at its slot's column, then (after the barrier that ends
+ * the loop) one query per (row, head) against its slot's columns 0..col. Rows are independent:
+ * a row's result never depends on which other rows share the step, so a sequence decodes the
+ * same alone or in any batch (the engine's batched == alone guarantee). Two rows may even
+ * share a slot at consecutive columns (a prompt chunk): the write pass finishes first. */
+static void attention(int B, int H, int D, int S, const int64_t *slot, const int64_t *col,
+                      const float *qkv, float *kc, float *vc, float *out) {
+    const int C = H * D;
     const float scale = 1.f / sqrtf((float)D);
 #pragma omp for schedule(static)
     for (int bh = 0; bh < B * H; bh++) {
         const int b = bh / H, h = bh % H;
         const float *q = qkv + (size_t)b * 3 * C + (size_t)h * D;
-        float *K = kc + ((size_t)b * H + h) * (size_t)S * D;
-        float *V = vc + ((size_t)b * H + h) * (size_t)S * D;
-        memcpy(K + (size_t)col * D, q + C, (size_t)D * sizeof(float));
-        memcpy(V + (size_t)col * D, q + 2 * C, (size_t)D * sizeof(float));
-        const uint8_t *ok = valid ? valid + (size_t)b * S : NULL;
+        const size_t head = ((size_t)slot[b] * H + h) * (size_t)S * D + (size_t)col[b] * D;
+        memcpy(kc + head, q + C, (size_t)D * sizeof(float));
+        memcpy(vc + head, q + 2 * C, (size_t)D * sizeof(float));
+    }
+#pragma omp for schedule(static)
+    for (int bh = 0; bh < B * H; bh++) {
+        const int b = bh / H, h = bh % H, n = (int)col[b] + 1;
+        const float *q = qkv + (size_t)b * 3 * C + (size_t)h * D;
+        const float *K = kc + ((size_t)slot[b] * H + h) * (size_t)S * D;
+        const float *V = vc + ((size_t)slot[b] * H + h) * (size_t)S * D;
         float p[n];
         float mx = -INFINITY;
         for (int s = 0; s < n; s++) {
@@ -174,20 +182,13 @@ static void attention(int B, int H, int D, int S, int col, const float *qkv, flo
 #pragma omp simd reduction(+ : dot)
             for (int d = 0; d < D; d++) dot += q[d] * k[d];
             p[s] = dot * scale;
-            if ((!ok || ok[s] || s == col) && p[s] > mx) mx = p[s];
+            if (p[s] > mx) mx = p[s];
         }
         float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
         for (int s = 0; s < n; s++) {
             p[s] = exp_f32(p[s] - mx);
             sum += p[s];
-        }
-        if (ok) {
-            sum = 0.f;
-            for (int s = 0; s < n; s++) {
-                if (!ok[s] && s != col) p[s] = 0.f;
-                sum += p[s];
-            }
         }
         const float inv = 1.f / sum;
         float *o = out + (size_t)b * C + (size_t)h * D;
@@ -201,15 +202,19 @@ static void attention(int B, int H, int D, int S, int col, const float *qkv, flo
     }
 }
 
-/* dims: n_layer, n_head, n_embd, vocab, batch, cache_len, col, threads.
- * tokens, pos: [batch]; valid: [batch, cache_len] or NULL; kc, vc: the cache;
- * logits: [batch, vocab]; scratch: 10 * batch * n_embd floats. Returns 0, or -1 on bad dims. */
+/* dims: n_layer, n_head, n_embd, vocab, rows, cache_len, n_slots, threads.
+ * tokens, pos, slot, col: [rows]: row b feeds token tokens[b] at position pos[b], and writes
+ * its key and value at column col[b] of cache slot slot[b]; kc, vc: the cache,
+ * [layers, n_slots, heads, cache_len, head_dim]; logits: [rows, vocab];
+ * scratch: 10 * rows * n_embd floats. Returns 0, or -1 on bad arguments. */
 int minigpt_decode_step(const int64_t *dims, const float *const *w, const int64_t *tokens,
-                        const int64_t *pos, const uint8_t *valid, float *kc, float *vc,
-                        float *logits, float *scratch) {
+                        const int64_t *pos, const int64_t *slot, const int64_t *col, float *kc,
+                        float *vc, float *logits, float *scratch) {
     const int L = (int)dims[0], H = (int)dims[1], C = (int)dims[2], V = (int)dims[3];
-    const int B = (int)dims[4], S = (int)dims[5], col = (int)dims[6], nt = (int)dims[7];
-    if (B < 1 || B > MAX_BATCH || C % H || col < 0 || col >= S || nt < 1) return -1;
+    const int B = (int)dims[4], S = (int)dims[5], NS = (int)dims[6], nt = (int)dims[7];
+    if (B < 1 || B > MAX_BATCH || C % H || nt < 1) return -1;
+    for (int b = 0; b < B; b++)
+        if (slot[b] < 0 || slot[b] >= NS || col[b] < 0 || col[b] >= S) return -1;
     const int D = C / H;
     float *x = scratch, *h = x + B * C, *att = h + B * C, *qkv = att + B * C;
     float *f = qkv + 3 * B * C; /* 4 * B * C */
@@ -229,9 +234,9 @@ int minigpt_decode_step(const int64_t *dims, const float *const *w, const int64_
         }
         for (int l = 0; l < L; l++) {
             const float *const *p = w + GLOBALS + (size_t)l * PER_LAYER;
-            const size_t layer_off = (size_t)l * B * H * S * D;
+            const size_t layer_off = (size_t)l * NS * H * S * D;
             matvec(B, C, 3 * C, h, p[ATTN_W], p[ATTN_B], qkv, STORE, nt);
-            attention(B, H, D, S, col, qkv, kc + layer_off, vc + layer_off, valid, att);
+            attention(B, H, D, S, slot, col, qkv, kc + layer_off, vc + layer_off, att);
             matvec(B, C, C, att, p[APROJ_W], p[APROJ_B], x, ADD, nt);
 #pragma omp single
             layer_norm(B, C, x, p[LN2_W], p[LN2_B], h);

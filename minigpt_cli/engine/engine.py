@@ -1,0 +1,204 @@
+"""The engine: one decode loop for the whole product.
+
+`step()` is the heartbeat. At every step boundary it admits waiting requests into free cache
+slots (prefilling their prompts), runs one decode step for every other running slot at once,
+samples each sequence with its own settings and generator, hands each new token to its
+request, and frees a slot the moment its request ends (EOS, a stop string, max_tokens, or a
+cancel). `minigpt generate` drives it to completion (`run`); the server drives it forever from
+one thread (`serve_forever`) while requests come and go.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+
+import tiktoken
+import torch
+
+from minigpt_cli.engine.runner import ModelRunner
+from minigpt_cli.engine.scheduler import Scheduler
+from minigpt_cli.engine.sequence import Sequence, TokenEvent
+from minigpt_cli.engine.text import TextStream
+from minigpt_cli.model import GPT
+from minigpt_cli.sampling import choose, process
+
+log = logging.getLogger("minigpt.engine")
+
+
+class Engine:
+    def __init__(self, model: GPT, enc: tiktoken.Encoding, n_slots: int, *,
+                 use_cache: bool = True, engine: str = "auto", max_queue: int | None = None,
+                 on_step: Callable[[int], None] | None = None) -> None:
+        self.model = model
+        self.enc = enc
+        self.runner = ModelRunner(model, n_slots, use_cache=use_cache, engine=engine)
+        self.scheduler = Scheduler(n_slots, max_queue)
+        self.on_step = on_step  # called with the number of sequences each step decoded
+        self.steps = 0
+        self._lock = threading.Lock()  # guards the scheduler's queues against other threads
+        self._wake = threading.Condition(self._lock)
+
+    @property
+    def engine(self) -> str:
+        return self.runner.engine
+
+    def add(self, seq: Sequence) -> None:
+        """Queue a request (thread-safe). Raises QueueFull when the queue is at its bound."""
+        seq.stream = TextStream(self.enc, seq.stops)
+        seq.generator = torch.Generator(device=self.runner.device)
+        # No seed: a fresh one from the OS, leaving torch's global generator untouched.
+        seq.generator.manual_seed(seq.seed if seq.seed is not None
+                                  else int.from_bytes(os.urandom(8), "little") >> 1)
+        with self._wake:
+            self.scheduler.add(seq)
+            self._wake.notify()
+
+    def cancel(self, seq: Sequence) -> None:
+        """Stop a request at the next step boundary (thread-safe): its slot is freed then."""
+        seq.cancelled = True
+        with self._wake:
+            self._wake.notify()
+
+    @property
+    def has_work(self) -> bool:
+        return self.scheduler.has_work
+
+    def counts(self) -> tuple[int, int]:
+        """(running, waiting), for metrics."""
+        with self._lock:
+            return len(self.scheduler.running), len(self.scheduler.waiting)
+
+    def step(self) -> None:
+        with self._lock:
+            for seq in [*self.scheduler.waiting, *self.scheduler.running.values()]:
+                if seq.cancelled:
+                    self._finish(seq, "cancelled")
+            admitted = self.scheduler.admit()
+            decoding = [s for s in self.scheduler.running.values()
+                        if s not in admitted and s.next_input is not None]
+        for seq in admitted:  # prefill each prompt alone: its result cannot depend on others
+            try:
+                logits = self.runner.prefill(seq.slot, seq.prompt)
+                self._advance(seq, logits, self.runner.positions[0])
+            except Exception as exc:  # one bad request must not take the engine down
+                self._fail(seq, exc)
+        if decoding:
+            decoding.sort(key=lambda s: s.slot)
+            try:
+                logits = self.runner.decode([s.slot for s in decoding],
+                                            [s.next_input for s in decoding])
+                positions = self.runner.positions
+            except Exception as exc:
+                for seq in decoding:
+                    self._fail(seq, exc)
+                decoding = []
+            for i, seq in enumerate(decoding):
+                try:
+                    self._advance(seq, logits[i], positions[i])
+                except Exception as exc:
+                    self._fail(seq, exc)
+        self.steps += 1
+        if self.on_step is not None:
+            self.on_step(len(decoding) + len(admitted))
+
+    def _advance(self, seq: Sequence, logits: torch.Tensor, positions: int) -> None:
+        """Sample seq's next token from its logits row, report it, and finish it if done."""
+        if seq.finished:  # ended from another thread during this step (server shutdown)
+            return
+        s = seq.settings
+        history = None
+        if s.repetition_penalty != 1 and s.repeat_last_n > 0:
+            history = torch.tensor([self.runner.windows[seq.slot][-s.repeat_last_n:]],
+                                   device=logits.device)
+        row = logits[None].float()
+        processed = process(row, s, history)
+        token = int(choose(processed, s, seq.generator)[0])
+        event = TokenEvent(token=token, text="", index=len(seq.tokens), positions=positions)
+        if seq.logprobs is not None:
+            lp = torch.log_softmax(row[0], dim=-1)
+            event.logprob = float(lp[token])
+            if seq.logprobs > 0:
+                top = torch.topk(lp, min(seq.logprobs, lp.numel()))
+                event.top = list(zip(top.indices.tolist(), top.values.tolist(), strict=True))
+        if seq.trace_top > 0:
+            probs = torch.softmax(processed[0], dim=-1)
+            top = torch.topk(probs, min(seq.trace_top, probs.numel()))
+            event.candidates = [(i, p) for i, p in zip(top.indices.tolist(), top.values.tolist(),
+                                                       strict=True) if p > 0]
+        if seq.first_token_at is None:
+            seq.first_token_at = time.perf_counter()
+        assert seq.stream is not None
+        if token == self.enc.eot_token:
+            event.finish_reason = "eos"
+        else:
+            seq.tokens.append(token)
+            event.text = seq.stream.feed(token)
+            if seq.stream.stopped:
+                event.finish_reason = "stop"
+            elif len(seq.tokens) >= seq.max_tokens:
+                event.finish_reason = "length"
+        if event.finish_reason is not None:
+            event.text += seq.stream.close()
+            with self._lock:
+                self._finish(seq, event.finish_reason)
+        else:
+            seq.next_input = token
+        self._emit(seq, event)
+
+    def _emit(self, seq: Sequence, event: TokenEvent) -> None:
+        if seq.on_event is not None:
+            seq.on_event(seq, event)
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        """Free seq's slot now (the caller holds the lock)."""
+        if seq.finished:
+            return
+        seq.finish_reason = reason
+        seq.finished_at = time.perf_counter()
+        seq.next_input = None
+        self.scheduler.release(seq)
+
+    def _fail(self, seq: Sequence, exc: Exception) -> None:
+        log.exception("request %s failed", seq.id, exc_info=exc)
+        seq.error = f"{type(exc).__name__}: {exc}"
+        with self._lock:
+            self._finish(seq, "error")
+        try:
+            self._emit(seq, TokenEvent(token=-1, text="", index=len(seq.tokens), positions=0,
+                                       finish_reason="error"))
+        except Exception:  # the request's own reporting failed too: nothing more to tell it
+            log.exception("request %s: reporting its failure failed", seq.id)
+
+    def run(self, seqs: list[Sequence]) -> list[Sequence]:
+        """Generate every sequence to the end (the `minigpt generate` path)."""
+        for seq in seqs:
+            self.add(seq)
+        while self.has_work:
+            self.step()
+        return seqs
+
+    def serve_forever(self, stop: threading.Event) -> None:
+        """Step while there is work, sleep while there is none, until `stop` is set."""
+        while not stop.is_set():
+            with self._wake:
+                if not self.scheduler.has_work:
+                    self._wake.wait(timeout=0.1)
+                    continue
+            self.step()
+
+    def wake(self) -> None:
+        with self._wake:
+            self._wake.notify_all()
+
+    def abort_all(self, reason: str) -> list[Sequence]:
+        """End every request now (server shutdown); returns those that were still open."""
+        with self._lock:
+            open_ = [*self.scheduler.waiting, *self.scheduler.running.values()]
+            for seq in open_:
+                seq.error = reason
+                self._finish(seq, "error")
+        return open_

@@ -1,0 +1,123 @@
+"""The model runner: prefill one cache slot, or run one decode step for many slots at once.
+
+Each slot holds one sequence's context window (at most `block_size` tokens) and, with the
+cache, that window's keys and values at columns 0..len-1, so every sequence keeps its own
+positions and lengths and a step over several slots wastes nothing on padding.
+
+Context overflow policy (cached and uncached alike, so they stay token-identical): when
+appending would make a window longer than `block_size`, it keeps its most recent
+`block_size // 2` tokens and the slot is re-filled from them in one prefill; decoding then
+continues incrementally for another half block. The rule is per slot, so a sequence slides
+exactly when it would alone.
+
+Without the cache (`use_cache=False`, the naive loop and our test oracle) every step re-runs
+each window whole, left-padded to the longest.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from minigpt_cli import native
+from minigpt_cli.model import GPT, KVCache, RowsView
+
+
+class ModelRunner:
+    def __init__(self, model: GPT, n_slots: int, use_cache: bool = True,
+                 engine: str = "auto") -> None:
+        self.model = model
+        self.block_size = model.config.block_size
+        self.keep = max(1, self.block_size // 2)
+        self.use_cache = use_cache
+        p = next(model.parameters())
+        self.device = p.device
+        self.windows: list[list[int]] = [[] for _ in range(n_slots)]
+        self.cache = (KVCache(model.config, n_slots, self.block_size, self.device, p.dtype)
+                      if use_cache else None)
+        # Which code runs a cached decode step: the fused C step (minigpt_cli/native.py) or
+        # the model's forward. Prefill and the uncached loop always use the model's forward.
+        self.engine = native.choose_engine(engine, model, n_slots, use_cache)
+        self._native: native.NativeStep | None = None
+        self.positions: list[int] = []  # per row of the last call: positions computed
+        self.prefills = 0  # forward passes over a whole window (a prompt, or a slide)
+
+    @property
+    def n_slots(self) -> int:
+        return len(self.windows)
+
+    @torch.inference_mode()
+    def prefill(self, slot: int, tokens: list[int]) -> torch.Tensor:
+        """Start `slot` on `tokens` (its last block_size); next-token logits [V]."""
+        self.windows[slot] = list(tokens[-self.block_size:])
+        self.positions = [len(self.windows[slot])]
+        return self._fill(slot)
+
+    def _fill(self, slot: int) -> torch.Tensor:
+        ids = torch.tensor([self.windows[slot]], device=self.device)
+        cache = self.cache.slot(slot) if self.cache is not None else None
+        out, _ = self.model(ids, cache=cache, last_only=True)
+        self.prefills += 1
+        return out[0, -1]
+
+    @torch.inference_mode()
+    def decode(self, slots: list[int], tokens: list[int]) -> torch.Tensor:
+        """Append tokens[i] to slot slots[i]; next-token logits [len(slots), V]. Read them
+        before the next call: the native engine reuses one buffer."""
+        slid = []
+        for i, (s, t) in enumerate(zip(slots, tokens, strict=True)):
+            w = self.windows[s]
+            w.append(t)
+            if len(w) > self.block_size:
+                self.windows[s] = w[-self.keep:]
+                slid.append(i)
+        if not self.use_cache:
+            self.positions = [len(self.windows[s]) for s in slots]
+            return self._uncached(slots)
+        if not slid:
+            self.positions = [1] * len(slots)
+            return self._step(slots, tokens)
+        out = torch.empty(len(slots), self.model.config.vocab_size, device=self.device,
+                          dtype=next(self.model.parameters()).dtype)
+        self.positions = [1] * len(slots)
+        for i in slid:
+            out[i] = self._fill(slots[i])
+            self.positions[i] = len(self.windows[slots[i]])
+        rest = [i for i in range(len(slots)) if i not in slid]
+        if rest:
+            out[rest] = self._step([slots[i] for i in rest], [tokens[i] for i in rest])
+        return out
+
+    def _step(self, slots: list[int], tokens: list[int]) -> torch.Tensor:
+        """One new token per slot, at column (= position) len(window) - 1."""
+        assert self.cache is not None
+        cols = [len(self.windows[s]) - 1 for s in slots]
+        if self.engine == "native":
+            if self._native is None:
+                self._native = native.NativeStep(self.model, self.n_slots)
+            return self._native(tokens, cols, slots, cols, self.cache)
+        ids = torch.tensor(tokens, device=self.device)[:, None]
+        pos = torch.tensor(cols, device=self.device)[:, None]
+        out, _ = self.model(ids, cache=RowsView(self.cache, slots, cols), pos_ids=pos,
+                            last_only=True)
+        return out[:, -1]
+
+    def _uncached(self, slots: list[int]) -> torch.Tensor:
+        """The naive loop: every window whole, left-padded to the longest, in one pass."""
+        windows = [self.windows[s] for s in slots]
+        L = max(len(w) for w in windows)
+        pads = [L - len(w) for w in windows]
+        ids = torch.tensor([[0] * p + w for p, w in zip(pads, windows, strict=True)],
+                           device=self.device)
+        pad_t = torch.tensor(pads, device=self.device)[:, None]
+        pos = (torch.arange(L, device=self.device)[None, :] - pad_t).clamp(min=0)
+        valid = None
+        if any(pads):
+            valid = torch.arange(L, device=self.device)[None, :] >= pad_t
+        out, _ = self.model(ids, pos_ids=pos, key_valid=valid, last_only=True)
+        return out[:, -1]
+
+    def reorder(self, rows: list[int]) -> None:
+        """Beam search: slot i becomes a copy of slot rows[i], cache included."""
+        self.windows = [list(self.windows[r]) for r in rows]
+        if self.cache is not None:
+            self.cache.reorder(torch.tensor(rows, device=self.device))

@@ -1,0 +1,55 @@
+"""Who runs next: a bounded waiting queue, a fixed set of KV-cache slots, and the rule that
+requests are admitted at step boundaries the moment a slot is free (continuous batching:
+nobody waits for the whole batch to finish)."""
+
+from __future__ import annotations
+
+import heapq
+from collections import deque
+
+from minigpt_cli.engine.sequence import Sequence, Status
+
+
+class QueueFull(Exception):
+    """The waiting queue is at its bound; the caller should retry later (HTTP 429)."""
+
+
+class Scheduler:
+    def __init__(self, n_slots: int, max_queue: int | None = None) -> None:
+        self.n_slots = n_slots
+        self.max_queue = max_queue
+        self.waiting: deque[Sequence] = deque()
+        self.running: dict[int, Sequence] = {}  # slot -> sequence
+        # Lowest free slot first keeps running slots packed at the front of the cache, where
+        # the PyTorch path reads them through views instead of gathering.
+        self._free = list(range(n_slots))
+        heapq.heapify(self._free)
+
+    def add(self, seq: Sequence) -> None:
+        if self.max_queue is not None and len(self.waiting) >= self.max_queue:
+            raise QueueFull(f"{len(self.waiting)} requests are already waiting")
+        self.waiting.append(seq)
+
+    def admit(self) -> list[Sequence]:
+        """Move waiting sequences into free slots, oldest first."""
+        admitted = []
+        while self.waiting and self._free:
+            seq = self.waiting.popleft()
+            seq.slot = heapq.heappop(self._free)
+            seq.status = Status.RUNNING
+            self.running[seq.slot] = seq
+            admitted.append(seq)
+        return admitted
+
+    def release(self, seq: Sequence) -> None:
+        """A finished sequence gives its slot back at once."""
+        if seq.status is Status.RUNNING and self.running.get(seq.slot) is seq:
+            del self.running[seq.slot]
+            heapq.heappush(self._free, seq.slot)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        seq.status = Status.FINISHED
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
