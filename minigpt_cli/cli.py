@@ -130,6 +130,41 @@ def export_hf(
     err.print(f"exported {run_dir} → {path}")
 
 
+@app.command()
+def serve(
+    checkpoint: Annotated[str | None, typer.Option(help="Run directory or .safetensors file "
+                                                   "(default: newest run under runs/).")] = None,
+    host: Annotated[str, typer.Option(help="Address to bind; 0.0.0.0 exposes it to the "
+                                           "network.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    max_batch: Annotated[int, typer.Option(help="KV-cache slots: requests decoded at once.")
+                         ] = 16,
+    max_queue: Annotated[int, typer.Option(help="Requests that may wait for a slot; more get "
+                                                "429.")] = 64,
+    api_key: Annotated[str | None, typer.Option(envvar="MINIGPT_API_KEY", help="Require "
+                                                "'Authorization: Bearer KEY' on /v1/*.")
+                       ] = None,
+    max_tokens: Annotated[int, typer.Option(help="Largest max_tokens a request may ask for.")
+                          ] = 4096,
+    max_body_bytes: Annotated[int, typer.Option(help="Largest request body; more gets 413.")
+                              ] = 1 << 20,
+    model_name: Annotated[str | None, typer.Option(help="Name in /v1/models (default: the "
+                                                        "run directory's).")] = None,
+    engine: Annotated[str, typer.Option(help=ENGINE_HELP)] = "auto",
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | mps")] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto | float32 | bfloat16 | float16")] = "auto",
+) -> None:
+    """Serve the model over OpenAI's HTTP API with continuous batching, and a web page at /."""
+    from minigpt_cli.serve.app import ServeOptions
+    from minigpt_cli.serve.server import run_serve
+
+    options = ServeOptions(max_batch=max_batch, max_queue=max_queue, api_key=api_key,
+                           engine=engine, max_body_bytes=max_body_bytes, max_tokens=max_tokens,
+                           model_name=model_name)
+    run_serve(checkpoint=checkpoint, host=host, port=port, options=options, device=device,
+              dtype=dtype)
+
+
 def _int_list(text: str) -> list[int]:
     try:
         return [int(x) for x in text.split(",") if x.strip()]

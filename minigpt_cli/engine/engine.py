@@ -46,15 +46,16 @@ class Engine:
     def engine(self) -> str:
         return self.runner.engine
 
-    def add(self, seq: Sequence) -> None:
-        """Queue a request (thread-safe). Raises QueueFull when the queue is at its bound."""
-        seq.stream = TextStream(self.enc, seq.stops)
-        seq.generator = torch.Generator(device=self.runner.device)
-        # No seed: a fresh one from the OS, leaving torch's global generator untouched.
-        seq.generator.manual_seed(seq.seed if seq.seed is not None
-                                  else int.from_bytes(os.urandom(8), "little") >> 1)
+    def add(self, *seqs: Sequence) -> None:
+        """Queue requests (thread-safe), all or none: QueueFull when they would not all fit."""
+        for seq in seqs:
+            seq.stream = TextStream(self.enc, seq.stops)
+            seq.generator = torch.Generator(device=self.runner.device)
+            # No seed: a fresh one from the OS, leaving torch's global generator untouched.
+            seq.generator.manual_seed(seq.seed if seq.seed is not None
+                                      else int.from_bytes(os.urandom(8), "little") >> 1)
         with self._wake:
-            self.scheduler.add(seq)
+            self.scheduler.add(*seqs)
             self._wake.notify()
 
     def cancel(self, seq: Sequence) -> None:
@@ -74,15 +75,21 @@ class Engine:
 
     def step(self) -> None:
         with self._lock:
-            for seq in [*self.scheduler.waiting, *self.scheduler.running.values()]:
-                if seq.cancelled:
-                    self._finish(seq, "cancelled")
+            cancelled = [s for s in [*self.scheduler.waiting, *self.scheduler.running.values()]
+                         if s.cancelled]
+            for seq in cancelled:
+                self._finish(seq, "cancelled")
             admitted = self.scheduler.admit()
             decoding = [s for s in self.scheduler.running.values()
                         if s not in admitted and s.next_input is not None]
+        for seq in cancelled:
+            self._notify_end(seq)
         for seq in admitted:  # prefill each prompt alone: its result cannot depend on others
             try:
-                logits = self.runner.prefill(seq.slot, seq.prompt)
+                logits = self.runner.prefill(seq.slot, seq.prompt, all_positions=seq.echo_logprobs)
+                if seq.echo_logprobs:
+                    seq.prompt_logprobs = self._prompt_logprobs(seq, logits)
+                    logits = logits[-1]
                 self._advance(seq, logits, self.runner.positions[0])
             except Exception as exc:  # one bad request must not take the engine down
                 self._fail(seq, exc)
@@ -149,6 +156,20 @@ class Engine:
             seq.next_input = token
         self._emit(seq, event)
 
+    def _prompt_logprobs(self, seq: Sequence, logits: torch.Tensor
+                         ) -> list[tuple[float | None, list[tuple[int, float]]]]:
+        """(log-probability, top alternatives) of each prompt token given the ones before;
+        the first has no context, so None. For `echo` with `logprobs`."""
+        lp = torch.log_softmax(logits.float(), dim=-1)
+        out: list[tuple[float | None, list[tuple[int, float]]]] = [(None, [])]
+        n = min(seq.logprobs or 0, lp.size(-1))
+        for t in range(1, len(seq.prompt)):
+            row = lp[t - 1]
+            top = torch.topk(row, n) if n else None
+            out.append((float(row[seq.prompt[t]]), [] if top is None else list(
+                zip(top.indices.tolist(), top.values.tolist(), strict=True))))
+        return out
+
     def _emit(self, seq: Sequence, event: TokenEvent) -> None:
         if seq.on_event is not None:
             seq.on_event(seq, event)
@@ -167,11 +188,15 @@ class Engine:
         seq.error = f"{type(exc).__name__}: {exc}"
         with self._lock:
             self._finish(seq, "error")
+        self._notify_end(seq)
+
+    def _notify_end(self, seq: Sequence) -> None:
+        """Tell a request that ended without a token (cancelled, failed) that it ended."""
         try:
             self._emit(seq, TokenEvent(token=-1, text="", index=len(seq.tokens), positions=0,
-                                       finish_reason="error"))
-        except Exception:  # the request's own reporting failed too: nothing more to tell it
-            log.exception("request %s: reporting its failure failed", seq.id)
+                                       finish_reason=seq.finish_reason))
+        except Exception:  # the request's own reporting failed: nothing more to tell it
+            log.exception("request %s: reporting its end failed", seq.id)
 
     def run(self, seqs: list[Sequence]) -> list[Sequence]:
         """Generate every sequence to the end (the `minigpt generate` path)."""
@@ -201,4 +226,6 @@ class Engine:
             for seq in open_:
                 seq.error = reason
                 self._finish(seq, "error")
+        for seq in open_:
+            self._notify_end(seq)
         return open_

@@ -46,18 +46,20 @@ class ModelRunner:
         return len(self.windows)
 
     @torch.inference_mode()
-    def prefill(self, slot: int, tokens: list[int]) -> torch.Tensor:
-        """Start `slot` on `tokens` (its last block_size); next-token logits [V]."""
+    def prefill(self, slot: int, tokens: list[int], all_positions: bool = False
+                ) -> torch.Tensor:
+        """Start `slot` on `tokens` (its last block_size); next-token logits [V], or with
+        `all_positions` the logits after every token [T, V]."""
         self.windows[slot] = list(tokens[-self.block_size:])
         self.positions = [len(self.windows[slot])]
-        return self._fill(slot)
+        return self._fill(slot, all_positions)
 
-    def _fill(self, slot: int) -> torch.Tensor:
+    def _fill(self, slot: int, all_positions: bool = False) -> torch.Tensor:
         ids = torch.tensor([self.windows[slot]], device=self.device)
         cache = self.cache.slot(slot) if self.cache is not None else None
-        out, _ = self.model(ids, cache=cache, last_only=True)
+        out, _ = self.model(ids, cache=cache, last_only=not all_positions)
         self.prefills += 1
-        return out[0, -1]
+        return out[0] if all_positions else out[0, -1]
 
     @torch.inference_mode()
     def decode(self, slots: list[int], tokens: list[int]) -> torch.Tensor:

@@ -25,10 +25,12 @@ class Scheduler:
         self._free = list(range(n_slots))
         heapq.heapify(self._free)
 
-    def add(self, seq: Sequence) -> None:
-        if self.max_queue is not None and len(self.waiting) >= self.max_queue:
-            raise QueueFull(f"{len(self.waiting)} requests are already waiting")
-        self.waiting.append(seq)
+    def add(self, *seqs: Sequence) -> None:
+        """Queue all of `seqs` or none of them."""
+        if self.max_queue is not None and len(self.waiting) + len(seqs) > self.max_queue:
+            raise QueueFull(f"{len(self.waiting)} requests are already waiting "
+                            f"(the queue holds {self.max_queue})")
+        self.waiting.extend(seqs)
 
     def admit(self) -> list[Sequence]:
         """Move waiting sequences into free slots, oldest first."""

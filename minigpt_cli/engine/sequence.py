@@ -50,6 +50,7 @@ class Sequence:
     seed: int | None = None
     logprobs: int | None = None  # None: none; 0: the chosen token's; N: and the top N
     trace_top: int = 0  # > 0: report the top candidates after the sampler's filters
+    echo_logprobs: bool = False  # also score the prompt's own tokens (echo with logprobs)
     on_event: Callable[[Sequence, TokenEvent], None] | None = None
     # State, owned by the engine.
     id: int = field(default_factory=lambda: next(_ids))
@@ -61,6 +62,7 @@ class Sequence:
     cancelled: bool = False
     next_input: int | None = None  # the last sampled token, fed at the next decode step
     stream: TextStream | None = None
+    prompt_logprobs: list[tuple[float | None, list[tuple[int, float]]]] | None = None
     generator: torch.Generator | None = None
     arrival: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None

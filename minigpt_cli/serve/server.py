@@ -1,0 +1,62 @@
+"""`minigpt serve`: load a run, listen on 127.0.0.1 unless told otherwise, stop cleanly.
+
+Ctrl-C or SIGTERM first tells the engine to stop; it ends every open request with an error
+event, so streams close and uvicorn's graceful shutdown never waits on a generation.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import uvicorn
+
+from minigpt_cli.errors import UserError
+from minigpt_cli.serve.app import ServeOptions, create_app
+
+
+class _Server(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, app: Any) -> None:
+        super().__init__(config)
+        self._app = app
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        served = self._app.state.served
+        if served is not None:
+            served.worker.shutdown()  # only sets a flag: safe inside a signal handler
+        super().handle_exit(sig, frame)
+
+
+def run_serve(*, checkpoint: str | None, host: str, port: int, options: ServeOptions,
+              device: str, dtype: str, log_level: str = "info") -> None:
+    from minigpt_cli import native
+    from minigpt_cli.generate import find_checkpoint, load_for_inference
+
+    if not 1 <= options.max_batch <= 256:
+        raise UserError(f"--max-batch must be in 1..256, got {options.max_batch}")
+    if options.max_queue < 0:
+        raise UserError(f"--max-queue must be >= 0, got {options.max_queue}")
+    if not 0 < port < 65536:
+        raise UserError(f"--port must be in 1..65535, got {port}")
+    if options.engine not in native.ENGINES:
+        raise UserError(f"unknown engine '{options.engine}': use auto, native or torch")
+    path = find_checkpoint(checkpoint)  # a bad path is an error before the server starts
+
+    def loader() -> tuple[object, object, str]:
+        model, enc, _, found = load_for_inference(str(path), device, dtype)
+        native.choose_engine(options.engine, model, options.max_batch)
+        return model, enc, found.parent.name
+
+    logging.basicConfig(level=log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    server: list[_Server] = []
+
+    def stop(message: str) -> None:
+        server[0].should_exit = True
+
+    app = create_app(loader, options, on_load_error=stop)
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                            timeout_graceful_shutdown=5)
+    server.append(_Server(config, app))
+    server[0].run()
+    if app.state.load_error is not None:
+        raise UserError(app.state.load_error)

@@ -1,0 +1,160 @@
+"""The engine: continuous batching must not change any request's result.
+
+Oracles: a request's tokens under load (other requests coming and going in other slots) equal
+its tokens alone, greedy and seeded; the fused C step's logits for a row do not depend on the
+other rows at all (bit for bit); cancelling frees the slot at the next step; one failing
+request fails alone.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from minigpt_cli import tokenizer as tok
+from minigpt_cli.engine import Engine, ModelRunner, QueueFull, Scheduler, Sequence
+from minigpt_cli.model import GPT, GPTConfig
+from minigpt_cli.sampling import SamplerSettings
+
+GREEDY = SamplerSettings(temperature=0.0)
+SAMPLED = SamplerSettings(temperature=1.0, top_p=0.9, top_k=40)
+
+
+@pytest.fixture
+def model() -> GPT:
+    torch.manual_seed(5)
+    m = GPT(GPTConfig(vocab_size=257, block_size=32, n_layer=2, n_head=2, n_embd=32))
+    with torch.no_grad():
+        m.wte.weight.mul_(20)  # peaked logits: greedy choices are not near-ties
+    return m.eval()
+
+
+@pytest.fixture
+def enc():
+    return tok.byte_encoding()
+
+
+PROMPTS = ["A", "The quick brown fox", "to be or not", "xyz", "Once upon a time there", "q"]
+
+
+def _alone(model: GPT, enc, prompt: str, settings: SamplerSettings, n: int, engine: str,
+           seed: int | None = None) -> list[int]:
+    seq = Sequence(prompt=tok.encode(enc, prompt), settings=settings, max_tokens=n, seed=seed)
+    Engine(model, enc, 1, engine=engine).run([seq])
+    return seq.tokens
+
+
+@pytest.mark.parametrize("engine", ["native", "torch"])
+@pytest.mark.parametrize("settings", [GREEDY, SAMPLED], ids=["greedy", "seeded"])
+def test_under_load_equals_alone(model: GPT, enc, engine: str,
+                                 settings: SamplerSettings) -> None:
+    """Six requests through two slots, with lengths that make them finish at different steps
+    and cross the 32-token window: each one's tokens equal its tokens alone."""
+    sizes = [50, 7, 23, 40, 3, 31]
+    seqs = [Sequence(prompt=tok.encode(enc, p), settings=settings, max_tokens=n, seed=100 + i)
+            for i, (p, n) in enumerate(zip(PROMPTS, sizes, strict=True))]
+    batch_sizes: list[int] = []
+    eng = Engine(model, enc, 2, engine=engine, on_step=batch_sizes.append)
+    eng.run(seqs)
+    assert max(batch_sizes) == 2 and eng.runner.prefills > len(seqs)  # slides happened
+    for i, (seq, p, n) in enumerate(zip(seqs, PROMPTS, sizes, strict=True)):
+        assert seq.finish_reason in ("length", "eos")
+        assert seq.tokens == _alone(model, enc, p, settings, n, engine, seed=100 + i)
+
+
+def test_requests_join_without_waiting_for_the_batch(model: GPT, enc) -> None:
+    """A request added while others run is admitted at the next step boundary."""
+    eng = Engine(model, enc, 3)
+    long = Sequence(prompt=[1, 2], settings=GREEDY, max_tokens=40)
+    eng.add(long)
+    for _ in range(5):
+        eng.step()
+    late = Sequence(prompt=[3], settings=GREEDY, max_tokens=4)
+    eng.add(late)
+    eng.step()
+    assert late.slot != -1 and len(late.tokens) == 1 and not long.finished
+    while not late.finished:
+        eng.step()
+    assert not long.finished  # the short request ended first; the long one keeps going
+    while eng.has_work:
+        eng.step()
+    assert long.tokens == _alone_tokens(model, enc, [1, 2], 40)
+
+
+def _alone_tokens(model: GPT, enc, prompt: list[int], n: int) -> list[int]:
+    seq = Sequence(prompt=prompt, settings=GREEDY, max_tokens=n)
+    Engine(model, enc, 1).run([seq])
+    return seq.tokens
+
+
+def test_native_rows_do_not_depend_on_each_other(model: GPT) -> None:
+    """The C step's logits for a slot are bit-identical whatever else shares the step."""
+    alone = ModelRunner(model, 4, engine="native")
+    alone.prefill(2, [5, 6, 7, 8, 9])
+    ref = alone.decode([2], [10]).clone()
+    crowd = ModelRunner(model, 4, engine="native")
+    crowd.prefill(0, list(range(20, 40)))
+    crowd.prefill(2, [5, 6, 7, 8, 9])
+    crowd.prefill(3, [1])
+    got = crowd.decode([0, 2, 3], [11, 10, 12])
+    assert torch.equal(got[1], ref[0])
+
+
+def test_torch_rows_match_native(model: GPT) -> None:
+    runners = {e: ModelRunner(model, 3, engine=e) for e in ("native", "torch")}
+    for r in runners.values():
+        r.prefill(0, [1, 2, 3])
+        r.prefill(2, list(range(40, 60)))
+    a = runners["native"].decode([0, 2], [7, 8])
+    b = runners["torch"].decode([0, 2], [7, 8])
+    assert (a - b).abs().max().item() < 1e-4
+
+
+def test_cancel_frees_the_slot_at_the_next_step(model: GPT, enc) -> None:
+    eng = Engine(model, enc, 1)
+    first = Sequence(prompt=[1], settings=GREEDY, max_tokens=100)
+    second = Sequence(prompt=[2], settings=GREEDY, max_tokens=3)
+    eng.add(first)
+    eng.add(second)
+    eng.step()
+    assert first.slot == 0 and second.slot == -1
+    eng.cancel(first)
+    eng.step()
+    assert first.finish_reason == "cancelled" and second.slot == 0
+    assert len(first.tokens) == 1
+
+
+def test_one_failing_request_fails_alone(model: GPT, enc) -> None:
+    seen: list[str | None] = []
+
+    def explode(seq: Sequence, event) -> None:
+        if event.finish_reason == "error":
+            seen.append(seq.error)
+            return
+        if event.index == 3:
+            raise ValueError("client went away badly")
+
+    bad = Sequence(prompt=[1, 2], settings=GREEDY, max_tokens=20, on_event=explode)
+    good = Sequence(prompt=[3, 4], settings=GREEDY, max_tokens=20)
+    Engine(model, enc, 2).run([bad, good])
+    assert bad.finish_reason == "error" and "client went away badly" in (bad.error or "")
+    assert seen and len(bad.tokens) == 4
+    assert good.tokens == _alone_tokens(model, enc, [3, 4], 20)
+
+
+def test_stop_strings_and_eos(model: GPT, enc) -> None:
+    ref = _alone_tokens(model, enc, [72, 105], 30)
+    text = enc.decode(ref)
+    stop = text[5:8]
+    seq = Sequence(prompt=[72, 105], settings=GREEDY, max_tokens=30, stops=[stop])
+    Engine(model, enc, 1).run([seq])
+    assert seq.finish_reason == "stop" and seq.text == text[:text.find(stop)]
+
+
+def test_queue_is_bounded() -> None:
+    s = Scheduler(1, max_queue=2)
+    for _ in range(2):
+        s.add(Sequence(prompt=[1], settings=GREEDY, max_tokens=1))
+    with pytest.raises(QueueFull):
+        s.add(Sequence(prompt=[1], settings=GREEDY, max_tokens=1))
+    assert len(s.admit()) == 1 and len(s.waiting) == 1
