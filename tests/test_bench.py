@@ -12,8 +12,8 @@ import yaml
 from rich.console import Console
 
 from minigpt_cli.bench import kv_cache_bytes, run_bench
-from minigpt_cli.errors import UserError
 from minigpt_cli.engine import ModelRunner
+from minigpt_cli.errors import UserError
 
 
 @pytest.fixture
