@@ -45,7 +45,7 @@ def time_steps(model: GPT, n: int, native: bool) -> float:
             pos = PROMPT + i
             t = time.perf_counter()
             if step is not None:
-                step([7], [pos], pos, cache, None)
+                step([7], [pos], [0], [pos], cache)
             else:
                 model(torch.tensor([[7]]), cache=cache, start_pos=pos, last_only=True)
             times.append(time.perf_counter() - t)

@@ -32,11 +32,12 @@ from minigpt_cli.errors import UserError
 from minigpt_cli.model import GPT, KVCache
 
 SOURCE = Path(__file__).with_name("native") / "decode_step.c"
-ABI_VERSION = 2
+ABI_VERSION = 3
 ENGINES = ("auto", "native", "torch")
 # -march=native is safe because the library is built on the machine that runs it (the cache
-# key includes the CPU). No -ffast-math: NaNs and infinities must behave as in PyTorch.
-FLAGS = ["-O3", "-march=native", "-fPIC", "-shared", "-std=c11"]
+# key includes the CPU). No -ffast-math: NaNs and infinities must behave as in PyTorch. FMA
+# contraction on (ISO C mode turns it off): one rounding per weight, the same in every lane.
+FLAGS = ["-O3", "-march=native", "-fPIC", "-shared", "-std=c11", "-ffp-contract=fast"]
 
 
 def cache_dir() -> Path:
@@ -102,7 +103,7 @@ def load_library() -> ctypes.CDLL | str:
     if lib.minigpt_abi_version() != ABI_VERSION:
         return f"{path} has an unexpected ABI version; delete it to rebuild"
     lib.minigpt_decode_step.restype = ctypes.c_int
-    lib.minigpt_decode_step.argtypes = [ctypes.c_void_p] * 10
+    lib.minigpt_decode_step.argtypes = [ctypes.c_void_p] * 11
     return lib
 
 
@@ -139,6 +140,15 @@ def choose_engine(engine: str, model: GPT, batch_size: int, use_cache: bool = Tr
     return "torch"
 
 
+def pack_strips(w: torch.Tensor, strip: int) -> torch.Tensor:
+    """[n_in, n_out] -> [n_out // strip, n_in, strip]: each strip of `strip` output columns
+    becomes one contiguous run, the order the C step reads it in (columns past the last whole
+    strip are left out; the step reads those from the original)."""
+    n_in, n_out = w.shape
+    full = n_out // strip * strip
+    return w[:, :full].reshape(n_in, n_out // strip, strip).transpose(0, 1).contiguous()
+
+
 class NativeStep:
     """One decode step through the C library: each row feeds one token into its own cache slot
     at its own column, so sequences of any lengths share the step (continuous batching)."""
@@ -164,6 +174,16 @@ class NativeStep:
                          for t in globals_ + per_layer]
         self._ptrs = (ctypes.c_void_p * len(self._tensors))(
             *[t.data_ptr() if t is not None else None for t in self._tensors])
+        # The matrices again, packed by output strips (see pack_strips): the step streams
+        # these; the originals serve only the few columns past the last whole strip.
+        strip = lib.minigpt_strip()
+        n_glob, n_per = len(globals_), len(per_layer) // max(1, cfg.n_layer)
+        matrices = {2} | {n_glob + layer * n_per + k for layer in range(cfg.n_layer)
+                          for k in (2, 4, 8, 10)}  # head_t; c_attn, c_proj, c_fc, c_proj
+        self._packed = [pack_strips(t, strip) if i in matrices else None
+                        for i, t in enumerate(self._tensors)]
+        self._pptrs = (ctypes.c_void_p * len(self._packed))(
+            *[t.data_ptr() if t is not None and t.numel() else None for t in self._packed])
         # PyTorch's thread count: the step shares OpenMP's thread pool with PyTorch (one
         # libgomp per process), so this never oversubscribes the cores PyTorch was given.
         self.threads = torch.get_num_threads()
@@ -192,7 +212,7 @@ class NativeStep:
             assert t.is_contiguous() and t.dtype == torch.float32
         self._dims[4], self._dims[5], self._dims[6] = rows, cache.max_len, n_slots
         rc = self.lib.minigpt_decode_step(
-            self._dims, self._ptrs, *self._rows, cache.k.data_ptr(), cache.v.data_ptr(),
+            self._dims, self._ptrs, self._pptrs, *self._rows, cache.k.data_ptr(), cache.v.data_ptr(),
             self.logits.data_ptr(), self._scratch.data_ptr())
         if rc != 0:
             raise RuntimeError(f"native decode step rejected its arguments (code {rc})")

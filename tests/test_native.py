@@ -14,6 +14,7 @@ import torch
 
 from minigpt_cli import native
 from minigpt_cli import tokenizer as tok
+from minigpt_cli.engine import ModelRunner
 from minigpt_cli.errors import UserError
 from minigpt_cli.generate import Decoder, beam_search, generate
 from minigpt_cli.model import GPT, GPTConfig
@@ -150,3 +151,22 @@ def test_without_a_compiler_auto_falls_back(fresh_library: Path,
     assert Decoder(model, [[1, 2]]).engine == "torch"
     with pytest.raises(UserError, match="--engine native is not available"):
         native.choose_engine("native", model, 1)
+
+
+def test_native_odd_shapes_and_row_blocks() -> None:
+    """Widths that are not multiples of the C step's column strip (tails read one column at a
+    time), and 11 rows (blocks of 8 or 4, 2 and 1): each row equals the PyTorch forward, and
+    equals itself decoded alone, bit for bit."""
+    model = _model(n_embd=36, n_head=4, vocab_size=263, block_size=40)
+    rows = 11
+    runners = {e: ModelRunner(model, rows, engine=e) for e in ("native", "torch")}
+    alone = ModelRunner(model, rows, engine="native")
+    for r in runners.values():
+        for s in range(rows):
+            r.prefill(s, list(range(1 + s, 4 + 2 * s)))
+    alone.prefill(5, list(range(6, 14)))
+    tokens = [(7 * s) % 263 for s in range(rows)]
+    got = runners["native"].decode(list(range(rows)), tokens).clone()
+    ref = runners["torch"].decode(list(range(rows)), tokens)
+    assert (got - ref).abs().max().item() < 1e-4
+    assert torch.equal(alone.decode([5], [tokens[5]])[0], got[5])

@@ -23,7 +23,6 @@
 #include <string.h>
 
 #define MAX_BATCH 64
-#define ACC_FLOATS 4096 /* per-thread accumulators: 16 KB, inside L1 */
 #define LN_EPS 1e-5f
 
 /* Per-layer weight pointers, in this order (bias and LayerNorm-shift entries may be NULL). */
@@ -32,7 +31,7 @@ enum { LN1_W, LN1_B, ATTN_W, ATTN_B, APROJ_W, APROJ_B, LN2_W, LN2_B, FC_W, FC_B,
 /* Model-level pointers come first. */
 enum { WTE, WPE, HEAD_T, LNF_W, LNF_B, GLOBALS };
 
-int minigpt_abi_version(void) { return 2; }
+int minigpt_abi_version(void) { return 3; }
 int minigpt_max_batch(void) { return MAX_BATCH; }
 
 /* e^x for float32, written so the softmax and GELU loops vectorize (libm's expf is an opaque
@@ -69,62 +68,102 @@ static inline float gelu_tanh(float v) {
  * Fusing these into the product's last pass saves a sweep and a thread barrier each. */
 enum { STORE, STORE_GELU, ADD };
 
-/* y[b, :] (op)= x[b, :] @ W + bias for b < B; W is [n_in, n_out], row-major.
- * Runs inside the step's parallel region: `omp for` hands each thread whole column tiles.
- * A tile's accumulators stay in L1 while W's rows stream past once, four rows at a time,
- * shared by every batch row: one accumulator load and store per four weights keeps the loop
- * at DRAM bandwidth (41 GB/s on the machine of docs/benchmarks.md, benchmarks/native_step.py).
- */
-static void matvec(int B, int n_in, int n_out, const float *x, const float *W, const float *bias,
-                   float *y, int op, int nt) {
-    const int max_tile = ACC_FLOATS / B / 16 * 16;
-    int ntiles = (n_out + max_tile - 1) / max_tile;
-    if (ntiles < nt) ntiles = nt;
-    ntiles = (ntiles + nt - 1) / nt * nt;
-    int tile = (n_out + ntiles - 1) / ntiles;
-    tile = (tile + 15) / 16 * 16;
-    ntiles = (n_out + tile - 1) / tile;
+/* Register blocking. An output strip is STRIP = CV x VL columns; for a block of RB rows the
+ * strip's RB x CV accumulators live in vector registers while W's rows stream past once: each
+ * weight vector loaded feeds RB fused multiply-adds, so more rows cost arithmetic, not memory
+ * traffic. VL floats are one vector register: 16 with AVX-512 (32 registers, blocks of up to
+ * 8 rows), else 8 (AVX2 and others: 16 registers, blocks of up to 4 rows). */
+#if defined(__AVX512F__)
+#define VL 16
+#define MAX_RB 8
+#else
+#define VL 8
+#define MAX_RB 4
+#endif
+#define CV 2
+#define STRIP (VL * CV)
+typedef float vf __attribute__((vector_size(VL * sizeof(float))));
+
+static inline vf vload(const float *p) {
+    vf v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+/* out[r][..] = bias[j..] + sum over i of x[r, i] * P[i][..] for r < RB, over one strip of
+ * STRIP columns whose weights P are packed contiguously ([n_in][STRIP], see below): the
+ * accumulators stay in registers and the weights stream in order. Every row of every block
+ * size does the same operations in the same order (one fused multiply-add per weight, i
+ * ascending), so a row's result never depends on which rows share the step: the engine's
+ * batched == alone guarantee. */
+#define DEFINE_STRIP(RB)                                                                        \
+    static void strip_##RB(int n_in, const float *x, const float *P, const float *bias,       \
+                           float *out) {                                                      \
+        vf a[RB][CV];                                                                         \
+        for (int c = 0; c < CV; c++) {                                                        \
+            const vf b0 = bias ? vload(bias + c * VL) : (vf){0};                              \
+            for (int r = 0; r < RB; r++) a[r][c] = b0;                                        \
+        }                                                                                     \
+        for (int i = 0; i < n_in; i++, P += STRIP) {                                          \
+            const vf w0 = vload(P), w1 = vload(P + VL);                                       \
+            for (int r = 0; r < RB; r++) {                                                    \
+                const float xr = x[(size_t)r * n_in + i];                                     \
+                a[r][0] += xr * w0;                                                           \
+                a[r][1] += xr * w1;                                                           \
+            }                                                                                 \
+        }                                                                                     \
+        for (int r = 0; r < RB; r++)                                                          \
+            for (int c = 0; c < CV; c++) memcpy(out + r * STRIP + c * VL, &a[r][c], sizeof(vf)); \
+    }
+DEFINE_STRIP(1)
+DEFINE_STRIP(2)
+DEFINE_STRIP(4)
+#if MAX_RB >= 8
+DEFINE_STRIP(8)
+#endif
+
+int minigpt_strip(void) { return STRIP; }
+
+/* y[b, :] (op)= x[b, :] @ W + bias for b < B. W is [n_in, n_out] row-major; P holds its whole
+ * strips packed strip-major, [n_out / STRIP][n_in][STRIP] (native.py packs it once), so each
+ * strip's weights are one contiguous run. Runs inside the step's parallel region: `omp for`
+ * hands each thread whole strips, and each strip is done for every row (blocks of 8, 4, 2, 1)
+ * while its weights are in cache, so W streams from memory once per step however many rows
+ * there are. The last few columns (n_out % STRIP) are read from W one at a time. */
+static void matvec(int B, int n_in, int n_out, const float *x, const float *P, const float *W,
+                   const float *bias, float *y, int op) {
+    const int full = n_out / STRIP, tail = n_out - full * STRIP;
 #pragma omp for schedule(static)
-    for (int t = 0; t < ntiles; t++) {
-        const int j0 = t * tile;
-        const int w = j0 + tile < n_out ? tile : n_out - j0;
-        float acc[ACC_FLOATS];
-        for (int b = 0; b < B; b++) {
-            if (bias) memcpy(acc + b * tile, bias + j0, (size_t)w * sizeof(float));
-            else memset(acc + b * tile, 0, (size_t)w * sizeof(float));
-        }
-        int i = 0;
-        for (; i + 4 <= n_in; i += 4) {
-            const float *restrict r0 = W + (size_t)i * n_out + j0;
-            const float *restrict r1 = r0 + n_out, *restrict r2 = r1 + n_out;
-            const float *restrict r3 = r2 + n_out;
-            for (int b = 0; b < B; b++) {
-                const float *xb = x + (size_t)b * n_in + i;
-                const float x0 = xb[0], x1 = xb[1], x2 = xb[2], x3 = xb[3];
-                float *restrict a = acc + b * tile;
-#pragma omp simd
-                for (int j = 0; j < w; j++)
-                    a[j] += x0 * r0[j] + x1 * r1[j] + x2 * r2[j] + x3 * r3[j];
-            }
-        }
-        for (; i < n_in; i++) {
-            const float *restrict row = W + (size_t)i * n_out + j0;
-            for (int b = 0; b < B; b++) {
-                const float xi = x[(size_t)b * n_in + i];
-                float *restrict a = acc + b * tile;
-#pragma omp simd
-                for (int j = 0; j < w; j++) a[j] += xi * row[j];
-            }
+    for (int s = 0; s < full + (tail > 0); s++) {
+        const int j = s * STRIP, w = s < full ? STRIP : tail;
+        float acc[MAX_BATCH * STRIP];
+        if (s < full) {
+            const float *ps = P + (size_t)s * n_in * STRIP, *bs = bias ? bias + j : NULL;
+            int b = 0;
+#if MAX_RB >= 8
+            for (; b + 8 <= B; b += 8) strip_8(n_in, x + (size_t)b * n_in, ps, bs, acc + b * STRIP);
+#endif
+            for (; b + 4 <= B; b += 4) strip_4(n_in, x + (size_t)b * n_in, ps, bs, acc + b * STRIP);
+            for (; b + 2 <= B; b += 2) strip_2(n_in, x + (size_t)b * n_in, ps, bs, acc + b * STRIP);
+            for (; b < B; b++) strip_1(n_in, x + (size_t)b * n_in, ps, bs, acc + b * STRIP);
+        } else {
+            for (int b = 0; b < B; b++)
+                for (int c = 0; c < w; c++) {
+                    float a = bias ? bias[j + c] : 0.f;
+                    for (int i = 0; i < n_in; i++)
+                        a += x[(size_t)b * n_in + i] * W[(size_t)i * n_out + j + c];
+                    acc[b * STRIP + c] = a;
+                }
         }
         for (int b = 0; b < B; b++) {
-            const float *restrict a = acc + b * tile;
-            float *restrict out = y + (size_t)b * n_out + j0;
+            const float *restrict a = acc + b * STRIP;
+            float *restrict out = y + (size_t)b * n_out + j;
             if (op == ADD) {
 #pragma omp simd
-                for (int j = 0; j < w; j++) out[j] += a[j];
+                for (int c = 0; c < w; c++) out[c] += a[c];
             } else if (op == STORE_GELU) {
 #pragma omp simd
-                for (int j = 0; j < w; j++) out[j] = gelu_tanh(a[j]);
+                for (int c = 0; c < w; c++) out[c] = gelu_tanh(a[c]);
             } else {
                 memcpy(out, a, (size_t)w * sizeof(float));
             }
@@ -203,11 +242,14 @@ static void attention(int B, int H, int D, int S, const int64_t *slot, const int
 }
 
 /* dims: n_layer, n_head, n_embd, vocab, rows, cache_len, n_slots, threads.
+ * w: weight pointers (GLOBALS, then PER_LAYER per layer); pw: the same list with each matrix
+ * (HEAD_T and the four per-layer products) packed by strips, see matvec.
  * tokens, pos, slot, col: [rows]: row b feeds token tokens[b] at position pos[b], and writes
  * its key and value at column col[b] of cache slot slot[b]; kc, vc: the cache,
  * [layers, n_slots, heads, cache_len, head_dim]; logits: [rows, vocab];
  * scratch: 10 * rows * n_embd floats. Returns 0, or -1 on bad arguments. */
-int minigpt_decode_step(const int64_t *dims, const float *const *w, const int64_t *tokens,
+int minigpt_decode_step(const int64_t *dims, const float *const *w, const float *const *pw,
+                        const int64_t *tokens,
                         const int64_t *pos, const int64_t *slot, const int64_t *col, float *kc,
                         float *vc, float *logits, float *scratch) {
     const int L = (int)dims[0], H = (int)dims[1], C = (int)dims[2], V = (int)dims[3];
@@ -234,14 +276,15 @@ int minigpt_decode_step(const int64_t *dims, const float *const *w, const int64_
         }
         for (int l = 0; l < L; l++) {
             const float *const *p = w + GLOBALS + (size_t)l * PER_LAYER;
+            const float *const *q = pw + GLOBALS + (size_t)l * PER_LAYER;
             const size_t layer_off = (size_t)l * NS * H * S * D;
-            matvec(B, C, 3 * C, h, p[ATTN_W], p[ATTN_B], qkv, STORE, nt);
+            matvec(B, C, 3 * C, h, q[ATTN_W], p[ATTN_W], p[ATTN_B], qkv, STORE);
             attention(B, H, D, S, slot, col, qkv, kc + layer_off, vc + layer_off, att);
-            matvec(B, C, C, att, p[APROJ_W], p[APROJ_B], x, ADD, nt);
+            matvec(B, C, C, att, q[APROJ_W], p[APROJ_W], p[APROJ_B], x, ADD);
 #pragma omp single
             layer_norm(B, C, x, p[LN2_W], p[LN2_B], h);
-            matvec(B, C, 4 * C, h, p[FC_W], p[FC_B], f, STORE_GELU, nt);
-            matvec(B, 4 * C, C, f, p[MPROJ_W], p[MPROJ_B], x, ADD, nt);
+            matvec(B, C, 4 * C, h, q[FC_W], p[FC_W], p[FC_B], f, STORE_GELU);
+            matvec(B, 4 * C, C, f, q[MPROJ_W], p[MPROJ_W], p[MPROJ_B], x, ADD);
             /* The next layer's first LayerNorm, or the final one. */
             const float *g = l + 1 < L ? p[PER_LAYER + LN1_W] : w[LNF_W];
             const float *beta = l + 1 < L ? p[PER_LAYER + LN1_B] : w[LNF_B];
@@ -252,7 +295,7 @@ int minigpt_decode_step(const int64_t *dims, const float *const *w, const int64_
 #pragma omp single
             layer_norm(B, C, x, w[LNF_W], w[LNF_B], h);
         }
-        matvec(B, C, V, h, w[HEAD_T], NULL, logits, STORE, nt);
+        matvec(B, C, V, h, pw[HEAD_T], w[HEAD_T], NULL, logits, STORE);
     }
     return 0;
 }
