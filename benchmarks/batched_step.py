@@ -27,7 +27,7 @@ def time_rows(model: GPT, rows: int, steps: int) -> float:
     """Median seconds per step for `rows` slots at positions 20, 27, 34, ..."""
     cfg = model.config
     cache = KVCache(cfg, rows, cfg.block_size, "cpu", torch.float32)
-    step = NativeStep(model, rows)
+    step = NativeStep(model)
     start = [20 + 7 * r for r in range(rows)]
     times = []
     with torch.inference_mode():

@@ -25,11 +25,11 @@ def ms_per_token(model: torch.nn.Module, cfg: GPTConfig, fused: bool = False, n:
     cache = KVCache(cfg, 1, cfg.block_size, "cpu", torch.float32)
     ids = torch.randint(0, cfg.vocab_size, (1, prompt), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
-        native = NativeStep(model, 1) if fused else None
+        native = NativeStep(model) if fused else None
 
         def step(tok: int, pos: int) -> torch.Tensor:
             if native is not None:
-                return native([tok], [pos], pos, cache, None)[0]
+                return native([tok], [pos], [0], [pos], cache)[0]
             out, _ = model(torch.tensor([[tok]]), cache=cache, start_pos=pos, last_only=True)
             return out[0, -1]
 

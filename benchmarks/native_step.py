@@ -40,7 +40,7 @@ def time_steps(model: GPT, n: int, native: bool) -> float:
     times = []
     with torch.inference_mode():
         model(ids, cache=cache, last_only=True)
-        step = NativeStep(model, 1) if native else None
+        step = NativeStep(model) if native else None
         for i in range(n):
             pos = PROMPT + i
             t = time.perf_counter()

@@ -260,7 +260,7 @@ def run_bench(*, checkpoint: str | None, config: str | None, lengths: list[int],
     cfg = model.config
     gen = torch.Generator().manual_seed(0)
     prompts = torch.randint(0, cfg.vocab_size, (batch_size, prompt_len), generator=gen).to(dev)
-    engine = native.choose_engine(engine, model, batch_size)
+    engine = native.choose_engine(engine, model)
     header = {
         "source": source, "engine": engine, "device": str(dev),
         "dtype": str(dt).removeprefix("torch."),

@@ -22,7 +22,6 @@ from minigpt_cli import native
 from minigpt_cli import tokenizer as tok
 from minigpt_cli.errors import UserError
 from minigpt_cli.generate import (
-    MAX_SLOTS,
     Completion,
     StepInfo,
     Timings,
@@ -88,8 +87,7 @@ def run_generate(
         prompts.append(ids)
 
     # Check the engine before anything is printed, so a refusal is the only output.
-    native.choose_engine(engine, model,
-                         num_beams if num_beams > 1 else min(len(prompts), MAX_SLOTS), cache)
+    native.choose_engine(engine, model, cache)
     single = len(prompts) == 1
     live = stream and single and not json_out and not trace and num_beams == 1
     if live:

@@ -103,12 +103,12 @@ def load_library() -> ctypes.CDLL | str:
     if lib.minigpt_abi_version() != ABI_VERSION:
         return f"{path} has an unexpected ABI version; delete it to rebuild"
     lib.minigpt_decode_step.restype = ctypes.c_int
-    lib.minigpt_decode_step.argtypes = [ctypes.c_void_p] * 11
+    lib.minigpt_decode_step.argtypes = [ctypes.c_void_p] * 12
     return lib
 
 
-def unsupported(model: GPT, batch_size: int) -> str | None:
-    """Why the native step can't run this model and batch, or None if it can."""
+def unsupported(model: GPT) -> str | None:
+    """Why the native step can't run this model, or None if it can."""
     p = next(model.parameters())
     if p.device.type != "cpu":
         return f"the native step runs on the CPU, the model is on {p.device.type}"
@@ -120,19 +120,17 @@ def unsupported(model: GPT, batch_size: int) -> str | None:
     lib = load_library()
     if isinstance(lib, str):
         return lib
-    if batch_size > lib.minigpt_max_batch():
-        return f"the native step decodes at most {lib.minigpt_max_batch()} sequences at once"
     return None
 
 
-def choose_engine(engine: str, model: GPT, batch_size: int, use_cache: bool = True) -> str:
+def choose_engine(engine: str, model: GPT, use_cache: bool = True) -> str:
     """Resolve 'auto' to 'native' when it can run, else 'torch'; 'native' must be possible.
     Without the KV cache there are no cached steps, so the answer is 'torch'."""
     if engine not in ENGINES:
         raise UserError(f"unknown engine '{engine}': use auto, native or torch")
     if engine == "torch" or not use_cache:
         return "torch"
-    reason = unsupported(model, batch_size)
+    reason = unsupported(model)
     if reason is None:
         return "native"
     if engine == "native":
@@ -153,13 +151,13 @@ class NativeStep:
     """One decode step through the C library: each row feeds one token into its own cache slot
     at its own column, so sequences of any lengths share the step (continuous batching)."""
 
-    def __init__(self, model: GPT, max_rows: int) -> None:
+    def __init__(self, model: GPT) -> None:
         lib = load_library()
         assert not isinstance(lib, str), lib
         self.lib = lib
         cfg = model.config
         self.cfg = cfg
-        self.max_rows = max_rows
+        self.max_rows = max_rows = lib.minigpt_max_batch()
         # Hold a reference to every tensor whose address we hand to C, so none is freed.
         with torch.no_grad():
             head_t = model.head_weight_t()
@@ -190,13 +188,17 @@ class NativeStep:
         self._dims = (ctypes.c_int64 * 8)(cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.vocab_size,
                                            0, 0, 0, self.threads)
         self._rows = [(ctypes.c_int64 * max_rows)() for _ in range(4)]  # token, pos, slot, col
+        self._want = (ctypes.c_uint8 * max_rows)()
         self.logits = torch.empty(max_rows, cfg.vocab_size)
         self._scratch = torch.empty(10 * max_rows * cfg.n_embd)
 
     def __call__(self, tokens: list[int], positions: list[int], slots: list[int],
-                 cols: list[int], cache: KVCache) -> torch.Tensor:
-        """Logits [rows, V]: row i feeds tokens[i] at positions[i] and caches its key and value
-        at column cols[i] of slot slots[i]. The returned tensor is reused by the next call."""
+                 cols: list[int], cache: KVCache, want: list[bool] | None = None
+                 ) -> torch.Tensor:
+        """Row i feeds tokens[i] at positions[i] and caches its key and value at column
+        cols[i] of slot slots[i]; rows of one slot at consecutive columns (a prompt chunk) may
+        share a call. Logits [rows wanted, V] in row order (all rows when `want` is None);
+        the returned tensor is reused by the next call."""
         cfg, rows = self.cfg, len(tokens)
         if not 1 <= rows <= self.max_rows:
             raise ValueError(f"this step decodes 1..{self.max_rows} rows, got {rows}")
@@ -211,9 +213,14 @@ class NativeStep:
         for t in (cache.k, cache.v):  # the C step indexes both as dense float32 arrays
             assert t.is_contiguous() and t.dtype == torch.float32
         self._dims[4], self._dims[5], self._dims[6] = rows, cache.max_len, n_slots
+        if want is not None:
+            for i, w in enumerate(want):
+                self._want[i] = bool(w)
         rc = self.lib.minigpt_decode_step(
-            self._dims, self._ptrs, self._pptrs, *self._rows, cache.k.data_ptr(), cache.v.data_ptr(),
-            self.logits.data_ptr(), self._scratch.data_ptr())
+            self._dims, self._ptrs, self._pptrs, *self._rows,
+            None if want is None else self._want,
+            cache.k.data_ptr(), cache.v.data_ptr(), self.logits.data_ptr(),
+            self._scratch.data_ptr())
         if rc != 0:
             raise RuntimeError(f"native decode step rejected its arguments (code {rc})")
-        return self.logits[:rows]
+        return self.logits[:rows if want is None else sum(map(bool, want))]

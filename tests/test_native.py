@@ -105,19 +105,16 @@ def test_beam_search_native_equals_torch() -> None:
 
 def test_engine_choice() -> None:
     model = _model()
-    assert native.choose_engine("auto", model, 1) == "native"
-    assert native.choose_engine("torch", model, 1) == "torch"
-    assert native.choose_engine("auto", model, 65) == "torch"  # above the C step's row limit
-    with pytest.raises(UserError, match="at most 64"):
-        native.choose_engine("native", model, 65)
+    assert native.choose_engine("auto", model) == "native"
+    assert native.choose_engine("torch", model) == "torch"
     with pytest.raises(UserError, match="unknown engine"):
-        native.choose_engine("fast", model, 1)
+        native.choose_engine("fast", model)
     half = _model().to(torch.bfloat16)
-    assert native.choose_engine("auto", half, 1) == "torch"
+    assert native.choose_engine("auto", half) == "torch"
     with pytest.raises(UserError, match="float32 only"):
-        native.choose_engine("native", half, 1)
+        native.choose_engine("native", half)
     model.train()
-    assert native.choose_engine("auto", model, 1) == "torch"
+    assert native.choose_engine("auto", model) == "torch"
 
 
 @pytest.fixture
@@ -147,10 +144,10 @@ def test_without_a_compiler_auto_falls_back(fresh_library: Path,
     model = _model()
     reason = native.load_library()
     assert isinstance(reason, str) and "could not run" in reason
-    assert native.choose_engine("auto", model, 1) == "torch"
+    assert native.choose_engine("auto", model) == "torch"
     assert Decoder(model, [[1, 2]]).engine == "torch"
     with pytest.raises(UserError, match="--engine native is not available"):
-        native.choose_engine("native", model, 1)
+        native.choose_engine("native", model)
 
 
 def test_native_odd_shapes_and_row_blocks() -> None:

@@ -84,30 +84,33 @@ class Engine:
                         if s not in admitted and s.next_input is not None]
         for seq in cancelled:
             self._notify_end(seq)
-        for seq in admitted:  # prefill each prompt alone: its result cannot depend on others
+        scored = [s for s in admitted if s.echo_logprobs]  # echo + logprobs: score the prompt
+        for seq in scored:
             try:
-                logits = self.runner.prefill(seq.slot, seq.prompt, all_positions=seq.echo_logprobs)
-                if seq.echo_logprobs:
-                    seq.prompt_logprobs = self._prompt_logprobs(seq, logits)
-                    logits = logits[-1]
-                self._advance(seq, logits, self.runner.positions[0])
+                logits = self.runner.prefill(seq.slot, seq.prompt, all_positions=True)
+                seq.prompt_logprobs = self._prompt_logprobs(seq, logits)
+                self._advance(seq, logits[-1], len(self.runner.windows[seq.slot]))
             except Exception as exc:  # one bad request must not take the engine down
                 self._fail(seq, exc)
-        if decoding:
-            decoding.sort(key=lambda s: s.slot)
+        starting = [s for s in admitted if not s.echo_logprobs]
+        decoding.sort(key=lambda s: s.slot)
+        try:
+            firsts, logits = self.runner.step([(s.slot, s.prompt) for s in starting],
+                                              [s.slot for s in decoding],
+                                              [s.next_input for s in decoding])
+            positions = self.runner.positions
+        except Exception as exc:  # the batched forward failed: every row in it fails
+            for seq in starting + decoding:
+                self._fail(seq, exc)
+            starting, decoding, firsts = [], [], []
+        ready = [(seq, row, len(self.runner.windows[seq.slot]))
+                 for seq, row in zip(starting, firsts, strict=True)]
+        ready += [(seq, logits[i], positions[i]) for i, seq in enumerate(decoding)]
+        for seq, row, n in ready:
             try:
-                logits = self.runner.decode([s.slot for s in decoding],
-                                            [s.next_input for s in decoding])
-                positions = self.runner.positions
+                self._advance(seq, row, n)
             except Exception as exc:
-                for seq in decoding:
-                    self._fail(seq, exc)
-                decoding = []
-            for i, seq in enumerate(decoding):
-                try:
-                    self._advance(seq, logits[i], positions[i])
-                except Exception as exc:
-                    self._fail(seq, exc)
+                self._fail(seq, exc)
         self.steps += 1
         if self.on_step is not None:
             self.on_step(len(decoding) + len(admitted))

@@ -36,7 +36,7 @@ class ModelRunner:
                       if use_cache else None)
         # Which code runs a cached decode step: the fused C step (minigpt_cli/native.py) or
         # the model's forward. Prefill and the uncached loop always use the model's forward.
-        self.engine = native.choose_engine(engine, model, n_slots, use_cache)
+        self.engine = native.choose_engine(engine, model, use_cache)
         self._native: native.NativeStep | None = None
         self.positions: list[int] = []  # per row of the last call: positions computed
         self.prefills = 0  # forward passes over a whole window (a prompt, or a slide)
@@ -89,14 +89,66 @@ class ModelRunner:
             out[rest] = self._step([slots[i] for i in rest], [tokens[i] for i in rest])
         return out
 
+    @torch.inference_mode()
+    def step(self, prefills: list[tuple[int, list[int]]], slots: list[int], tokens: list[int]
+             ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """One engine step: start slot s on prompt p for each (s, p) in `prefills`, and append
+        tokens[i] to slots[i]. Returns each prompt's next-token logits [V] and the decode
+        rows' [len(slots), V] (None without decode rows).
+
+        With the fused C step, prompts are not prefilled one by one: their tokens become rows
+        of the same call as the decode rows (chunked prefill), so a new request's first token
+        costs about one step, and the running requests do not wait for its prompt."""
+        if self.engine != "native":
+            first = [self.prefill(s, p) for s, p in prefills]
+            return first, (self.decode(slots, tokens) if slots else None)
+        rows: list[tuple[int, int, int, bool]] = []  # token, slot, column (= position), want
+        for s, p in prefills:
+            self.windows[s] = list(p[-self.block_size:])
+            rows += self._window_rows(s)
+        self.positions = []
+        for s, t in zip(slots, tokens, strict=True):
+            w = self.windows[s]
+            w.append(t)
+            if len(w) > self.block_size:  # the overflow policy: re-fill the kept half
+                self.windows[s] = w[-self.keep:]
+                rows += self._window_rows(s)
+                self.positions.append(len(self.windows[s]))
+            else:
+                rows.append((t, s, len(w) - 1, True))
+                self.positions.append(1)
+        self.prefills += len(prefills) + sum(p > 1 for p in self.positions)
+        logits = self._native_rows(rows)
+        return list(logits[:len(prefills)]), logits[len(prefills):] if slots else None
+
+    def _native_rows(self, rows: list[tuple[int, int, int, bool]]) -> torch.Tensor:
+        """Run rows through the C step, as many calls as its row limit needs (a long prompt,
+        or more slots than one call takes); the wanted rows' logits, in order."""
+        if self._native is None:
+            self._native = native.NativeStep(self.model)
+        step = self._native
+        if len(rows) <= step.max_rows:
+            toks, slots, cols, want = (list(c) for c in zip(*rows, strict=True))
+            return step(toks, cols, slots, cols, self.cache, want)
+        out = []
+        for i in range(0, len(rows), step.max_rows):
+            toks, slots, cols, want = (list(c) for c in zip(*rows[i:i + step.max_rows],
+                                                             strict=True))
+            out.append(step(toks, cols, slots, cols, self.cache, want).clone())
+        return torch.cat(out)
+
+    def _window_rows(self, slot: int) -> list[tuple[int, int, int, bool]]:
+        """The rows that (re)fill a slot from its window; only the last one wants logits."""
+        w = self.windows[slot]
+        return [(t, slot, k, k == len(w) - 1) for k, t in enumerate(w)]
+
     def _step(self, slots: list[int], tokens: list[int]) -> torch.Tensor:
         """One new token per slot, at column (= position) len(window) - 1."""
         assert self.cache is not None
         cols = [len(self.windows[s]) - 1 for s in slots]
         if self.engine == "native":
-            if self._native is None:
-                self._native = native.NativeStep(self.model, self.n_slots)
-            return self._native(tokens, cols, slots, cols, self.cache)
+            return self._native_rows([(t, s, c, True)
+                                      for t, s, c in zip(tokens, slots, cols, strict=True)])
         ids = torch.tensor(tokens, device=self.device)[:, None]
         pos = torch.tensor(cols, device=self.device)[:, None]
         out, _ = self.model(ids, cache=RowsView(self.cache, slots, cols), pos_ids=pos,

@@ -246,18 +246,21 @@ static void attention(int B, int H, int D, int S, const int64_t *slot, const int
  * (HEAD_T and the four per-layer products) packed by strips, see matvec.
  * tokens, pos, slot, col: [rows]: row b feeds token tokens[b] at position pos[b], and writes
  * its key and value at column col[b] of cache slot slot[b]; kc, vc: the cache,
- * [layers, n_slots, heads, cache_len, head_dim]; logits: [rows, vocab];
+ * [layers, n_slots, heads, cache_len, head_dim]; want: [rows], nonzero where a row's logits are
+ * needed, or NULL for all; logits: [rows wanted, vocab], in row order;
  * scratch: 10 * rows * n_embd floats. Returns 0, or -1 on bad arguments. */
 int minigpt_decode_step(const int64_t *dims, const float *const *w, const float *const *pw,
                         const int64_t *tokens,
-                        const int64_t *pos, const int64_t *slot, const int64_t *col, float *kc,
-                        float *vc, float *logits, float *scratch) {
+                        const int64_t *pos, const int64_t *slot, const int64_t *col,
+                        const uint8_t *want, float *kc, float *vc, float *logits,
+                        float *scratch) {
     const int L = (int)dims[0], H = (int)dims[1], C = (int)dims[2], V = (int)dims[3];
     const int B = (int)dims[4], S = (int)dims[5], NS = (int)dims[6], nt = (int)dims[7];
     if (B < 1 || B > MAX_BATCH || C % H || nt < 1) return -1;
     for (int b = 0; b < B; b++)
         if (slot[b] < 0 || slot[b] >= NS || col[b] < 0 || col[b] >= S) return -1;
     const int D = C / H;
+    int nw = 0; /* rows whose logits are wanted; shared by the threads below */
     float *x = scratch, *h = x + B * C, *att = h + B * C, *qkv = att + B * C;
     float *f = qkv + 3 * B * C; /* 4 * B * C */
 
@@ -295,7 +298,16 @@ int minigpt_decode_step(const int64_t *dims, const float *const *w, const float 
 #pragma omp single
             layer_norm(B, C, x, w[LNF_W], w[LNF_B], h);
         }
-        matvec(B, C, V, h, pw[HEAD_T], w[HEAD_T], NULL, logits, STORE);
+        /* Logits only for the rows that want them (a prompt's last token, every decode row):
+         * the head is a third of a small model's weights, and a prompt's earlier rows only
+         * need their keys and values cached. */
+#pragma omp single
+        {
+            nw = 0;
+            for (int b = 0; b < B; b++)
+                if (!want || want[b]) memmove(att + (size_t)nw++ * C, h + (size_t)b * C, (size_t)C * sizeof(float));
+        }
+        if (nw > 0) matvec(nw, C, V, att, pw[HEAD_T], w[HEAD_T], NULL, logits, STORE);
     }
     return 0;
 }

@@ -44,7 +44,7 @@ def run_serve(*, checkpoint: str | None, host: str, port: int, options: ServeOpt
 
     def loader() -> tuple[object, object, str]:
         model, enc, _, found = load_for_inference(str(path), device, dtype)
-        native.choose_engine(options.engine, model, options.max_batch)
+        native.choose_engine(options.engine, model)
         return model, enc, found.parent.name
 
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
