@@ -13,6 +13,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import tiktoken
 import torch
 import yaml
 
@@ -150,4 +151,32 @@ def export_hf(run: str | Path, out_dir: Path) -> Path:
         src = path.parent / meta["tokenizer"].get("file", tok.TOKENIZER_FILE)
         if src.is_file():
             ckpt.atomic_write_bytes(out_dir / tok.TOKENIZER_FILE, src.read_bytes())
+    write_hf_tokenizer(tok.load(meta["tokenizer"], path.parent), out_dir, eot)
     return out_dir
+
+
+def write_hf_tokenizer(enc: tiktoken.Encoding, out_dir: Path, eot: int) -> bool:
+    """tokenizer.json + tokenizer_config.json, so `AutoTokenizer.from_pretrained(out_dir)` loads
+    the same tokenizer and the folder is a complete Hugging Face model (what `transformers
+    serve` and llama.cpp's converter read). transformers converts tiktoken ranks; without it
+    installed the weights are still exported, and this returns False."""
+    try:
+        from transformers.integrations.tiktoken import TikTokenConverter
+    except ImportError:
+        return False
+    import base64
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ranks = Path(tmp) / "ranks.tiktoken"  # tiktoken's format: base64(token) rank
+        ranks.write_text("".join(f"{base64.b64encode(t).decode()} {r}\n"
+                                 for t, r in enc._mergeable_ranks.items()))
+        converted = TikTokenConverter(vocab_file=str(ranks), pattern=enc._pat_str,
+                                      extra_special_tokens=enc._special_tokens).converted()
+    ckpt.atomic_write_text(out_dir / "tokenizer.json", converted.to_str())
+    name = enc.decode_single_token_bytes(eot).decode("utf-8", errors="replace")
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": name,
+              "eos_token": name, "unk_token": name, "model_max_length": 1 << 30,
+              "add_bos_token": False, "clean_up_tokenization_spaces": False}
+    ckpt.atomic_write_text(out_dir / "tokenizer_config.json", json.dumps(config, indent=2))
+    return True

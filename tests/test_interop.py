@@ -201,3 +201,24 @@ def test_imported_run_generates_benches_and_fine_tunes(tmp_path: Path, corpus_fi
     after, meta = ckpt.load_safetensors(run / ckpt.MODEL_FILE)
     assert summary.step == 6 and meta["step"] == 6
     assert not torch.equal(before["wte.weight"], after["wte.weight"])  # it really trained
+
+
+@pytest.mark.parametrize("kind", ["byte", "bpe"])
+def test_exported_tokenizer_loads_in_auto_tokenizer(tmp_path: Path, kind: str) -> None:
+    """An exported folder is a complete Hugging Face model: AutoTokenizer reads its tokenizer
+    and encodes and decodes exactly as minigpt does."""
+    from transformers import AutoTokenizer
+
+    from minigpt_cli.interop import write_hf_tokenizer
+    from tests.conftest import make_text
+
+    enc = (tok.byte_encoding() if kind == "byte" else
+           tok.train_bpe([make_text()], 320))
+    assert write_hf_tokenizer(enc, tmp_path, enc.eot_token)
+    hf = AutoTokenizer.from_pretrained(tmp_path)
+    for text in ("ROMEO:\nGood night, sweet prince.", "naïve café — ünïcödé ✓", "  two  spaces",
+                 "end<|endoftext|>next"):
+        ids = tok.encode(enc, text)
+        assert hf.encode(text, add_special_tokens=False) == ids, text
+        assert hf.decode(ids) == text
+    assert hf.eos_token_id == enc.eot_token
