@@ -183,14 +183,20 @@ async def _sse(s: Served, fmt: Format, choices: list[Choice], by_seq: dict[int, 
             except TimeoutError:
                 yield ": keep-alive\n\n"
                 continue
-            if event.finish_reason == "error":
-                message = seq.error if seq.error == SHUTDOWN else "generation failed"
-                yield _data(error_body(503 if seq.error == SHUTDOWN else 500, message))
-                yield _data("[DONE]")
-                return
-            if event.finish_reason is not None:
-                pending -= 1
-            yield _data(fmt.chunk(by_seq[seq.id], event))
+            out = []
+            while True:  # every event already here goes out in one write
+                if event.finish_reason == "error":
+                    message = seq.error if seq.error == SHUTDOWN else "generation failed"
+                    out.append(_data(error_body(503 if seq.error == SHUTDOWN else 500, message)))
+                    yield "".join(out) + _data("[DONE]")
+                    return
+                if event.finish_reason is not None:
+                    pending -= 1
+                out.append(_data(fmt.chunk(by_seq[seq.id], event)))
+                if events.empty():
+                    break
+                seq, event = events.get_nowait()
+            yield "".join(out)
         if include_usage:
             body = fmt.envelope(fmt.chunk_name, [])
             body["usage"] = fmt.usage(choices, prompt_tokens)

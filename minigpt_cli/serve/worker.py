@@ -21,6 +21,9 @@ class Worker:
         self.metrics = Metrics(engine.counts)
         engine.on_step = self.metrics.batch.observe
         self._stop = threading.Event()
+        self._queues: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._pending: dict[asyncio.AbstractEventLoop, list] = {}
+        self._pending_lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="minigpt-engine", daemon=True)
 
     def start(self) -> None:
@@ -51,16 +54,40 @@ class Worker:
         returned queue, in order, on the calling event loop."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[tuple[Sequence, TokenEvent]] = asyncio.Queue()
-
-        def on_event(seq: Sequence, event: TokenEvent) -> None:  # on the engine thread
-            self.metrics.on_token(seq, event)
-            if not loop.is_closed():
-                loop.call_soon_threadsafe(events.put_nowait, (seq, event))
-
         for seq in seqs:
-            seq.on_event = on_event
-        self.engine.add(*seqs)
+            seq.on_event = self._on_event
+        self._queues.update({seq.id: (loop, events) for seq in seqs})
+        try:
+            self.engine.add(*seqs)
+        except Exception:
+            for seq in seqs:
+                self._queues.pop(seq.id, None)
+            raise
         return events
+
+    def _on_event(self, seq: Sequence, event: TokenEvent) -> None:
+        """On the engine thread. Events are handed to the event loop in batches: one wake-up
+        per engine step carries every token of that step, not one wake-up per token."""
+        self.metrics.on_token(seq, event)
+        target = self._queues.get(seq.id)
+        if target is None:
+            return
+        if event.finish_reason is not None:
+            del self._queues[seq.id]
+        loop, queue = target
+        with self._pending_lock:
+            batch = self._pending.setdefault(loop, [])
+            batch.append((queue, seq, event))
+            if len(batch) > 1:
+                return  # a delivery to this loop is already scheduled
+        if not loop.is_closed():
+            loop.call_soon_threadsafe(self._deliver, loop)
+
+    def _deliver(self, loop: asyncio.AbstractEventLoop) -> None:
+        with self._pending_lock:
+            batch = self._pending.pop(loop, [])
+        for queue, seq, event in batch:
+            queue.put_nowait((seq, event))
 
     def cancel(self, seqs: list[Sequence]) -> None:
         for seq in seqs:
