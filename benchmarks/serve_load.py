@@ -55,9 +55,11 @@ def run_level(port: int, concurrency: int, requests: int, tokens: int, prompt: s
     def client() -> None:
         while True:
             with lock:
-                if next(todo, None) is None:
-                    return
-            out = one_request(port, prompt, tokens, model)
+                n = next(todo, None)
+            if n is None:
+                return
+            # A different prompt each time: no server may answer from a prompt cache.
+            out = one_request(port, f"{prompt} {n}", tokens, model)
             with lock:
                 results.append(out)
 
