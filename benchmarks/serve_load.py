@@ -33,7 +33,9 @@ def one_request(port: int, prompt: str, tokens: int, model: str | None) -> dict:
     for line in r:
         if line.startswith(b"data: ") and not line.startswith(b"data: [DONE]"):
             chunk = json.loads(line[6:])
-            if chunk.get("choices") and (chunk["choices"][0].get("text") is not None):
+            # A chunk that carries text is a token arriving (servers differ in whether they
+            # send an empty closing chunk; counting those would flatter them).
+            if chunk.get("choices") and chunk["choices"][0].get("text"):
                 times.append(time.perf_counter())
     conn.close()
     return {"start": t0, "times": times}

@@ -24,6 +24,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -76,6 +77,33 @@ def servers(args: argparse.Namespace) -> dict[str, tuple[list[str], str, str | N
     return out
 
 
+def measure(name: str, cmd: list[str], ready: str, model: str | None, env: dict,
+            args: argparse.Namespace, prompt: str) -> tuple[dict, dict]:
+    """Start one server, measure one stream alone and args.streams at once, stop it."""
+    port = free_port()
+    with tempfile.TemporaryFile() as log:
+        proc = subprocess.Popen([c.replace("{port}", str(port)) for c in cmd], env=env,
+                                stdout=log, stderr=subprocess.STDOUT)
+        try:
+            try:
+                wait_ready(port, proc, ready)
+            except RuntimeError:
+                log.seek(0)
+                sys.exit(f"{name}: {log.read().decode(errors='replace')[-2000:]}")
+            run_level(port, 1, 2, 8, prompt, model)  # warm-up
+            alone = run_level(port, 1, args.requests_per_client, args.tokens, prompt, model)
+            loaded = run_level(port, args.streams, args.streams * args.requests_per_client,
+                               args.tokens, prompt, model)
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+    return alone, loaded
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--run", required=True)
@@ -99,22 +127,7 @@ def main() -> None:
     prompt = "The quick brown fox jumps over the lazy dog"
     for r in range(args.rounds):
         for name, (cmd, ready, model) in table.items():
-            port = free_port()
-            proc = subprocess.Popen([c.replace("{port}", str(port)) for c in cmd], env=env,
-                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            try:
-                wait_ready(port, proc, ready)
-                run_level(port, 1, 2, 8, prompt, model)  # warm-up
-                alone = run_level(port, 1, args.requests_per_client, args.tokens, prompt, model)
-                loaded = run_level(port, args.streams, args.streams * args.requests_per_client,
-                                   args.tokens, prompt, model)
-            finally:
-                proc.terminate()
-                try:
-                    proc.wait(30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+            alone, loaded = measure(name, cmd, ready, model, env, args, prompt)
             results[name].append({"alone": alone, "loaded": loaded})
             print(f"round {r + 1} {name:38s} alone {alone['output_tok_per_s']:6.1f} tok/s  "
                   f"{args.streams} streams {loaded['output_tok_per_s']:6.1f} tok/s  "
