@@ -72,13 +72,14 @@ enum { STORE, STORE_GELU, ADD };
  * strip's RB x CV accumulators live in vector registers while W's rows stream past once: each
  * weight vector loaded feeds RB fused multiply-adds, so more rows cost arithmetic, not memory
  * traffic. VL floats are one vector register: 16 with AVX-512 (32 registers, blocks of up to
- * 8 rows), else 8 (AVX2 and others: 16 registers, blocks of up to 4 rows). */
+ * 12 rows), else 8 (AVX2 and others: 16 registers, blocks of up to 6 rows). The largest block
+ * keeps 2 x MAX_RB independent sums in flight, enough to hide the multiply-add latency. */
 #if defined(__AVX512F__)
 #define VL 16
-#define MAX_RB 8
+#define MAX_RB 12
 #else
 #define VL 8
-#define MAX_RB 4
+#define MAX_RB 6
 #endif
 #define CV 2
 #define STRIP (VL * CV)
@@ -96,7 +97,10 @@ static inline vf vload(const float *p) {
  * size does the same operations in the same order (one fused multiply-add per weight, i
  * ascending), so a row's result never depends on which rows share the step: the engine's
  * batched == alone guarantee. */
-#define DEFINE_STRIP(RB)                                                                        \
+#define STRIP_NAME(RB) strip_##RB
+#define STRIP_FN(RB) STRIP_NAME(RB)
+#define DEFINE_STRIP(RB) DEFINE_STRIP_(RB)
+#define DEFINE_STRIP_(RB)                                                                       \
     static void strip_##RB(int n_in, const float *x, const float *P, const float *bias,       \
                            float *out) {                                                      \
         vf a[RB][CV];                                                                         \
@@ -118,16 +122,14 @@ static inline vf vload(const float *p) {
 DEFINE_STRIP(1)
 DEFINE_STRIP(2)
 DEFINE_STRIP(4)
-#if MAX_RB >= 8
-DEFINE_STRIP(8)
-#endif
+DEFINE_STRIP(MAX_RB)
 
 int minigpt_strip(void) { return STRIP; }
 
 /* y[b, :] (op)= x[b, :] @ W + bias for b < B. W is [n_in, n_out] row-major; P holds its whole
  * strips packed strip-major, [n_out / STRIP][n_in][STRIP] (native.py packs it once), so each
  * strip's weights are one contiguous run. Runs inside the step's parallel region: `omp for`
- * hands each thread whole strips, and each strip is done for every row (blocks of 8, 4, 2, 1)
+ * hands each thread whole strips, and each strip is done for every row (blocks of MAX_RB, 4, 2, 1)
  * while its weights are in cache, so W streams from memory once per step however many rows
  * there are. The last few columns (n_out % STRIP) are read from W one at a time. */
 static void matvec(int B, int n_in, int n_out, const float *x, const float *P, const float *W,
@@ -140,9 +142,8 @@ static void matvec(int B, int n_in, int n_out, const float *x, const float *P, c
         if (s < full) {
             const float *ps = P + (size_t)s * n_in * STRIP, *bs = bias ? bias + j : NULL;
             int b = 0;
-#if MAX_RB >= 8
-            for (; b + 8 <= B; b += 8) strip_8(n_in, x + (size_t)b * n_in, ps, bs, acc + b * STRIP);
-#endif
+            for (; b + MAX_RB <= B; b += MAX_RB)
+                STRIP_FN(MAX_RB)(n_in, x + (size_t)b * n_in, ps, bs, acc + b * STRIP);
             for (; b + 4 <= B; b += 4) strip_4(n_in, x + (size_t)b * n_in, ps, bs, acc + b * STRIP);
             for (; b + 2 <= B; b += 2) strip_2(n_in, x + (size_t)b * n_in, ps, bs, acc + b * STRIP);
             for (; b < B; b++) strip_1(n_in, x + (size_t)b * n_in, ps, bs, acc + b * STRIP);
