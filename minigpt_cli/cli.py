@@ -150,6 +150,9 @@ def serve(
                               ] = 1 << 20,
     model_name: Annotated[str | None, typer.Option(help="Name in /v1/models (default: the "
                                                         "run directory's).")] = None,
+    max_prefill_tokens: Annotated[int, typer.Option(help="Prompt tokens started per engine "
+                                                         "step; a burst is spread over steps "
+                                                         "(0 = no limit).")] = 16,
     engine: Annotated[str, typer.Option(help=ENGINE_HELP)] = "auto",
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | mps")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto | float32 | bfloat16 | float16")] = "auto",
@@ -160,7 +163,8 @@ def serve(
 
     options = ServeOptions(max_batch=max_batch, max_queue=max_queue, api_key=api_key,
                            engine=engine, max_body_bytes=max_body_bytes, max_tokens=max_tokens,
-                           model_name=model_name)
+                           model_name=model_name,
+                           max_prefill_tokens=max_prefill_tokens or None)
     run_serve(checkpoint=checkpoint, host=host, port=port, options=options, device=device,
               dtype=dtype)
 

@@ -183,3 +183,25 @@ def test_chunked_prefill_matches_the_pytorch_prefill() -> None:
         Engine(model, enc, 1, engine=engine).run([seq])
         runs[engine] = seq.tokens
     assert runs["native"] == runs["torch"] and len(runs["native"]) > 10
+
+
+def test_prefill_budget_spreads_a_burst_over_steps() -> None:
+    s = Scheduler(8)
+    for n in (10, 5, 3, 20, 1):
+        s.add(Sequence(prompt=[1] * n, settings=GREEDY, max_tokens=1))
+    assert [len(q.prompt) for q in s.admit(16)] == [10, 5]  # 10 + 5 fits, + 3 would not
+    assert [len(q.prompt) for q in s.admit(16)] == [3]  # the 20 after it would not fit
+    assert [len(q.prompt) for q in s.admit(16)] == [20]  # over the budget alone: still goes
+    assert [len(q.prompt) for q in s.admit(None)] == [1]
+
+
+def test_a_budget_does_not_change_results(model: GPT, enc) -> None:
+    sizes = [20, 9, 31]
+
+    def run(budget: int | None) -> list[list[int]]:
+        seqs = [Sequence(prompt=tok.encode(enc, p), settings=GREEDY, max_tokens=n)
+                for p, n in zip(PROMPTS, sizes, strict=False)]
+        Engine(model, enc, 3, prefill_budget=budget).run(seqs)
+        return [q.tokens for q in seqs]
+
+    assert run(4) == run(None)

@@ -32,12 +32,14 @@ log = logging.getLogger("minigpt.engine")
 class Engine:
     def __init__(self, model: GPT, enc: tiktoken.Encoding, n_slots: int, *,
                  use_cache: bool = True, engine: str = "auto", max_queue: int | None = None,
+                 prefill_budget: int | None = None,
                  on_step: Callable[[int], None] | None = None) -> None:
         self.model = model
         self.enc = enc
         self.runner = ModelRunner(model, n_slots, use_cache=use_cache, engine=engine)
         self.scheduler = Scheduler(n_slots, max_queue)
         self.on_step = on_step  # called with the number of sequences each step decoded
+        self.prefill_budget = prefill_budget  # prompt tokens admitted per step (None: all)
         self.steps = 0
         self._lock = threading.Lock()  # guards the scheduler's queues against other threads
         self._wake = threading.Condition(self._lock)
@@ -79,7 +81,7 @@ class Engine:
                          if s.cancelled]
             for seq in cancelled:
                 self._finish(seq, "cancelled")
-            admitted = self.scheduler.admit()
+            admitted = self.scheduler.admit(self.prefill_budget)
             decoding = [s for s in self.scheduler.running.values()
                         if s not in admitted and s.next_input is not None]
         for seq in cancelled:

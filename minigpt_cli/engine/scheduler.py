@@ -32,11 +32,19 @@ class Scheduler:
                             f"(the queue holds {self.max_queue})")
         self.waiting.extend(seqs)
 
-    def admit(self) -> list[Sequence]:
-        """Move waiting sequences into free slots, oldest first."""
-        admitted = []
+    def admit(self, budget: int | None = None) -> list[Sequence]:
+        """Move waiting sequences into free slots, oldest first. With a `budget`, stop once
+        the admitted prompts would exceed that many tokens (the first always goes in): a
+        burst of arrivals is prefilled over several steps, so the first requests start
+        sooner and running requests never wait on one huge step."""
+        admitted: list[Sequence] = []
+        tokens = 0
         while self.waiting and self._free:
-            seq = self.waiting.popleft()
+            seq = self.waiting[0]
+            if budget is not None and admitted and tokens + len(seq.prompt) > budget:
+                break
+            tokens += len(seq.prompt)
+            self.waiting.popleft()
             seq.slot = heapq.heappop(self._free)
             seq.status = Status.RUNNING
             self.running[seq.slot] = seq

@@ -37,6 +37,7 @@ class ServeOptions:
     max_prompt_tokens: int | None = None  # None: the model's context (block_size)
     max_tokens: int = 4096
     model_name: str | None = None
+    max_prefill_tokens: int | None = 16  # prompt tokens started per engine step
 
 
 class BodyLimit:
@@ -94,7 +95,8 @@ def create_app(loader: Loader, options: ServeOptions,
             try:
                 model, enc, name = loader()
                 engine = Engine(model, enc, options.max_batch, engine=options.engine,  # type: ignore[arg-type]
-                                max_queue=options.max_queue)
+                                max_queue=options.max_queue,
+                                prefill_budget=options.max_prefill_tokens)
                 w = Worker(engine)
                 w.start()
                 worker.append(w)

@@ -34,6 +34,8 @@ def run_serve(*, checkpoint: str | None, host: str, port: int, options: ServeOpt
 
     if not 1 <= options.max_batch <= 256:
         raise UserError(f"--max-batch must be in 1..256, got {options.max_batch}")
+    if options.max_prefill_tokens is not None and options.max_prefill_tokens < 0:
+        raise UserError(f"--max-prefill-tokens must be >= 0, got {options.max_prefill_tokens}")
     if options.max_queue < 0:
         raise UserError(f"--max-queue must be >= 0, got {options.max_queue}")
     if not 0 < port < 65536:
