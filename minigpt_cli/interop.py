@@ -152,7 +152,11 @@ def export_hf(run: str | Path, out_dir: Path) -> Path:
         src = path.parent / meta["tokenizer"].get("file", tok.TOKENIZER_FILE)
         if src.is_file():
             ckpt.atomic_write_bytes(out_dir / tok.TOKENIZER_FILE, src.read_bytes())
-    write_hf_tokenizer(tok.load(meta["tokenizer"], path.parent), out_dir, eot)
+    try:
+        enc = tok.load(meta["tokenizer"], path.parent)
+    except UserError:  # a tokenizer minigpt cannot rebuild (e.g. a benchmark's stand-in)
+        return out_dir
+    write_hf_tokenizer(enc, out_dir, eot)
     return out_dir
 
 
