@@ -2,10 +2,12 @@
 
 A cached decode step of a small model is ~60 tiny operations, and eager PyTorch spends more
 time dispatching them than computing; for a large model, PyTorch's batch-1 matrix-vector
-product runs on one core. The C step does the whole token in one call, with every
-matrix-vector product split over the cores. It is an inference-only fast path for float32 on
-the CPU. Prefill, training, the uncached loop and every other device stay in PyTorch, and the
-two must agree (tests/test_native.py, and `minigpt bench`'s ✓ column).
+product runs on one core. The C step does a whole step in one call, with every product split
+over the cores, for up to 64 rows at once (each row one token of one sequence, in its own
+cache slot), which also carries prompts (chunked prefill). It is an inference-only fast path
+for float32 on the CPU. Training, the uncached loop, echo-with-logprobs scoring and every other
+device stay in PyTorch, and the two must agree (tests/test_native.py, tests/test_engine.py,
+and `minigpt bench`'s ✓ column).
 
 The library is compiled on first use with the system C compiler (`$CC`, else `cc`) into the
 user cache directory, keyed by a hash of the source, the flags and the CPU, and written

@@ -4,9 +4,10 @@
  * eager PyTorch each one costs a few microseconds of dispatch; together they, not arithmetic,
  * set the speed (docs/benchmarks.md). For a large model the step streams every weight once,
  * and PyTorch's matrix-vector product uses one core. Here the whole step is one C call inside
- * one OpenMP thread region, the matrix-vector products split their output columns over the
- * threads, and the weights are read in minigpt's [in, out] layout four rows at a time, which
- * streams memory at full speed (benchmarks/native_step.py).
+ * one OpenMP thread region, and the products split their output columns over the threads.
+ * Each product is register-blocked over weights packed strip by strip (see matvec): at one row
+ * it streams memory in one sequential run, and with many rows (a server's running requests, a
+ * prompt's tokens) each weight read feeds them all (benchmarks/batched_step.py).
  *
  * The math is exactly the model's (minigpt_cli/model.py): pre-LayerNorm blocks, tanh GELU,
  * scaled dot-product attention over the key/value cache, tied output head. Only float32.
