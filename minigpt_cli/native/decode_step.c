@@ -142,49 +142,97 @@ static const strip_fn STRIPS[MAX_RB + 1] = {
 
 int minigpt_strip(void) { return STRIP; }
 
+/* One or two leftover rows over two neighbouring strips at once (four vectors per row): a lone
+ * row over one strip has only two sums in flight and waits on the multiply-add latency; over
+ * two strips it has four (two rows: eight). Same operations per weight as DEFINE_STRIP. */
+#define DEFINE_WIDE(RB)                                                                         \
+    static void wide_##RB(int n_in, const float *x, const float *P0, const float *P1,         \
+                          const float *bias, float *out0, float *out1) {                      \
+        vf a[RB][4];                                                                          \
+        for (int c = 0; c < 4; c++) {                                                         \
+            const vf b0 = bias ? vload(bias + c * VL) : (vf){0};                              \
+            for (int r = 0; r < RB; r++) a[r][c] = b0;                                        \
+        }                                                                                     \
+        for (int i = 0; i < n_in; i++, P0 += STRIP, P1 += STRIP) {                            \
+            const vf w0 = vload(P0), w1 = vload(P0 + VL), w2 = vload(P1), w3 = vload(P1 + VL); \
+            for (int r = 0; r < RB; r++) {                                                    \
+                const float xr = x[(size_t)r * n_in + i];                                     \
+                a[r][0] += xr * w0;                                                           \
+                a[r][1] += xr * w1;                                                           \
+                a[r][2] += xr * w2;                                                           \
+                a[r][3] += xr * w3;                                                           \
+            }                                                                                 \
+        }                                                                                     \
+        for (int r = 0; r < RB; r++)                                                          \
+            for (int c = 0; c < 4; c++)                                                       \
+                memcpy((c < 2 ? out0 : out1) + r * STRIP + (c % 2) * VL, &a[r][c], sizeof(vf)); \
+    }
+DEFINE_WIDE(1)
+DEFINE_WIDE(2)
+
+/* Apply a product's result to its destination columns [j, j + w) for every row. */
+static void finish_strip(int B, int n_out, const float *acc, float *y, int j, int w, int op) {
+    for (int b = 0; b < B; b++) {
+        const float *restrict a = acc + b * STRIP;
+        float *restrict out = y + (size_t)b * n_out + j;
+        if (op == ADD) {
+#pragma omp simd
+            for (int c = 0; c < w; c++) out[c] += a[c];
+        } else if (op == STORE_GELU) {
+#pragma omp simd
+            for (int c = 0; c < w; c++) out[c] = gelu_tanh(a[c]);
+        } else {
+            memcpy(out, a, (size_t)w * sizeof(float));
+        }
+    }
+}
+
 /* y[b, :] (op)= x[b, :] @ W + bias for b < B. W is [n_in, n_out] row-major; P holds its whole
  * strips packed strip-major, [n_out / STRIP][n_in][STRIP] (native.py packs it once), so each
  * strip's weights are one contiguous run. Runs inside the step's parallel region: `omp for`
- * hands each thread whole strips, and each strip is done for every row (in blocks of at most MAX_RB)
- * while its weights are in cache, so W streams from memory once per step however many rows
- * there are. The last few columns (n_out % STRIP) are read from W one at a time. */
+ * hands each thread pairs of neighbouring strips, and each pair is done for every row (blocks
+ * of MAX_RB rows per strip; one or two leftover rows across both strips) while its weights are
+ * in cache, so W streams from memory once per step however many rows there are. The last few
+ * columns (n_out % STRIP) are read from W one at a time. */
 static void matvec(int B, int n_in, int n_out, const float *x, const float *P, const float *W,
                    const float *bias, float *y, int op) {
     const int full = n_out / STRIP, tail = n_out - full * STRIP;
+    const int pairs = (full + 1) / 2;
 #pragma omp for schedule(static)
-    for (int s = 0; s < full + (tail > 0); s++) {
-        const int j = s * STRIP, w = s < full ? STRIP : tail;
-        float acc[MAX_BATCH * STRIP];
-        if (s < full) {
-            const float *ps = P + (size_t)s * n_in * STRIP, *bs = bias ? bias + j : NULL;
-            /* Blocks as large as the registers allow; the last takes what is left. (Equal
-             * blocks, 8 rows as 4 + 4 rather than 6 + 2, measured slower.) */
-            for (int b = 0, rb; b < B; b += rb) {
-                rb = B - b < MAX_RB ? B - b : MAX_RB;
-                STRIPS[rb](n_in, x + (size_t)b * n_in, ps, bs, acc + b * STRIP);
-            }
-        } else {
+    for (int u = 0; u < pairs + (tail > 0); u++) {
+        float acc[2][MAX_BATCH * STRIP];
+        if (u == pairs) { /* the tail */
+            const int j = full * STRIP;
             for (int b = 0; b < B; b++)
-                for (int c = 0; c < w; c++) {
+                for (int c = 0; c < tail; c++) {
                     float a = bias ? bias[j + c] : 0.f;
                     for (int i = 0; i < n_in; i++)
                         a += x[(size_t)b * n_in + i] * W[(size_t)i * n_out + j + c];
-                    acc[b * STRIP + c] = a;
+                    acc[0][b * STRIP + c] = a;
                 }
+            finish_strip(B, n_out, acc[0], y, j, tail, op);
+            continue;
         }
-        for (int b = 0; b < B; b++) {
-            const float *restrict a = acc + b * STRIP;
-            float *restrict out = y + (size_t)b * n_out + j;
-            if (op == ADD) {
-#pragma omp simd
-                for (int c = 0; c < w; c++) out[c] += a[c];
-            } else if (op == STORE_GELU) {
-#pragma omp simd
-                for (int c = 0; c < w; c++) out[c] = gelu_tanh(a[c]);
-            } else {
-                memcpy(out, a, (size_t)w * sizeof(float));
+        const int s0 = 2 * u, ns = s0 + 1 < full ? 2 : 1;
+        const int rest = B % MAX_RB, wide = ns == 2 && rest > 0 && rest <= 2 ? rest : 0;
+        for (int k = 0; k < ns; k++) {
+            const int j = (s0 + k) * STRIP;
+            const float *ps = P + (size_t)(s0 + k) * n_in * STRIP, *bs = bias ? bias + j : NULL;
+            /* Blocks as large as the registers allow; the last takes what is left, unless
+             * it is one or two rows, which go across both strips below. */
+            for (int b = 0, rb; b < B - wide; b += rb) {
+                rb = B - wide - b < MAX_RB ? B - wide - b : MAX_RB;
+                STRIPS[rb](n_in, x + (size_t)b * n_in, ps, bs, acc[k] + b * STRIP);
             }
         }
+        if (wide) {
+            const int b = B - wide, j = s0 * STRIP;
+            const float *p0 = P + (size_t)s0 * n_in * STRIP, *p1 = p0 + (size_t)n_in * STRIP;
+            (wide == 1 ? wide_1 : wide_2)(n_in, x + (size_t)b * n_in, p0, p1,
+                                          bias ? bias + j : NULL, acc[0] + b * STRIP,
+                                          acc[1] + b * STRIP);
+        }
+        for (int k = 0; k < ns; k++) finish_strip(B, n_out, acc[k], y, (s0 + k) * STRIP, STRIP, op);
     }
 }
 
