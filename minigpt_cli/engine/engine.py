@@ -96,18 +96,22 @@ class Engine:
                 self._fail(seq, exc)
         starting = [s for s in admitted if not s.echo_logprobs]
         decoding.sort(key=lambda s: s.slot)
+        firsts: list[torch.Tensor] = []
+        logits, positions = None, []
         try:
-            firsts, logits = self.runner.step([(s.slot, s.prompt) for s in starting],
-                                              [s.slot for s in decoding],
-                                              [s.next_input for s in decoding])
-            positions = self.runner.positions
+            if starting or decoding:
+                firsts, logits = self.runner.step([(s.slot, s.prompt) for s in starting],
+                                                  [s.slot for s in decoding],
+                                                  [s.next_input for s in decoding])
+                positions = self.runner.positions
         except Exception as exc:  # the batched forward failed: every row in it fails
             for seq in starting + decoding:
                 self._fail(seq, exc)
             starting, decoding, firsts = [], [], []
         ready = [(seq, row, len(self.runner.windows[seq.slot]))
                  for seq, row in zip(starting, firsts, strict=True)]
-        ready += [(seq, logits[i], positions[i]) for i, seq in enumerate(decoding)]
+        if logits is not None:
+            ready += [(seq, logits[i], positions[i]) for i, seq in enumerate(decoding)]
         for seq, row, n in ready:
             try:
                 self._advance(seq, row, n)
