@@ -298,11 +298,20 @@ def test_sigterm_ends_streams_with_an_error_event(run_dir: Path) -> None:
 
 
 def test_cli_refuses_bad_flags(run_dir: Path) -> None:
-    for flags, fragment in ((["--max-batch", "0"], "--max-batch"),
-                            (["--engine", "warp"], "unknown engine"),
-                            (["--checkpoint", "/no/such/run"], "checkpoint not found")):
-        p = subprocess.run([sys.executable, "-m", "minigpt_cli", "serve", "--checkpoint",
-                            str(run_dir), *flags], capture_output=True, text=True, cwd=ROOT,
-                           timeout=60)
-        assert p.returncode == 2 and p.stderr.startswith("error:"), p.stderr
-        assert fragment in p.stderr and len(p.stderr.strip().splitlines()) == 1
+    taken = socket.create_server(("127.0.0.1", 0))  # a port something else already holds
+    cases = ((["--max-batch", "0"], "--max-batch"),
+             (["--engine", "warp"], "unknown engine"),
+             (["--checkpoint", "/no/such/run"], "checkpoint not found"),
+             (["--max-tokens", "0"], "--max-tokens"),
+             (["--max-body-bytes", "0"], "--max-body-bytes"),
+             (["--max-prefill-tokens", "-1"], "--max-prefill-tokens"),
+             (["--dtype", "float8"], "unknown dtype"),
+             (["--engine", "native", "--dtype", "bfloat16"], "--engine native is not available"),
+             (["--port", str(taken.getsockname()[1])], "cannot listen"))
+    with taken:
+        for flags, fragment in cases:
+            p = subprocess.run([sys.executable, "-m", "minigpt_cli", "serve", "--checkpoint",
+                                str(run_dir), *flags], capture_output=True, text=True, cwd=ROOT,
+                               timeout=60)
+            assert p.returncode == 2 and p.stderr.startswith("error:"), p.stderr
+            assert fragment in p.stderr and len(p.stderr.strip().splitlines()) == 1

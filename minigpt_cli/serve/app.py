@@ -1,6 +1,7 @@
 """The FastAPI application: limits, authentication, error handlers, and the engine's life.
 
-The model loads on a background thread after the server starts listening, so `/health`
+The engine is built (weights packed for the C step, its thread started) on a background
+thread after the server starts listening, from whatever `loader()` returns, so `/health`
 answers 503 until it is ready (what load balancers and test harnesses poll for).
 """
 

@@ -7,6 +7,7 @@ event, so streams close and uvicorn's graceful shutdown never waits on a generat
 from __future__ import annotations
 
 import logging
+import socket
 from typing import Any
 
 import uvicorn
@@ -27,10 +28,21 @@ class _Server(uvicorn.Server):
         super().handle_exit(sig, frame)
 
 
+def _check_port(host: str, port: int) -> None:
+    """Fail with one line now, not with uvicorn's log and abort after loading the model."""
+    try:
+        with socket.create_server((host, port)):
+            pass
+    except OSError as exc:
+        raise UserError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+
+
 def run_serve(*, checkpoint: str | None, host: str, port: int, options: ServeOptions,
               device: str, dtype: str, log_level: str = "info") -> None:
+    """Check every option and load the model first, so a bad flag or checkpoint is a
+    one-line error (exit 2) before anything listens; then serve until Ctrl-C or SIGTERM."""
     from minigpt_cli import native
-    from minigpt_cli.generate import find_checkpoint, load_for_inference
+    from minigpt_cli.generate import load_for_inference
 
     if not 1 <= options.max_batch <= 256:
         raise UserError(f"--max-batch must be in 1..256, got {options.max_batch}")
@@ -38,16 +50,17 @@ def run_serve(*, checkpoint: str | None, host: str, port: int, options: ServeOpt
         raise UserError(f"--max-prefill-tokens must be >= 0, got {options.max_prefill_tokens}")
     if options.max_queue < 0:
         raise UserError(f"--max-queue must be >= 0, got {options.max_queue}")
+    if options.max_tokens < 1:
+        raise UserError(f"--max-tokens must be at least 1, got {options.max_tokens}")
+    if options.max_body_bytes < 1:
+        raise UserError(f"--max-body-bytes must be at least 1, got {options.max_body_bytes}")
     if not 0 < port < 65536:
         raise UserError(f"--port must be in 1..65535, got {port}")
     if options.engine not in native.ENGINES:
         raise UserError(f"unknown engine '{options.engine}': use auto, native or torch")
-    path = find_checkpoint(checkpoint)  # a bad path is an error before the server starts
-
-    def loader() -> tuple[object, object, str]:
-        model, enc, _, found = load_for_inference(str(path), device, dtype)
-        native.choose_engine(options.engine, model)
-        return model, enc, found.parent.name
+    _check_port(host, port)
+    model, enc, _, found = load_for_inference(checkpoint, device, dtype)
+    native.choose_engine(options.engine, model)
 
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     server: list[_Server] = []
@@ -55,10 +68,12 @@ def run_serve(*, checkpoint: str | None, host: str, port: int, options: ServeOpt
     def stop(message: str) -> None:
         server[0].should_exit = True
 
-    app = create_app(loader, options, on_load_error=stop)
+    app = create_app(lambda: (model, enc, found.parent.name), options, on_load_error=stop)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
                             timeout_graceful_shutdown=5)
     server.append(_Server(config, app))
     server[0].run()
     if app.state.load_error is not None:
         raise UserError(app.state.load_error)
+    if not server[0].started:  # uvicorn could not start (it has logged why)
+        raise UserError(f"the server could not start on {host}:{port}")
