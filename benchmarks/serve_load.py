@@ -14,8 +14,16 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import socket
 import threading
 import time
+
+
+def free_port() -> int:
+    """A port on 127.0.0.1 nobody holds now, for a server the benchmark starts."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def one_request(port: int, prompt: str, tokens: int, model: str | None) -> dict:

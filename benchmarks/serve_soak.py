@@ -21,14 +21,10 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from serve_load import free_port  # beside this script, so on sys.path
+
 BAD = [b"{not json", b'{"prompt": 5}', b'{"prompt": "x", "temperature": -3}',
        b'{"prompt": "x", "max_tokens": "many"}', b'{"messages": []}', b"[]"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def rss_mb(pid: int) -> float:

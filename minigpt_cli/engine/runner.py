@@ -34,8 +34,8 @@ class ModelRunner:
         self.windows: list[list[int]] = [[] for _ in range(n_slots)]
         self.cache = (KVCache(model.config, n_slots, self.block_size, self.device, p.dtype)
                       if use_cache else None)
-        # Which code runs a cached decode step: the fused C step (minigpt_cli/native.py) or
-        # the model's forward. Prefill and the uncached loop always use the model's forward.
+        # What runs cached steps: the fused C step (minigpt_cli/native.py; it also takes the
+        # prompts of `step`) or the model's forward. The uncached loop is always the forward.
         self.engine = native.choose_engine(engine, model, use_cache)
         self._native: native.NativeStep | None = None
         self.positions: list[int] = []  # per row of the last call: positions computed
@@ -65,13 +65,7 @@ class ModelRunner:
     def decode(self, slots: list[int], tokens: list[int]) -> torch.Tensor:
         """Append tokens[i] to slot slots[i]; next-token logits [len(slots), V]. Read them
         before the next call: the native engine reuses one buffer."""
-        slid = []
-        for i, (s, t) in enumerate(zip(slots, tokens, strict=True)):
-            w = self.windows[s]
-            w.append(t)
-            if len(w) > self.block_size:
-                self.windows[s] = w[-self.keep:]
-                slid.append(i)
+        slid = [i for i, moved in enumerate(self._append(slots, tokens)) if moved]
         if not self.use_cache:
             self.positions = [len(self.windows[s]) for s in slots]
             return self._uncached(slots)
@@ -107,35 +101,40 @@ class ModelRunner:
             self.windows[s] = list(p[-self.block_size:])
             rows += self._window_rows(s)
         self.positions = []
-        for s, t in zip(slots, tokens, strict=True):
-            w = self.windows[s]
-            w.append(t)
-            if len(w) > self.block_size:  # the overflow policy: re-fill the kept half
-                self.windows[s] = w[-self.keep:]
+        for s, t, moved in zip(slots, tokens, self._append(slots, tokens), strict=True):
+            if moved:  # the overflow policy: re-fill the kept half
                 rows += self._window_rows(s)
                 self.positions.append(len(self.windows[s]))
             else:
-                rows.append((t, s, len(w) - 1, True))
+                rows.append((t, s, len(self.windows[s]) - 1, True))
                 self.positions.append(1)
         self.prefills += len(prefills) + sum(p > 1 for p in self.positions)
         logits = self._native_rows(rows)
         return list(logits[:len(prefills)]), logits[len(prefills):] if slots else None
+
+    def _append(self, slots: list[int], tokens: list[int]) -> list[bool]:
+        """Append tokens[i] to slot slots[i]'s window; which windows slid (overflow policy)."""
+        moved = []
+        for s, t in zip(slots, tokens, strict=True):
+            w = self.windows[s]
+            w.append(t)
+            moved.append(len(w) > self.block_size)
+            if moved[-1]:
+                self.windows[s] = w[-self.keep:]
+        return moved
 
     def _native_rows(self, rows: list[tuple[int, int, int, bool]]) -> torch.Tensor:
         """Run rows through the C step, as many calls as its row limit needs (a long prompt,
         or more slots than one call takes); the wanted rows' logits, in order."""
         if self._native is None:
             self._native = native.NativeStep(self.model)
-        step = self._native
-        if len(rows) <= step.max_rows:
-            toks, slots, cols, want = (list(c) for c in zip(*rows, strict=True))
-            return step(toks, cols, slots, cols, self.cache, want)
+        step, n = self._native, self._native.max_rows
         out = []
-        for i in range(0, len(rows), step.max_rows):
-            toks, slots, cols, want = (list(c) for c in zip(*rows[i:i + step.max_rows],
-                                                             strict=True))
-            out.append(step(toks, cols, slots, cols, self.cache, want).clone())
-        return torch.cat(out)
+        for i in range(0, len(rows), n):
+            toks, slots, cols, want = (list(c) for c in zip(*rows[i:i + n], strict=True))
+            logits = step(toks, cols, slots, cols, self.cache, want)
+            out.append(logits if len(rows) <= n else logits.clone())  # the buffer is reused
+        return out[0] if len(out) == 1 else torch.cat(out)
 
     def _window_rows(self, slot: int) -> list[tuple[int, int, int, bool]]:
         """The rows that (re)fill a slot from its window; only the last one wants logits."""

@@ -49,20 +49,21 @@ class Metrics:
         self._last: dict[int, float] = {}
 
     def on_token(self, seq: Sequence, event: TokenEvent) -> None:
-        """Called on the engine thread for every event of every request."""
+        """Called on the engine thread for every event of every request; first-token and
+        finish times are the engine's own stamps on the sequence."""
         now = time.perf_counter()
         if event.finish_reason != "error" and event.token >= 0:
             self.generated.inc()
             last = self._last.get(seq.id)
-            if last is None:
-                self.ttft.observe(now - seq.arrival)
+            if last is None and seq.first_token_at is not None:
+                self.ttft.observe(seq.first_token_at - seq.arrival)
                 self.prompt.inc(len(seq.prompt))
-            else:
+            elif last is not None:
                 self.itl.observe(now - last)
             self._last[seq.id] = now
         if event.finish_reason is not None:
             self._last.pop(seq.id, None)
-            self.e2e.observe(now - seq.arrival)
+            self.e2e.observe((seq.finished_at or now) - seq.arrival)
             self.finished.labels(finish_reason=event.finish_reason).inc()
 
     def render(self) -> tuple[bytes, str]:

@@ -141,12 +141,12 @@ async def _run(request: Request, s: Served, fmt: Format, choices: list[Choice],
     pending = len(choices)
     try:
         while pending:
-            try:
-                seq, event = await asyncio.wait_for(events.get(), KEEPALIVE_S)
-            except TimeoutError:
+            got = await _next(events)
+            if got is None:
                 if await request.is_disconnected():
                     return Response(status_code=499)
                 continue
+            seq, event = got
             choice = by_seq[seq.id]
             if event.token >= 0:
                 choice.entries.append(fmt.entry(event))
@@ -157,6 +157,15 @@ async def _run(request: Request, s: Served, fmt: Format, choices: list[Choice],
     finally:
         s.worker.cancel(seqs)
     return JSONResponse(fmt.result(choices, prompt_tokens))
+
+
+async def _next(events: asyncio.Queue[tuple[Sequence, TokenEvent]]
+                ) -> tuple[Sequence, TokenEvent] | None:
+    """The next event, or None after KEEPALIVE_S without one (time to check on the client)."""
+    try:
+        return await asyncio.wait_for(events.get(), KEEPALIVE_S)
+    except TimeoutError:
+        return None
 
 
 def _failure(seq: Sequence) -> JSONResponse:
@@ -178,11 +187,11 @@ async def _sse(s: Served, fmt: Format, choices: list[Choice], by_seq: dict[int, 
     pending = len(choices)
     try:
         while pending:
-            try:
-                seq, event = await asyncio.wait_for(events.get(), KEEPALIVE_S)
-            except TimeoutError:
+            got = await _next(events)
+            if got is None:
                 yield ": keep-alive\n\n"
                 continue
+            seq, event = got
             out = []
             while True:  # every event already here goes out in one write
                 if event.finish_reason == "error":
