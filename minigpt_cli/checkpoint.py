@@ -12,6 +12,7 @@ import base64
 import contextlib
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
 from minigpt_cli.errors import UserError
+from minigpt_cli.faults import crash_point
 
 MODEL_FILE = "model.safetensors"
 BEST_FILE = "best.safetensors"
@@ -50,15 +52,21 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             os.fchmod(f.fileno(), 0o666 & ~_UMASK)  # mkstemp's 0600 would hide files from others
-            f.write(data)
+            half = len(data) // 2
+            f.write(data[:half])
+            f.flush()
+            crash_point(f"{path.name}:partial")
+            f.write(data[half:])
             f.flush()
             os.fsync(f.fileno())
+        crash_point(f"{path.name}:synced")
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
     _fsync_dir(path.parent)
+    crash_point(f"{path.name}:renamed")
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -153,18 +161,47 @@ def save_train_state(run_dir: Path, model: torch.nn.Module, opt: torch.optim.Opt
     payload = {**state, "weights_file": name, "param_groups": groups, "rng": rng_state()}
     atomic_write_text(run_dir / STATE_JSON, json.dumps(payload, indent=1))
     if previous and previous.get("weights_file") not in (None, name):
+        crash_point("state:unlink-previous")
         with contextlib.suppress(OSError):
             (run_dir / previous["weights_file"]).unlink()
 
 
+_STATE_NAME = re.compile(r"train_state-\d{7}\.safetensors")
+
+
 def read_state_json(run_dir: Path) -> dict[str, Any] | None:
+    """The resume state, checked field by field: a damaged file is a one-line error, never a
+    resume from guessed values (the RNG streams and optimizer groups cannot be rebuilt)."""
     path = Path(run_dir) / STATE_JSON
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        state = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError):
-        raise UserError(f"{path} is corrupt; delete the run directory or train elsewhere") from None
+        state = None
+    problem = _state_problem(state)
+    if problem:
+        raise UserError(f"{path} is damaged ({problem}), so the run cannot resume exactly; its "
+                        f"{MODEL_FILE} still loads: train again in a new out_dir")
+    return state
+
+
+def _state_problem(state: Any) -> str | None:
+    if not isinstance(state, dict):
+        return "not a JSON object"
+    step = state.get("step")
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        return "no valid 'step'"
+    name = state.get("weights_file")
+    # A bare file name of our own pattern: the state may not point anywhere else on disk.
+    if not isinstance(name, str) or not _STATE_NAME.fullmatch(name):
+        return "no valid 'weights_file'"
+    if not isinstance(state.get("param_groups"), list):
+        return "no 'param_groups'"
+    rng = state.get("rng")
+    if not isinstance(rng, dict) or not isinstance(rng.get("cpu"), str):
+        return "no 'rng'"
+    return None
 
 
 def load_train_state(run_dir: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -172,11 +209,24 @@ def load_train_state(run_dir: Path) -> tuple[dict[str, Any], dict[str, torch.Ten
     state = read_state_json(run_dir)
     if state is None:
         raise UserError(f"nothing to resume in {run_dir}: no {STATE_JSON} (drop --resume to start)")
-    tensors, meta = load_safetensors(Path(run_dir) / state["weights_file"])
+    weights = Path(run_dir) / state["weights_file"]
+    if not weights.is_file():
+        raise UserError(f"{STATE_JSON} in {run_dir} names {weights.name}, which is missing: the "
+                        "run cannot resume; train again in a new out_dir")
+    tensors, meta = load_safetensors(weights)
     if meta.get("step") != state["step"]:
         raise UserError(f"resume state in {run_dir} is inconsistent (json step {state['step']}, "
                         f"weights step {meta.get('step')})")
     return state, tensors
+
+
+def saved_step(path: Path) -> int | None:
+    """The step a weights file says it holds, from its header alone; None if unreadable."""
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return json.loads((f.metadata() or {}).get("step", "null"))
+    except (SafetensorError, OSError, ValueError, RuntimeError):
+        return None
 
 
 def clean_stale_state_files(run_dir: Path) -> None:

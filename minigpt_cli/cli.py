@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import typer
 from rich.console import Console
 from rich.text import Text
+
+# typer vendors its own click (pinned in constraints.txt); its exceptions live here.
+from typer._click import exceptions as click_errors
 
 from minigpt_cli.errors import UserError
 
@@ -210,11 +213,29 @@ def bench(
     raise typer.Exit(code)
 
 
+def _fail(message: str) -> NoReturn:
+    # Plain text: paths or ranges like "(0, 1]" must not be read as markup.
+    err.print(Text.assemble(("error:", "bold red"), " ", message), soft_wrap=True)
+    sys.exit(2)
+
+
 def main() -> None:
-    """Entry point: run the app, turning user errors into one line and exit code 2."""
+    """Entry point: run the app, turning user errors into one line and exit code 2.
+
+    Click's own refusals (a value of the wrong type, an unknown option, a missing argument)
+    get the same one line as ours, instead of a usage banner and a framed box, so every bad
+    input reads alike and a script can rely on a single line naming the option.
+    """
     try:
-        app()
-    except UserError as e:
-        # The message is plain text: paths or ranges like "(0, 1]" must not be read as markup.
-        err.print(Text.assemble(("error:", "bold red"), " ", str(e)), soft_wrap=True)
+        code = app(standalone_mode=False)
+    except click_errors.NoArgsIsHelpError as e:
+        e.show()  # bare `minigpt`: the help text, as before
         sys.exit(2)
+    except click_errors.ClickException as e:
+        where = f" (see {e.ctx.command_path} --help)" if getattr(e, "ctx", None) else ""
+        _fail(" ".join(e.format_message().split()) + where)
+    except typer.Abort:
+        sys.exit(130)
+    except UserError as e:
+        _fail(str(e))
+    sys.exit(code if isinstance(code, int) else 0)

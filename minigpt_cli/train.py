@@ -75,6 +75,9 @@ def evaluate(model: torch.nn.Module, batches: list, token_bytes: torch.Tensor,
 
 
 def _check_out_dir(run_dir: Path, resume: bool) -> None:
+    if resume and not (run_dir / ckpt.STATE_JSON).is_file():
+        raise UserError(f"nothing to resume in {run_dir}: no {ckpt.STATE_JSON} "
+                        "(drop --resume to start)")
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         probe = run_dir / ".write-test"
@@ -87,6 +90,15 @@ def _check_out_dir(run_dir: Path, resume: bool) -> None:
     if has_run and not resume:
         raise UserError(f"out_dir {run_dir} already holds a run: add --resume to continue it, "
                         "or --set out_dir=NEW_DIR to start fresh")
+
+
+def _start_fresh(run_dir: Path) -> None:
+    """A new run in a directory with no resume point: whatever a first attempt that died
+    before its first commit left (weights, a best file, metric lines) goes, so none of it
+    can be read as this run's."""
+    ckpt.clean_stale_state_files(run_dir)
+    (run_dir / ckpt.BEST_FILE).unlink(missing_ok=True)
+    ckpt.atomic_write_text(run_dir / ckpt.METRICS_FILE, "")
 
 
 def _check_same_run(run_dir: Path, cfg: Config) -> None:
@@ -226,6 +238,7 @@ def train(cfg: Config, resume: bool = False, console: Console | None = None) -> 
         else:
             console.print(f"[bold]resuming[/] {escape(str(run_dir))} at step {start_step}")
     else:
+        _start_fresh(run_dir)
         ckpt.atomic_write_text(run_dir / ckpt.CONFIG_FILE, yaml.safe_dump(cfg.to_dict(),
                                                                            sort_keys=False))
         if cfg.tokenizer.kind == "bpe":
@@ -249,13 +262,20 @@ def train(cfg: Config, resume: bool = False, console: Console | None = None) -> 
                 "val_loss": val_loss, "config": cfg.to_dict()}
 
     def save(step: int, val_loss: float | None) -> None:
-        ckpt.save_model(run_dir / ckpt.MODEL_FILE, model, model_meta(step, val_loss))
+        # The resume state is the commit point, so it goes first: a crash before it leaves the
+        # previous state (or, on a first save, a directory a fresh start may reuse); a crash
+        # after it leaves model.safetensors one save behind, which a resume rewrites.
         ckpt.save_train_state(run_dir, model, opt, {
-            "step": step, "best_val_loss": best_val, "seed": cfg.seed,
+            "step": step, "best_val_loss": best_val, "seed": cfg.seed, "val_loss": val_loss,
             # Batches are a pure function of (seed, step): the next step is the data position.
             "data": {"sampler": "random-windows", "next_step": step},
         })
+        ckpt.save_model(run_dir / ckpt.MODEL_FILE, model, model_meta(step, val_loss))
 
+    if state is not None and ckpt.saved_step(run_dir / ckpt.MODEL_FILE) != start_step:
+        # The run died between committing its resume state and writing model.safetensors.
+        ckpt.save_model(run_dir / ckpt.MODEL_FILE, model,
+                        model_meta(start_step, state.get("val_loss", last["val_loss"])))
     console.print(f"[bold]training[/] {model.num_params() / 1e6:.2f}M params on {device} "
                   f"({str(dtype).removeprefix('torch.')}), vocab {enc.n_vocab}, "
                   f"{len(tokens.train):,} train / {len(tokens.val):,} val tokens")
