@@ -11,6 +11,7 @@ import json
 import math
 import signal
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
+from torch import Tensor
 
 from minigpt_cli import checkpoint as ckpt
 from minigpt_cli import data as D
@@ -72,6 +74,32 @@ def evaluate(model: torch.nn.Module, batches: list, token_bytes: torch.Tensor,
         count += losses.numel()
     model.train(was_training)
     return EvalResult(loss=total / count, bpb=nats / math.log(2) / max(bytes_, 1.0))
+
+
+def accumulate_gradients(fwd: torch.nn.Module, micro_batches: Iterable[tuple[Tensor, Tensor]],
+                         n: int, scaler: torch.amp.GradScaler, device: torch.device,
+                         dtype: torch.dtype) -> Tensor:
+    """Backward over n micro-batches, each loss scaled by 1/n: the summed gradient is the
+    gradient of one batch n times larger (equal-sized micro-batches, mean losses). Returns the
+    mean loss, still on the device (reading it would wait for the device)."""
+    loss_sum = torch.zeros((), device=device)
+    for x, y in micro_batches:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with autocast(device, dtype):
+            _, loss = fwd(x, y)
+        scaler.scale(loss / n).backward()
+        loss_sum += loss.detach()
+    return loss_sum / n
+
+
+def clip_gradients(model: torch.nn.Module, opt: torch.optim.Optimizer,
+                   scaler: torch.amp.GradScaler, max_norm: float) -> Tensor | None:
+    """Scale all gradients together so their global L2 norm is at most max_norm (0 = off).
+    Returns the norm before clipping (a device tensor), which metrics.jsonl logs."""
+    if max_norm <= 0:
+        return None
+    scaler.unscale_(opt)
+    return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
 
 
 def _check_out_dir(run_dir: Path, resume: bool) -> None:
@@ -295,17 +323,11 @@ def train(cfg: Config, resume: bool = False, console: Console | None = None) -> 
             lr = lr_at(step, t)
             for group in opt.param_groups:
                 group["lr"] = lr
-            loss_sum = torch.zeros((), device=device)
-            for micro in range(t.grad_accum_steps):
-                x, y = D.train_batch(tokens.train, t.batch_size, T, cfg.seed, step, micro)
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                with autocast(device, dtype):
-                    _, loss = fwd(x, y)
-                scaler.scale(loss / t.grad_accum_steps).backward()
-                loss_sum += loss.detach()
-            if t.grad_clip > 0:
-                scaler.unscale_(opt)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+            micro_batches = (D.train_batch(tokens.train, t.batch_size, T, cfg.seed, step, micro)
+                             for micro in range(t.grad_accum_steps))
+            mean_loss = accumulate_gradients(fwd, micro_batches, t.grad_accum_steps, scaler,
+                                             device, dtype)
+            grad_norm = clip_gradients(model, opt, scaler, t.grad_clip)
             scaler.step(opt)
             scaler.update()
             opt.zero_grad(set_to_none=True)
@@ -317,7 +339,7 @@ def train(cfg: Config, resume: bool = False, console: Console | None = None) -> 
             is_eval = step % t.eval_interval == 0 or step == t.max_steps
             is_save = step % t.save_interval == 0 or step == t.max_steps or stopping
             if step % t.log_interval == 0 or is_eval or is_save:
-                train_loss = loss_sum.item() / t.grad_accum_steps
+                train_loss = mean_loss.item()
                 if not math.isfinite(train_loss):
                     raise UserError(f"loss became {train_loss} at step {step}; the last good "
                                     f"checkpoint in {run_dir} is kept: lower train.lr or use "
@@ -327,8 +349,9 @@ def train(cfg: Config, resume: bool = False, console: Console | None = None) -> 
                 tps = window_steps * tokens_per_step / (now - window_t)
                 window_t, window_steps = now, 0
                 last["loss"] = train_loss
-                log({"step": step, "loss": train_loss, "lr": lr, "tokens_per_s": tps,
-                     "elapsed_s": now - t0})
+                norm = None if grad_norm is None else grad_norm.item()
+                log({"step": step, "loss": train_loss, "lr": lr, "grad_norm": norm,
+                     "tokens_per_s": tps, "elapsed_s": now - t0})
             val_loss = None
             if is_eval:
                 tr = evaluate(fwd, train_eval_batches, token_bytes, device, dtype)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -132,3 +133,66 @@ def test_crash_then_resume_equals_uninterrupted(point: str, crashed, straight: P
     steps = [json.loads(x)["step"] for x in (run / ckpt.METRICS_FILE).read_text().splitlines()
              if "val_loss" in x]
     assert steps == [10, 20]  # the log reads like one unbroken run
+
+
+# --- a resume state damaged from outside: one line naming the problem, or a clean recovery ---
+
+@pytest.fixture
+def finished(straight: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A copy of the uninterrupted run (trained to 20 steps) and its config, for damaging."""
+    run = tmp_path / "run"
+    shutil.copytree(straight, run)
+    monkeypatch.setenv("MINIGPT_DATA_DIR", str(tmp_path / "data"))
+    raw = tiny_raw(straight.parent / "corpus.txt", run, max_steps=25)
+    return run, config_from_dict(raw)
+
+
+def _state(run: Path) -> dict:
+    return json.loads((run / ckpt.STATE_JSON).read_text())
+
+
+@pytest.mark.parametrize(("damage", "message"), [
+    (lambda text: text[: len(text) // 2], "is damaged (not a JSON object)"),
+    (lambda text: "{}", "no valid 'step'"),
+    (lambda text: text.replace('"step": 20', '"step": "20"'), "no valid 'step'"),
+    (lambda text: text.replace("train_state-0000020", "../../train_state-0000020"),
+     "no valid 'weights_file'"),
+    (lambda text: text.replace('"rng"', '"gnr"'), "no 'rng'"),
+    (lambda text: text.replace('"step": 20', '"step": 15'), "inconsistent (json step 15"),
+    (lambda text: text.replace("0000020", "0000015"), "which is missing"),
+])
+def test_damaged_state_json_is_one_line(finished, damage, message: str) -> None:
+    run, cfg = finished
+    path = run / ckpt.STATE_JSON
+    path.write_text(damage(path.read_text()))
+    before = sorted(p.name for p in run.iterdir())
+    with pytest.raises(UserError) as info:
+        train(cfg, resume=True)
+    assert message in str(info.value) and "\n" not in str(info.value)
+    assert sorted(p.name for p in run.iterdir()) == before  # nothing removed or rewritten
+
+
+def test_state_naming_weights_of_another_model(finished, tmp_path: Path) -> None:
+    run, cfg = finished
+    state = _state(run)
+    other = torch.nn.Linear(3, 3)
+    ckpt.save_safetensors(run / state["weights_file"],
+                          {f"model.{k}": v for k, v in other.state_dict().items()},
+                          {"step": state["step"]})
+    with pytest.raises(UserError, match="does not match its model config"):
+        train(cfg, resume=True)
+
+
+def test_stale_state_files_are_cleared_by_a_resume(finished, straight: Path) -> None:
+    """A weights file no state names (a crash between write and commit), under a later step's
+    name, and a temp file: the resume ignores both and removes them."""
+    run, _ = finished
+    name = _state(run)["weights_file"]
+    shutil.copy(run / name, run / "train_state-0000035.safetensors")
+    (run / ".model.safetensors.abc123.tmp").write_bytes(b"half a file")
+    cfg = config_from_dict(tiny_raw(straight.parent / "corpus.txt", run, max_steps=20))
+    train(cfg, resume=True)
+    assert sorted(p.name for p in run.glob("train_state-*")) == [name]
+    assert not list(run.glob(".*.tmp"))
+    want, got = _tensors(straight / ckpt.MODEL_FILE), _tensors(run / ckpt.MODEL_FILE)
+    assert all(torch.equal(want[k], got[k]) for k in want)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import itertools
 import json
 import math
@@ -20,6 +21,7 @@ from minigpt_cli import checkpoint as ckpt
 from minigpt_cli import train as train_module
 from minigpt_cli.config import TrainConfig, config_from_dict
 from minigpt_cli.errors import UserError
+from minigpt_cli.model import GPT, GPTConfig
 from minigpt_cli.train import Interrupted, lr_at, train
 from tests.conftest import tiny_raw
 
@@ -74,25 +76,88 @@ def _final_weights(run: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def _sgd_step(model: GPT, batches: list[tuple[torch.Tensor, torch.Tensor]], clip: float
+              ) -> tuple[float, float | None]:
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    cpu = torch.device("cpu")
+    loss = train_module.accumulate_gradients(model, iter(batches), len(batches), scaler, cpu,
+                                             torch.float32)
+    norm = train_module.clip_gradients(model, opt, scaler, clip)
+    return loss.item(), None if norm is None else norm.item()
+
+
+def _grads(model: GPT) -> list[torch.Tensor]:
+    return [p.grad.clone() for p in model.parameters()]
+
+
+def test_accumulation_equals_one_batch_k_times_larger() -> None:
+    """k micro-batches of b through train's own accumulation == one batch of k*b (fp64, SGD)."""
+    torch.manual_seed(0)
+    base = GPT(GPTConfig(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=16,
+                         dropout=0.0)).double()
+    x = torch.randint(0, 50, (12, 16))
+    y = torch.randint(0, 50, (12, 16))
+    one, accumulated = copy.deepcopy(base), copy.deepcopy(base)
+    loss_one, _ = _sgd_step(one, [(x, y)], 0)
+    loss_acc, _ = _sgd_step(accumulated, [(x[i:i + 4], y[i:i + 4]) for i in (0, 4, 8)], 0)
+    assert loss_acc == pytest.approx(loss_one, rel=1e-12)
+    for a, b in zip(_grads(one), _grads(accumulated), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13)
+    for m in (one, accumulated):
+        torch.optim.SGD(m.parameters(), lr=0.1).step()
+    for a, b in zip(one.parameters(), accumulated.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13)
+
+
+def test_clipping_bounds_the_global_norm() -> None:
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=16,
+                          dropout=0.0)).double()
+    batch = [(torch.randint(0, 50, (4, 16)), torch.randint(0, 50, (4, 16)))]
+    _sgd_step(model, batch, 0)
+    raw = _grads(model)
+    norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in raw])).item()
+    model.zero_grad()
+    _, reported = _sgd_step(model, batch, norm / 4)  # clipping bites: a quarter of the norm
+    assert reported == pytest.approx(norm, rel=1e-9)
+    clipped = _grads(model)
+    after = torch.linalg.vector_norm(torch.stack([g.norm() for g in clipped])).item()
+    assert after <= norm / 4 and after == pytest.approx(norm / 4, rel=1e-5)  # torch's eps
+    for g, c in zip(raw, clipped, strict=True):  # one factor for all: the direction is kept
+        torch.testing.assert_close(c, g * (after / norm), rtol=1e-9, atol=1e-15)
+    model.zero_grad()
+    _sgd_step(model, batch, norm * 2)  # under the bound: untouched
+    for g, c in zip(raw, _grads(model), strict=True):
+        assert torch.equal(g, c)
+
+
+@pytest.mark.parametrize("accum_clip", [{}, {"grad_accum_steps": 3, "grad_clip": 0.05}])
 def test_ctrl_c_then_resume_equals_uninterrupted(tmp_path: Path, corpus_file: Path,
-                                                 data_dir: Path, monkeypatch) -> None:
-    straight = config_from_dict(tiny_raw(corpus_file, tmp_path / "a"))
+                                                 data_dir: Path, monkeypatch,
+                                                 accum_clip: dict) -> None:
+    straight = config_from_dict(tiny_raw(corpus_file, tmp_path / "a", **accum_clip))
     train(straight)
+    if accum_clip:  # the clip was active: every logged pre-clip norm is above it
+        norms = [json.loads(x).get("grad_norm") for x in
+                 (tmp_path / "a" / ckpt.METRICS_FILE).read_text().splitlines()]
+        norms = [n for n in norms if n is not None]
+        assert norms and min(norms) > 0.05
     # The same 20-step run gets a real SIGINT while fetching step 10's batch: it finishes that
     # step, saves (save_interval is 5, so step 11 is an off-interval save), and stops.
     real_batch = train_module.D.train_batch
 
     def batch_then_interrupt(tokens, b, t, seed, step, micro=0):
-        if step == 10:
+        if step == 10 and micro == 0:
             os.kill(os.getpid(), signal.SIGINT)
         return real_batch(tokens, b, t, seed, step, micro)
 
     monkeypatch.setattr(train_module.D, "train_batch", batch_then_interrupt)
     with pytest.raises(Interrupted, match="step 11"):
-        train(config_from_dict(tiny_raw(corpus_file, tmp_path / "b")))
+        train(config_from_dict(tiny_raw(corpus_file, tmp_path / "b", **accum_clip)))
     monkeypatch.setattr(train_module.D, "train_batch", real_batch)
     assert ckpt.read_state_json(tmp_path / "b")["step"] == 11
-    train(config_from_dict(tiny_raw(corpus_file, tmp_path / "b")), resume=True)
+    train(config_from_dict(tiny_raw(corpus_file, tmp_path / "b", **accum_clip)), resume=True)
     a, b = _final_weights(tmp_path / "a"), _final_weights(tmp_path / "b")
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
