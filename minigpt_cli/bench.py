@@ -26,6 +26,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from minigpt_cli import native
+from minigpt_cli.checkpoint import atomic_write_text
 from minigpt_cli.device import resolve_device, resolve_dtype, synchronize
 from minigpt_cli.errors import UserError
 from minigpt_cli.generate import Decoder
@@ -253,8 +254,14 @@ def run_bench(*, checkpoint: str | None, config: str | None, lengths: list[int],
     """Measure, print, write JSON/plot. Returns the exit code: 1 if any greedy output differs."""
     if not lengths or min(lengths) < 1:
         raise UserError("--lengths needs positive integers, e.g. 64,128,256")
-    if prompt_len < 1 or batch_size < 1 or repeats < 1:
-        raise UserError("--prompt-len, --batch-size and --repeats must be at least 1")
+    for flag, value in (("--prompt-len", prompt_len), ("--batch-size", batch_size),
+                        ("--repeats", repeats)):
+        if value < 1:
+            raise UserError(f"{flag} must be at least 1, got {value}")
+    for flag, path in (("--json", json_path), ("--plot", plot_path)):
+        if path is not None and not Path(path).resolve().parent.is_dir():
+            raise UserError(f"{flag} {path}: the folder {Path(path).parent} does not exist")
+    native.check_engine_name(engine)
     model, dev, dt, source, lengths = build_bench_model(checkpoint, config, sorted(lengths),
                                                         prompt_len, device, dtype, console)
     cfg = model.config
@@ -287,7 +294,7 @@ def run_bench(*, checkpoint: str | None, config: str | None, lengths: list[int],
                                               f"{v / 1e6:,.0f} MB"
                                               for k, v in report["memory"].items()))
     if json_path:
-        json_path.write_text(json.dumps(report, indent=1))
+        atomic_write_text(json_path, json.dumps(report, indent=1))
         console.print(f"wrote {json_path}")
     if plot_path:
         from minigpt_cli.bench_plot import plot

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from minigpt_cli.checkpoint import atomic_write_bytes
 from minigpt_cli.errors import UserError
 
 if TYPE_CHECKING:
@@ -40,5 +42,7 @@ def plot(results: list[LengthResult], header: dict, path: Path) -> None:
                  f"{header['dtype']} · {header['threads']} threads · "
                  f"batch {header['batch_size']} · cached steps: {header.get('engine', 'torch')}")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    atomic_write_bytes(path, buffer.getvalue())
     plt.close(fig)

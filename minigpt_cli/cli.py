@@ -40,10 +40,11 @@ def train(
 ) -> None:
     """Teacher-forced training: one pass over all positions per batch, dropout on."""
     from minigpt_cli.config import load_config
+
+    cfg = load_config(config, set_)  # before torch is imported: a bad config fails at once
     from minigpt_cli.train import Interrupted
     from minigpt_cli.train import train as run_train
 
-    cfg = load_config(config, set_)
     try:
         run_train(cfg, resume=resume, console=err)
     except Interrupted as e:

@@ -68,6 +68,9 @@ def run_generate(
         raise UserError(f"--num-beams must be at least 1, got {num_beams}")
     if num_samples < 1:
         raise UserError(f"--num-samples must be at least 1, got {num_samples}")
+    if stop and not all(stop):
+        raise UserError("--stop must not be empty: an empty string would stop before the "
+                        "first token")
     if num_beams > 1 and (num_samples > 1 or prompts_file or trace):
         raise UserError("--num-beams takes a single prompt: drop --num-samples/--prompts-file/"
                         "--trace")
@@ -140,7 +143,7 @@ def _show_prompt(out: Console, text: str) -> None:
 def _read_prompts(path: Path) -> list[str]:
     """One prompt per line, or JSONL objects with a 'prompt' (or 'text') field."""
     if not path.is_file():
-        raise UserError(f"prompts file not found: {path}")
+        raise UserError(f"--prompts-file {path} not found")
     prompts = []
     for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
@@ -150,10 +153,10 @@ def _read_prompts(path: Path) -> list[str]:
                 obj = json.loads(line)
                 prompts.append(obj["prompt"] if "prompt" in obj else obj["text"])
             except (json.JSONDecodeError, KeyError, TypeError):
-                raise UserError(f"{path}:{n}: expected a JSON object with a 'prompt' field"
-                                ) from None
+                raise UserError(f"--prompts-file {path}:{n}: expected a JSON object with a "
+                                "'prompt' field") from None
         else:
             prompts.append(line)
     if not prompts:
-        raise UserError(f"prompts file {path} holds no prompts")
+        raise UserError(f"--prompts-file {path} holds no prompts")
     return prompts

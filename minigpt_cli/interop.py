@@ -26,6 +26,11 @@ from minigpt_cli.model import GPTConfig
 TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh")
 
 
+def _check_out_dir(out_dir: Path) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"{out_dir} is a file, not a directory: name a new or empty folder")
+
+
 def _read_hf_config(hf_dir: Path) -> dict[str, Any]:
     path = hf_dir / "config.json"
     if not hf_dir.is_dir():
@@ -36,9 +41,15 @@ def _read_hf_config(hf_dir: Path) -> dict[str, Any]:
         cfg = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise UserError(f"{path} is not valid JSON") from None
-    if cfg.get("model_type") != "gpt2":
-        raise UserError(f"{hf_dir} holds a '{cfg.get('model_type')}' model; only GPT-2 "
+    if not isinstance(cfg, dict) or cfg.get("model_type") != "gpt2":
+        kind = cfg.get("model_type") if isinstance(cfg, dict) else None
+        raise UserError(f"{hf_dir} holds a '{kind}' model; only GPT-2 "
                         "(model_type gpt2) maps onto minigpt's architecture")
+    lacking = [k for k in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head")
+               if not isinstance(cfg.get(k), int) or isinstance(cfg.get(k), bool) or cfg[k] < 1]
+    if lacking:
+        raise UserError(f"{path} has no valid {', '.join(lacking)}: is it a complete GPT-2 "
+                        "config?")
     checks = [
         (cfg.get("activation_function", "gelu_new") in TANH_GELUS,
          f"activation_function '{cfg.get('activation_function')}' (minigpt uses tanh GELU)"),
@@ -91,9 +102,10 @@ def minigpt_to_hf(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def import_hf(hf_dir: Path, out_dir: Path) -> Path:
     """Write a minigpt run directory from a Hugging Face GPT-2 folder (tokenizer: gpt2)."""
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
-    hf = _read_hf_config(hf_dir)
+    _check_out_dir(out_dir)
     if (out_dir / ckpt.MODEL_FILE).exists() or (out_dir / ckpt.STATE_JSON).exists():
         raise UserError(f"{out_dir} already holds a run; choose an empty directory")
+    hf = _read_hf_config(hf_dir)
     model_cfg = ModelConfig(n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"],
                             block_size=hf["n_positions"], dropout=hf.get("resid_pdrop", 0.0),
                             bias=True)
@@ -124,6 +136,7 @@ def export_hf(run: str | Path, out_dir: Path) -> Path:
     from minigpt_cli.generate import find_checkpoint
 
     path = find_checkpoint(str(run))
+    _check_out_dir(Path(out_dir))
     model, meta = ckpt.load_model(path)
     cfg: GPTConfig = model.config
     if not cfg.bias:

@@ -125,11 +125,16 @@ def unsupported(model: GPT) -> str | None:
     return None
 
 
+def check_engine_name(engine: str) -> None:
+    """Refuse an unknown --engine before any model is built or anything printed."""
+    if engine not in ENGINES:
+        raise UserError(f"unknown engine '{engine}': use auto, native or torch")
+
+
 def choose_engine(engine: str, model: GPT, use_cache: bool = True) -> str:
     """Resolve 'auto' to 'native' when it can run, else 'torch'; 'native' must be possible.
     Without the KV cache there are no cached steps, so the answer is 'torch'."""
-    if engine not in ENGINES:
-        raise UserError(f"unknown engine '{engine}': use auto, native or torch")
+    check_engine_name(engine)
     if engine == "torch" or not use_cache:
         return "torch"
     reason = unsupported(model)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import signal
 import time
 from collections.abc import Iterable
@@ -106,14 +107,14 @@ def _check_out_dir(run_dir: Path, resume: bool) -> None:
     if resume and not (run_dir / ckpt.STATE_JSON).is_file():
         raise UserError(f"nothing to resume in {run_dir}: no {ckpt.STATE_JSON} "
                         "(drop --resume to start)")
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise UserError(f"out_dir {run_dir} is not writable ({e.strerror}); choose another "
-                        "with --set out_dir=PATH") from None
+    # Checked without creating anything: a run refused later (bad data, say) leaves no trace.
+    existing = run_dir.absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        why = "a file is in the way" if not existing.is_dir() else "permission denied"
+        raise UserError(f"out_dir {run_dir} is not writable ({why} at {existing}); choose "
+                        "another with --set out_dir=PATH")
     has_run = (run_dir / ckpt.STATE_JSON).exists() or (run_dir / ckpt.MODEL_FILE).exists()
     if has_run and not resume:
         raise UserError(f"out_dir {run_dir} already holds a run: add --resume to continue it, "
@@ -266,6 +267,11 @@ def train(cfg: Config, resume: bool = False, console: Console | None = None) -> 
         else:
             console.print(f"[bold]resuming[/] {escape(str(run_dir))} at step {start_step}")
     else:
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"out_dir {run_dir} cannot be created ({e.strerror}); choose "
+                            "another with --set out_dir=PATH") from None
         _start_fresh(run_dir)
         ckpt.atomic_write_text(run_dir / ckpt.CONFIG_FILE, yaml.safe_dump(cfg.to_dict(),
                                                                            sort_keys=False))

@@ -92,51 +92,9 @@ def test_generate_batch_from_prompts_file(trained: Path) -> None:
     assert [s["prompt"] for s in samples] == ["ROMEO:", "JULIET: good"]
 
 
-@pytest.mark.parametrize(("args", "fragment"), [
-    (["--temperature", "-1"], "--temperature"),
-    (["--top-p", "1.5"], "--top-p"),
-    (["--top-k", "-2"], "--top-k"),
-    (["--min-p", "1"], "--min-p"),
-    (["--max-new-tokens", "0"], "--max-new-tokens"),
-    (["--num-beams", "0"], "--num-beams"),
-    (["--device", "quantum"], "unknown device"),
-    (["--engine", "turbo"], "unknown engine"),
-    (["--engine", "native", "--dtype", "bfloat16"], "float32 only"),
-    (["--checkpoint", "nowhere"], "checkpoint not found"),
-])
-def test_generate_bad_input(trained: Path, args: list[str], fragment: str) -> None:
-    p = run("generate", "--prompt", "x", *args, cwd=trained)
-    assert_user_error(p, fragment)
-    assert p.stdout == ""  # refused before the prompt is echoed
-
-
-def test_generate_corrupt_and_missing_checkpoints(trained: Path, tmp_path: Path) -> None:
-    good = (trained / "runs/tiny/model.safetensors").read_bytes()
-    (tmp_path / "cut.safetensors").write_bytes(good[: len(good) // 2])
-    assert_user_error(run("generate", "--checkpoint", "cut.safetensors", cwd=tmp_path),
-                      "corrupt or truncated")
-    (tmp_path / "empty_dir").mkdir()
-    assert_user_error(run("generate", "--checkpoint", "empty_dir", cwd=tmp_path),
-                      "holds no model.safetensors")
+def test_generate_without_any_run_says_how_to_train_one(tmp_path: Path) -> None:
+    """The one bad-input case tests/test_bad_input.py cannot hold: its cases all have a run."""
     assert_user_error(run("generate", cwd=tmp_path), "minigpt train configs/tiny.yaml")
-    (tmp_path / "w.bin").write_bytes(b"\x80\x02pickle")
-    assert_user_error(run("generate", "--checkpoint", "w.bin", cwd=tmp_path), "pickle")
-
-
-def test_interop_bad_input(tmp_path: Path) -> None:
-    (tmp_path / "empty").mkdir()
-    assert_user_error(run("import-hf", "empty", "out", cwd=tmp_path), "no config.json")
-    assert_user_error(run("export-hf", "nowhere", "out", cwd=tmp_path), "checkpoint not found")
-
-
-def test_train_bad_input(tmp_path: Path) -> None:
-    assert_user_error(run("train", "missing.yaml", cwd=tmp_path), "config file not found")
-    (tmp_path / "typo.yaml").write_text("modle: {n_layer: 2}\n")
-    assert_user_error(run("train", "typo.yaml", cwd=tmp_path), "did you mean 'model'")
-    (tmp_path / "nodata.yaml").write_text("data: {source: /no/such/file.txt}\n")
-    assert_user_error(run("train", "nodata.yaml", cwd=tmp_path), "not found")
-    assert_user_error(run("train", "nodata.yaml", "--set", "model.n_head=3", cwd=tmp_path),
-                      "divisible")
 
 
 def test_trace_survives_markup_like_tokens() -> None:

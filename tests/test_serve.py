@@ -220,6 +220,8 @@ def test_slow_reader_does_not_stall_others(server: Server) -> None:
             assert len(_complete(server, p, 30)["choices"][0]["text"]) > 0
         assert time.monotonic() - t0 < 30
         sock.settimeout(30)
+        # Now read quickly: a 4 KB window would pace the rest at one delayed ACK per window.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
         received = b""
         while b"data: [DONE]" not in received:
             chunk = sock.recv(1 << 16)
@@ -295,23 +297,3 @@ def test_sigterm_ends_streams_with_an_error_event(run_dir: Path) -> None:
         assert s.proc.wait(15) in (0, -signal.SIGTERM)
         log = s.proc.stdout.read()  # type: ignore[union-attr]
         assert "Traceback" not in log and "Application shutdown complete" in log
-
-
-def test_cli_refuses_bad_flags(run_dir: Path) -> None:
-    taken = socket.create_server(("127.0.0.1", 0))  # a port something else already holds
-    cases = ((["--max-batch", "0"], "--max-batch"),
-             (["--engine", "warp"], "unknown engine"),
-             (["--checkpoint", "/no/such/run"], "checkpoint not found"),
-             (["--max-tokens", "0"], "--max-tokens"),
-             (["--max-body-bytes", "0"], "--max-body-bytes"),
-             (["--max-prefill-tokens", "-1"], "--max-prefill-tokens"),
-             (["--dtype", "float8"], "unknown dtype"),
-             (["--engine", "native", "--dtype", "bfloat16"], "--engine native is not available"),
-             (["--port", str(taken.getsockname()[1])], "cannot listen"))
-    with taken:
-        for flags, fragment in cases:
-            p = subprocess.run([sys.executable, "-m", "minigpt_cli", "serve", "--checkpoint",
-                                str(run_dir), *flags], capture_output=True, text=True, cwd=ROOT,
-                               timeout=60)
-            assert p.returncode == 2 and p.stderr.startswith("error:"), p.stderr
-            assert fragment in p.stderr and len(p.stderr.strip().splitlines()) == 1

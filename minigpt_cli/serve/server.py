@@ -44,6 +44,14 @@ def run_serve(*, checkpoint: str | None, host: str, port: int, options: ServeOpt
     from minigpt_cli import native
     from minigpt_cli.generate import load_for_inference
 
+    if not host:
+        raise UserError("--host must not be empty (an empty host would listen on every "
+                        "interface): use 127.0.0.1, or 0.0.0.0 on purpose")
+    if options.api_key is not None and not options.api_key.strip():
+        raise UserError("--api-key (or MINIGPT_API_KEY) is empty: give a key, or leave it unset "
+                        "to serve without one")
+    if options.model_name is not None and not options.model_name.strip():
+        raise UserError("--model-name must not be empty")
     if not 1 <= options.max_batch <= 256:
         raise UserError(f"--max-batch must be in 1..256, got {options.max_batch}")
     if options.max_prefill_tokens is not None and options.max_prefill_tokens < 0:
@@ -56,11 +64,12 @@ def run_serve(*, checkpoint: str | None, host: str, port: int, options: ServeOpt
         raise UserError(f"--max-body-bytes must be at least 1, got {options.max_body_bytes}")
     if not 0 < port < 65536:
         raise UserError(f"--port must be in 1..65535, got {port}")
-    if options.engine not in native.ENGINES:
-        raise UserError(f"unknown engine '{options.engine}': use auto, native or torch")
-    _check_port(host, port)
+    native.check_engine_name(options.engine)
+    # Every refusal that needs the model comes before the port check, so a case's own error
+    # is what is reported, whatever else holds the port.
     model, enc, _, found = load_for_inference(checkpoint, device, dtype)
     native.choose_engine(options.engine, model)
+    _check_port(host, port)
 
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     server: list[_Server] = []

@@ -1,0 +1,244 @@
+"""Every option of every command, given a bad value, through the real CLI: exit code 2, one
+line on stderr that names the option, nothing on stdout, nothing written.
+
+The cases come from one table, CASES. `test_every_option_has_a_case` reads the commands' own
+option lists, so an option added without a bad-input case (or an explicit reason it has none)
+fails the suite.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+
+from minigpt_cli.config import config_from_dict
+from minigpt_cli.train import train
+from tests.conftest import make_text, tiny_raw
+
+
+@dataclass(frozen=True)
+class Case:
+    command: str
+    args: tuple[str, ...]
+    says: str  # what the one error line must contain: the option, or the thing it names
+
+    @property
+    def id(self) -> str:
+        return " ".join((self.command, *self.args))
+
+
+def c(command: str, *args: str, says: str) -> Case:
+    return Case(command, args, says)
+
+
+# {port} is a port something else holds for the duration of the test.
+CASES = [
+    # train CONFIG [--resume] [--set K=V]
+    c("train", "missing.yaml", says="config file not found"),
+    c("train", "typo.yaml", says="did you mean 'model'"),
+    c("train", "broken.yaml", says="not valid YAML"),
+    c("train", "nodata.yaml", says="/no/such/file.txt"),
+    c("train", "cfg.yaml", "--set", "model.n_head=3", says="model.n_head"),
+    c("train", "cfg.yaml", "--set", "train.max_steps=abc", says="train.max_steps"),
+    c("train", "cfg.yaml", "--set", "max_steps", says="--set"),
+    c("train", "cfg.yaml", "--resume", says="nothing to resume"),
+    c("train", "--resume=yes", "cfg.yaml", says="--resume"),
+    c("train", says="Missing argument 'config'"),
+    # prepare SOURCE
+    c("prepare", "foo", says="nothing to prepare for 'foo'"),
+    # generate
+    c("generate", "--checkpoint", "nowhere", says="checkpoint not found"),
+    c("generate", "--checkpoint", "cut.safetensors", says="corrupt or truncated"),
+    c("generate", "--checkpoint", "weights.bin", says="pickle"),
+    c("generate", "--checkpoint", "empty", says="holds no model.safetensors"),
+    c("generate", "--max-new-tokens", "0", says="--max-new-tokens"),
+    c("generate", "--max-new-tokens", "abc", says="--max-new-tokens"),
+    c("generate", "--temperature", "-1", says="--temperature"),
+    c("generate", "--top-k", "-2", says="--top-k"),
+    c("generate", "--top-p", "1.5", says="--top-p"),
+    c("generate", "--min-p", "1", says="--min-p"),
+    c("generate", "--repetition-penalty", "0", says="--repetition-penalty"),
+    c("generate", "--repeat-last-n", "-1", says="--repeat-last-n"),
+    c("generate", "--seed", "abc", says="--seed"),
+    c("generate", "--num-beams", "0", says="--num-beams"),
+    c("generate", "--num-beams", "2", "--num-samples", "2", says="--num-beams"),
+    c("generate", "--num-beams", "2", "--trace", says="--num-beams"),
+    c("generate", "--stop", "", says="--stop"),
+    c("generate", "--num-samples", "0", says="--num-samples"),
+    c("generate", "--prompts-file", "missing.txt", says="--prompts-file"),
+    c("generate", "--prompts-file", "empty.txt", says="--prompts-file"),
+    c("generate", "--prompts-file", "bad.jsonl", says="--prompts-file"),
+    c("generate", "--json=yes", says="--json"),
+    c("generate", "--device", "quantum", says="unknown device"),
+    c("generate", "--dtype", "float8", says="unknown dtype"),
+    c("generate", "--engine", "turbo", says="unknown engine"),
+    c("generate", "--engine", "native", "--dtype", "bfloat16", says="--engine native"),
+    c("generate", "--no-such-flag", says="No such option: --no-such-flag"),
+    # import-hf HF_DIR OUT_DIR, export-hf RUN OUT_DIR
+    c("import-hf", "empty", "out", says="no config.json"),
+    c("import-hf", "nowhere", "out", says="nowhere is not a directory"),
+    c("import-hf", "hf", "out", says="has no valid vocab_size, n_positions, n_embd"),
+    c("import-hf", "hf", "runs/tiny", says="already holds a run"),
+    c("import-hf", "hf", "cfg.yaml", says="cfg.yaml is a file"),
+    c("export-hf", "nowhere", "out", says="checkpoint not found"),
+    c("export-hf", "runs/tiny", "cfg.yaml", says="cfg.yaml is a file"),
+    # serve
+    c("serve", "--checkpoint", "nowhere", says="checkpoint not found"),
+    c("serve", "--host", "", says="--host"),
+    c("serve", "--host", "no.such.host.invalid", says="cannot listen on no.such.host.invalid"),
+    c("serve", "--port", "70000", says="--port"),
+    c("serve", "--port", "{port}", says="cannot listen"),
+    c("serve", "--max-batch", "0", says="--max-batch"),
+    c("serve", "--max-queue", "-1", says="--max-queue"),
+    c("serve", "--api-key", "", says="--api-key"),
+    c("serve", "--max-tokens", "0", says="--max-tokens"),
+    c("serve", "--max-body-bytes", "0", says="--max-body-bytes"),
+    c("serve", "--model-name", "", says="--model-name"),
+    c("serve", "--max-prefill-tokens", "-1", says="--max-prefill-tokens"),
+    c("serve", "--engine", "warp", says="unknown engine"),
+    c("serve", "--engine", "native", "--dtype", "bfloat16", says="--engine native"),
+    c("serve", "--device", "quantum", says="unknown device"),
+    c("serve", "--dtype", "float8", says="unknown dtype"),
+    # bench
+    c("bench", "--checkpoint", "nowhere", says="checkpoint not found"),
+    c("bench", "--config", "missing.yaml", says="config file not found"),
+    c("bench", "--lengths", "abc", says="--lengths"),
+    c("bench", "--lengths", "0", says="--lengths"),
+    c("bench", "--prompt-len", "0", says="--prompt-len"),
+    c("bench", "--batch-size", "0", says="--batch-size"),
+    c("bench", "--repeats", "0", says="--repeats"),
+    c("bench", "--device", "quantum", says="unknown device"),
+    c("bench", "--dtype", "float8", says="unknown dtype"),
+    c("bench", "--json", "no/such/dir/b.json", says="--json"),
+    c("bench", "--plot", "no/such/dir/b.png", says="--plot"),
+    c("bench", "--train=yes", says="--train"),
+    c("bench", "--engine", "turbo", says="unknown engine"),
+]
+
+# Options that take any value of their type; the reason stands in for a case.
+ANY_VALUE = {
+    ("generate", "--prompt"): "any text is a prompt",
+    ("generate", "--cache"): "a flag",
+    ("generate", "--stream"): "a flag",
+    ("generate", "--trace"): "a flag",
+}
+
+
+def _fixtures(root: Path, run: Path) -> None:
+    """The files the cases point at, in a case's own directory."""
+    (root / "runs").mkdir()
+    (root / "runs" / "tiny").symlink_to(run, target_is_directory=True)
+    raw = tiny_raw(run.parent / "corpus.txt", Path("runs/new"))
+    (root / "cfg.yaml").write_text(yaml.safe_dump(raw))
+    (root / "typo.yaml").write_text("modle: {n_layer: 2}\n")
+    (root / "broken.yaml").write_text("model: [unclosed\n")
+    (root / "nodata.yaml").write_text("out_dir: runs/new\ndata: {source: /no/such/file.txt}\n")
+    good = (run / "model.safetensors").read_bytes()
+    (root / "cut.safetensors").write_bytes(good[: len(good) // 2])
+    (root / "weights.bin").write_bytes(b"\x80\x02pickle")
+    (root / "empty").mkdir()
+    (root / "hf").mkdir()
+    (root / "hf" / "config.json").write_text('{"model_type": "gpt2"}')
+    (root / "empty.txt").write_text("\n\n")
+    (root / "bad.jsonl").write_text('{"prompt": "a"}\nnot json\n')
+
+
+def _tree(root: Path) -> dict[str, tuple[int, int]]:
+    """Every path under root (links not followed) with its size and modification time."""
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            p = Path(dirpath) / name
+            st = p.lstat()
+            out[str(p.relative_to(root))] = (st.st_size, st.st_mtime_ns)
+    return out
+
+
+@dataclass
+class Outcome:
+    code: int | None
+    stdout: str
+    stderr: str
+    changed: list[str]
+
+
+def _run(case: Case, root: Path, port: int) -> Outcome:
+    before = _tree(root)
+    args = [a.replace("{port}", str(port)) for a in case.args]
+    env = {**os.environ, "MINIGPT_DATA_DIR": str(root / "data"), "COLUMNS": "200"}
+    env.pop("MINIGPT_API_KEY", None)
+    try:  # a refusal takes a couple of seconds; a case that is accepted may start serving
+        p = subprocess.run([sys.executable, "-m", "minigpt_cli", case.command, *args],
+                           cwd=root, env=env, capture_output=True, text=True, timeout=60)
+        code, stdout, stderr = p.returncode, p.stdout, p.stderr
+    except subprocess.TimeoutExpired as e:
+        code, stdout, stderr = None, str(e.stdout), f"accepted: still running after 60 s\n{e}"
+    after = _tree(root)
+    changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+    return Outcome(code, stdout, stderr, changed)
+
+
+@pytest.fixture(scope="module")
+def outcomes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Outcome]]:
+    """Every case run once, in its own directory, two processes at a time (each spends most
+    of its time importing torch); the shared trained run is checked untouched at the end."""
+    base = tmp_path_factory.mktemp("bad")
+    (base / "corpus.txt").write_text(make_text())
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MINIGPT_DATA_DIR", str(base / "data"))
+        train(config_from_dict(tiny_raw(base / "corpus.txt", base / "run", max_steps=5)))
+    shared = _tree(base / "run")
+    roots = []
+    for i, _ in enumerate(CASES):
+        roots.append(base / f"case{i}")
+        roots[-1].mkdir()
+        _fixtures(roots[-1], base / "run")
+    with socket.create_server(("127.0.0.1", 0)) as taken, ThreadPoolExecutor(2) as pool:
+        port = taken.getsockname()[1]
+        results = list(pool.map(lambda i: _run(CASES[i], roots[i], port), range(len(CASES))))
+    yield {case.id: r for case, r in zip(CASES, results, strict=True)}
+    assert _tree(base / "run") == shared, "a case wrote into the trained run"
+    shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[case.id for case in CASES])
+def test_bad_input_is_one_line_and_exit_2(case: Case, outcomes: dict[str, Outcome]) -> None:
+    out = outcomes[case.id]
+    assert out.code == 2, (out.code, out.stderr[-2000:])
+    lines = [ln for ln in out.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), out.stderr[-2000:]
+    assert case.says in lines[0], lines[0]
+    assert out.stdout == ""
+    assert out.changed == [], f"written: {out.changed}"
+
+
+def test_every_option_has_a_case() -> None:
+    import typer.main
+
+    from minigpt_cli.cli import app
+
+    group = typer.main.get_command(app)
+    missing = []
+    for name, command in group.commands.items():
+        covered = {a.split("=")[0] for case in CASES if case.command == name for a in case.args}
+        for param in command.params:
+            flags = [o for o in param.opts if o.startswith("--")]
+            if not flags:  # a positional argument: its cases name what it names
+                if not any(case.command == name for case in CASES):
+                    missing.append(f"{name} {param.name}")
+                continue
+            if (name, flags[0]) in ANY_VALUE or param.name == "help":
+                continue
+            if not covered & {*flags, *param.secondary_opts}:
+                missing.append(f"{name} {flags[0]}")
+    assert not missing, f"options with no bad-input case: {missing}"
