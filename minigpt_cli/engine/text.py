@@ -37,10 +37,11 @@ class TextStream:
         return self._release(True)
 
     def _release(self, final: bool) -> str:
-        for s in self.stops:
-            at = self.text.find(s)
-            if at != -1:
-                self.text, self.stopped, final = self.text[:at], True, True
+        # Cut at the earliest start of any stop string present: with stops ':' and 'x:', the
+        # text 'x:' ends at '', not at 'x', which is part of a stop string.
+        hits = [at for s in self.stops if (at := self.text.find(s)) != -1]
+        if hits:
+            self.text, self.stopped, final = self.text[:min(hits)], True, True
         hold = 0
         if not final:  # the longest tail of the text that could still grow into a stop string
             for s in self.stops:
