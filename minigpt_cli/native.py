@@ -166,8 +166,7 @@ class NativeStep:
         self.cfg = cfg
         self.max_rows = max_rows = lib.minigpt_max_batch()
         # Hold a reference to every tensor whose address we hand to C, so none is freed.
-        with torch.no_grad():
-            head_t = model.head_weight_t()
+        head_t = model.head_copy()
         globals_ = [model.wte.weight, model.wpe.weight, head_t, model.ln_f.weight, model.ln_f.bias]
         per_layer = []
         for block in model.h:

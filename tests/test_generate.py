@@ -112,8 +112,11 @@ class ScriptedModel(torch.nn.Module):
         self.dummy = torch.nn.Parameter(torch.zeros(1))
         self.script = script
 
+    def head_copy(self) -> None:
+        return None
+
     def forward(self, idx, targets=None, *, cache=None, start_pos=0, pos_ids=None,
-                key_valid=None, last_only=False):
+                key_valid=None, last_only=False, head_t=None):
         n = int(pos_ids.max().item()) + 1 if pos_ids is not None else start_pos + idx.size(1)
         step = min(max(n - self.prompt_len, 0), len(self.script) - 1)
         logits = torch.full((idx.size(0), 1, self.config.vocab_size), -10.0)

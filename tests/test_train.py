@@ -63,12 +63,39 @@ def test_checkpoint_round_trip(tiny_model, tmp_path: Path) -> None:
     for (k, a), (_, b) in zip(tiny_model.state_dict().items(), back.state_dict().items(),
                               strict=True):
         assert torch.equal(a, b), k
+    assert "lm_head.weight" not in ckpt.load_safetensors(path)[0]  # tied: stored once
+
+
+def test_tied_head_follows_every_weight_change(tiny_model) -> None:
+    """The head is the embedding: logits are x @ wte.T, computed here independently, with and
+    without grad, before and after in-place changes (including through `.data`, which the
+    autograd version counter does not see), and a new inference session sees them too."""
+    from minigpt_cli.engine import ModelRunner
+
     x = torch.randint(0, 257, (1, 8))
-    with torch.no_grad():  # the head is the embedding: changing one changes the other
-        before, _ = back(x)
-        back.wte.weight.mul_(2.0)
-        after, _ = back(x)
-    assert not torch.allclose(before, after)
+
+    def reference() -> torch.Tensor:
+        with torch.no_grad():
+            h = tiny_model.ln_f(_hidden(tiny_model, x))
+            return h @ tiny_model.wte.weight.t()
+
+    for change in (lambda w: w.mul_(2.0), lambda w: w.data.mul_(-1.5), lambda w: None):
+        with torch.no_grad():
+            change(tiny_model.wte.weight)
+            no_grad, _ = tiny_model(x)
+        with_grad, _ = tiny_model(x)
+        torch.testing.assert_close(no_grad, reference(), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(with_grad.detach(), reference(), rtol=1e-4, atol=1e-4)
+        session = ModelRunner(tiny_model, 1, engine="torch").prefill(0, x[0].tolist())
+        torch.testing.assert_close(session, reference()[0, -1], rtol=1e-4, atol=1e-4)
+
+
+def _hidden(model: GPT, x: torch.Tensor) -> torch.Tensor:
+    pos = torch.arange(x.size(1))[None]
+    h = model.wte(x) + model.wpe(pos)
+    for block in model.h:
+        h = block(h, None, 0, None)
+    return h
 
 
 def _final_weights(run: Path) -> dict[str, torch.Tensor]:

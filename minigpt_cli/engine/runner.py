@@ -38,12 +38,20 @@ class ModelRunner:
         # prompts of `step`) or the model's forward. The uncached loop is always the forward.
         self.engine = native.choose_engine(engine, model, use_cache)
         self._native: native.NativeStep | None = None
+        self._head_t: torch.Tensor | None = None  # this session's [C, V] head (GPT.head)
         self.positions: list[int] = []  # per row of the last call: positions computed
         self.prefills = 0  # forward passes over a whole window (a prompt, or a slide)
 
     @property
     def n_slots(self) -> int:
         return len(self.windows)
+
+    @property
+    def head_t(self) -> torch.Tensor:
+        """Made on first use: a session on the fused C step never needs it."""
+        if self._head_t is None:
+            self._head_t = self.model.head_copy()
+        return self._head_t
 
     @torch.inference_mode()
     def prefill(self, slot: int, tokens: list[int], all_positions: bool = False
@@ -57,7 +65,7 @@ class ModelRunner:
     def _fill(self, slot: int, all_positions: bool = False) -> torch.Tensor:
         ids = torch.tensor([self.windows[slot]], device=self.device)
         cache = self.cache.slot(slot) if self.cache is not None else None
-        out, _ = self.model(ids, cache=cache, last_only=not all_positions)
+        out, _ = self.model(ids, cache=cache, last_only=not all_positions, head_t=self.head_t)
         self.prefills += 1
         return out[0] if all_positions else out[0, -1]
 
@@ -151,7 +159,7 @@ class ModelRunner:
         ids = torch.tensor(tokens, device=self.device)[:, None]
         pos = torch.tensor(cols, device=self.device)[:, None]
         out, _ = self.model(ids, cache=RowsView(self.cache, slots, cols), pos_ids=pos,
-                            last_only=True)
+                            last_only=True, head_t=self.head_t)
         return out[:, -1]
 
     def _uncached(self, slots: list[int]) -> torch.Tensor:
@@ -166,7 +174,8 @@ class ModelRunner:
         valid = None
         if any(pads):
             valid = torch.arange(L, device=self.device)[None, :] >= pad_t
-        out, _ = self.model(ids, pos_ids=pos, key_valid=valid, last_only=True)
+        out, _ = self.model(ids, pos_ids=pos, key_valid=valid, last_only=True,
+                            head_t=self.head_t)
         return out[:, -1]
 
     def reorder(self, rows: list[int]) -> None:
