@@ -53,7 +53,9 @@ def test_bench_reports_every_field(small_config: Path, tmp_path: Path) -> None:
     assert long["tokens_match"] and short["tokens_match"] and long["ok"]
     assert long["max_logit_diff"] < 1e-3
     assert long["speedup"] > 1.0
-    assert long["kv_bytes_formula"] == kv_cache_bytes(2, 2, 164, 16, 1, 4)
+    # float32 K and V: 2 x layers 2 x heads 2 x positions x head_dim 16 x 4 bytes
+    assert long["kv_bytes_formula"] == 2 * 2 * 2 * (4 + 160) * 16 * 4
+    assert long["kv_bytes_allocated"] == 2 * 2 * 2 * 164 * 16 * 4  # block_size 164 (raised)
     tv = report["train_vs_generate"]
     assert tv["training"]["forward_passes_per_sequence"] == 1
     assert tv["training"]["dropout"] == 0.1  # the config has none: timed with dropout on
@@ -61,6 +63,20 @@ def test_bench_reports_every_field(small_config: Path, tmp_path: Path) -> None:
     assert tv["generation"]["forward_passes_per_sequence"] == 163
     assert tv["training"]["memory_bytes"]["activations_saved_for_backward"] > 0
     assert report["memory"]["process_peak_rss_bytes"] > 0
+
+
+def test_kv_bytes_are_measured_on_the_allocated_cache(tmp_path: Path) -> None:
+    """A context window (256) longer than prompt + n (4 + 40), and a batch of 3: the cache
+    holds the whole window for every row, the seed's formula counts the tokens used."""
+    path = tmp_path / "wide.yaml"
+    path.write_text(yaml.safe_dump({
+        "tokenizer": {"kind": "byte"},
+        "model": {"n_layer": 3, "n_head": 2, "n_embd": 32, "block_size": 256, "dropout": 0.0}}))
+    _, report = _bench(path, tmp_path, lengths=[40], batch_size=3)
+    r = report["lengths"][0]
+    assert report["header"]["model"]["block_size"] == 256
+    assert r["kv_bytes_allocated"] == 2 * 3 * 3 * 2 * 256 * 16 * 4  # K,V x batch x layers ...
+    assert r["kv_bytes_formula"] == 2 * 3 * 3 * 2 * (4 + 40) * 16 * 4
 
 
 def test_seed_memory_example() -> None:

@@ -46,11 +46,20 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_generate_streams_text(trained: Path) -> None:
-    p = run("generate", "--prompt", "ROMEO:", "--max-new-tokens", "30", "--seed", "1",
-            cwd=trained)
-    assert p.returncode == 0, p.stderr
-    assert p.stdout.startswith("ROMEO:") and len(p.stdout) > len("ROMEO:")
-    assert "tok/s" in p.stderr  # the stats line
+    """The continuation arrives piece by piece on a pipe, not in one write at the end."""
+    env = {**os.environ, "MINIGPT_DATA_DIR": str(trained / "data")}
+    proc = subprocess.Popen([sys.executable, "-m", "minigpt_cli", "generate", "--prompt",
+                             "ROMEO:", "--max-new-tokens", "30", "--seed", "1"], cwd=trained,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    reads = []
+    while chunk := os.read(proc.stdout.fileno(), 1 << 16):  # type: ignore[union-attr]
+        reads.append(chunk)
+    err = proc.stderr.read().decode()  # type: ignore[union-attr]
+    assert proc.wait(60) == 0, err
+    text = b"".join(reads).decode()
+    assert text.startswith("ROMEO:") and len(text.strip()) > len("ROMEO:") + 10
+    assert len(reads) >= 5, f"{len(reads)} writes: the text was not streamed"
+    assert "tok/s" in err  # the stats line, on stderr
 
 
 def test_generate_json_greedy_cache_matches_no_cache(trained: Path) -> None:

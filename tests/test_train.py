@@ -323,12 +323,22 @@ def test_unwritable_out_dir(tmp_path: Path, corpus_file: Path, data_dir: Path) -
         train(cfg)
 
 
-def test_atomic_write_leaves_old_file_on_failure(tmp_path: Path) -> None:
+def test_atomic_write_leaves_old_file_on_failure(tmp_path: Path, monkeypatch) -> None:
+    """An error with half the new bytes in the temp file (a full disk, say): the old file
+    stays whole and the temp file goes. (A kill at that point: tests/test_crash.py.)"""
     target = tmp_path / "x.bin"
     ckpt.atomic_write_bytes(target, b"good")
+    seen = []
 
-    with pytest.raises(TypeError):
-        ckpt.atomic_write_bytes(target, "not bytes")  # type: ignore[arg-type]
+    def disk_full(point: str) -> None:
+        if point.endswith(":partial"):
+            seen.extend(p.read_bytes() for p in tmp_path.glob(".x.bin.*.tmp"))
+            raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ckpt, "crash_point", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        ckpt.atomic_write_bytes(target, b"new contents!")
+    assert seen == [b"new co"]  # it failed mid-write, with the temp file half written
     assert target.read_bytes() == b"good"
     assert not list(tmp_path.glob(".*.tmp"))
 
@@ -349,3 +359,24 @@ def test_resume_survives_a_metrics_line_cut_by_a_crash(tiny_config, corpus_file:
     assert done.step == 20
     records = [json.loads(x) for x in metrics.read_text().splitlines()]
     assert [r["step"] for r in records if "val_loss" in r] == [10, 20]
+
+
+class _Uniform(torch.nn.Module):
+    """Equal logits for every token of the byte tokenizer (256 bytes + end-of-text)."""
+
+    def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None):
+        return torch.zeros(*x.shape, 257), None
+
+
+def test_uniform_logits_give_log2_257_bits_per_byte() -> None:
+    from minigpt_cli import tokenizer as tok
+
+    token_bytes = torch.tensor(tok.token_byte_lengths(tok.byte_encoding()), dtype=torch.float32)
+    assert token_bytes[:256].eq(1).all() and token_bytes[256] == 0
+    y = torch.randint(0, 256, (4, 16))
+    y[0, :3] = 256  # end-of-text targets stand for no bytes: left out of bits per byte
+    batches = [(torch.zeros_like(y), y)]
+    result = train_module.evaluate(_Uniform(), batches, token_bytes, torch.device("cpu"),
+                                   torch.float32)
+    assert result.bpb == pytest.approx(math.log2(257), rel=1e-6)
+    assert result.loss == pytest.approx(math.log(257), rel=1e-6)  # every target counts here
