@@ -7,6 +7,10 @@ left padding, context overflow (re-prefill), and beam search's cache reordering.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -150,12 +154,17 @@ def test_without_a_compiler_auto_falls_back(fresh_library: Path,
         native.choose_engine("native", model)
 
 
-def test_native_odd_shapes_and_row_blocks() -> None:
+@pytest.mark.parametrize(("n_embd", "n_head", "rows"), [
+    (36, 4, 11),  # blocks of 6/12, 2 and 1 rows
+    (30, 3, 16),  # a width not divisible by 4 (head_dim 10), and exactly 16 rows
+    (9, 1, 16),  # a width smaller than one vector, odd head_dim
+    (36, 4, 65),  # more rows than one C call takes (64): two calls
+])
+def test_native_odd_shapes_and_row_blocks(n_embd: int, n_head: int, rows: int) -> None:
     """Widths that are not multiples of the C step's column strip (tails read one column at a
-    time), and 11 rows (blocks of 8 or 4, 2 and 1): each row equals the PyTorch forward, and
-    equals itself decoded alone, bit for bit."""
-    model = _model(n_embd=36, n_head=4, vocab_size=263, block_size=40)
-    rows = 11
+    time), and row counts that exercise every register block: each row equals the PyTorch
+    forward, and equals itself decoded alone, bit for bit."""
+    model = _model(n_embd=n_embd, n_head=n_head, vocab_size=263, block_size=160)
     runners = {e: ModelRunner(model, rows, engine=e) for e in ("native", "torch")}
     alone = ModelRunner(model, rows, engine="native")
     for r in runners.values():
@@ -167,3 +176,39 @@ def test_native_odd_shapes_and_row_blocks() -> None:
     ref = runners["torch"].decode(list(range(rows)), tokens)
     assert (got - ref).abs().max().item() < 1e-4
     assert torch.equal(alone.decode([5], [tokens[5]])[0], got[5])
+
+
+_BUILD_AND_STEP = """
+import pathlib, sys, time, torch
+from minigpt_cli import native
+from minigpt_cli.engine import ModelRunner
+from minigpt_cli.model import GPT, GPTConfig
+ready, go = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
+ready.touch()
+while not go.exists():
+    time.sleep(0.005)
+lib = native.load_library()
+assert not isinstance(lib, str), lib
+torch.manual_seed(0)
+model = GPT(GPTConfig(vocab_size=257, block_size=16, n_layer=1, n_head=2, n_embd=32)).eval()
+runner = ModelRunner(model, 1, engine="native")
+print(runner.prefill(0, [1, 2, 3]).sum().item())
+"""
+
+
+def test_two_processes_building_the_library_at_once(tmp_path: Path) -> None:
+    """Two processes start with an empty cache at the same moment: both build, each into its
+    own temp file renamed into place, so both load a whole library and compute the same."""
+    env = {**os.environ, "MINIGPT_CACHE_DIR": str(tmp_path / "cache")}
+    procs = [subprocess.Popen([sys.executable, "-c", _BUILD_AND_STEP, str(tmp_path / f"r{i}"),
+                               str(tmp_path / "go")], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in range(2)]
+    deadline = time.monotonic() + 60
+    while not all((tmp_path / f"r{i}").exists() for i in range(2)):
+        assert time.monotonic() < deadline and all(p.poll() is None for p in procs)
+        time.sleep(0.01)
+    (tmp_path / "go").touch()
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err for _, err in outs]
+    assert outs[0][0] == outs[1][0] and outs[0][0].strip()
+    assert [p.suffix for p in (tmp_path / "cache" / "native").iterdir()] == [".so"]
