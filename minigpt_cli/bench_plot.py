@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from minigpt_cli.checkpoint import atomic_write_bytes
-from minigpt_cli.errors import UserError
+from minigpt_cli.plotting import pyplot, save
 
 if TYPE_CHECKING:
     from minigpt_cli.bench import LengthResult
@@ -15,13 +13,7 @@ if TYPE_CHECKING:
 
 def plot(results: list[LengthResult], header: dict, path: Path) -> None:
     """Left: ms per token against position (longest n). Right: total time against n."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise UserError("--plot needs matplotlib: pip install 'minigpt[plot]'") from None
+    plt = pyplot()
     last = results[-1]
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     steps = range(1, last.n + 1)
@@ -42,7 +34,4 @@ def plot(results: list[LengthResult], header: dict, path: Path) -> None:
                  f"{header['dtype']} · {header['threads']} threads · "
                  f"batch {header['batch_size']} · cached steps: {header.get('engine', 'torch')}")
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    atomic_write_bytes(path, buffer.getvalue())
-    plt.close(fig)
+    save(fig, path)

@@ -173,6 +173,46 @@ def serve(
               dtype=dtype)
 
 
+@app.command("eval")
+def eval_(
+    checkpoint: Annotated[str | None, typer.Option(help="Run directory or .safetensors file "
+                                                   "(default: newest run under runs/).")] = None,
+    data: Annotated[str | None, typer.Option(help="Text to score, any data.source form "
+                                                  "(default: the run's validation split).")
+                    ] = None,
+    stride: Annotated[int | None, typer.Option(help="Tokens a window advances (default: half "
+                                                    "the context; the context itself = no "
+                                                    "overlap).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Windows per forward pass.")] = 8,
+    exposure: Annotated[bool, typer.Option("--exposure", help="Measure exposure bias: error "
+                                                              "on the model's own prefixes "
+                                                              "against the data's.")] = False,
+    oracle: Annotated[str | None, typer.Option(help="--exposure: a stronger run with the same "
+                                                    "tokenizer, standing in for the text's "
+                                                    "true distribution.")] = None,
+    context: Annotated[int, typer.Option(help="--exposure: tokens of held-out context.")] = 32,
+    length: Annotated[int, typer.Option(help="--exposure: continuation tokens (L).")] = 64,
+    samples: Annotated[int, typer.Option(help="--exposure: sampled continuations per window.")
+                       ] = 4,
+    windows: Annotated[int, typer.Option(help="--exposure: held-out windows.")] = 64,
+    seed: Annotated[int, typer.Option(help="--exposure: seed for sampling and the bootstrap.")
+                    ] = 0,
+    json_path: Annotated[Path | None, typer.Option("--json", help="Write every number here.")
+                         ] = None,
+    plot_path: Annotated[Path | None, typer.Option("--plot", help="Write a PNG plot here.")
+                         ] = None,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | mps")] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto | float32 | bfloat16 | float16")] = "auto",
+) -> None:
+    """Score a whole text (loss, perplexity, bits per byte), or measure exposure bias."""
+    from minigpt_cli.eval_cli import run_eval
+
+    run_eval(checkpoint=checkpoint, data=data, stride=stride, batch_size=batch_size,
+             json_path=json_path, plot_path=plot_path, device=device, dtype=dtype,
+             console=Console(highlight=False), exposure=exposure, oracle=oracle,
+             context=context, length=length, samples=samples, windows=windows, seed=seed)
+
+
 def _int_list(text: str) -> list[int]:
     try:
         return [int(x) for x in text.split(",") if x.strip()]

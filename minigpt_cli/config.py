@@ -45,6 +45,15 @@ class ModelConfig:
 
 
 @dataclass
+class ScheduledSamplingConfig:
+    """Feed the model's own predictions as inputs during training (Bengio et al. 2015)."""
+
+    max_prob: float = 0.0  # the largest share of inputs replaced; 0 = off
+    schedule: Literal["linear", "exponential", "inverse_sigmoid"] = "linear"
+    ramp_steps: int = 1000  # steps from 0 to max_prob
+
+
+@dataclass
 class TrainConfig:
     batch_size: int = 32
     grad_accum_steps: int = 1
@@ -60,6 +69,7 @@ class TrainConfig:
     eval_steps: int = 20
     save_interval: int = 200
     log_interval: int = 10
+    scheduled_sampling: ScheduledSamplingConfig = field(default_factory=ScheduledSamplingConfig)
 
 
 @dataclass
@@ -184,6 +194,10 @@ def validate(cfg: Config) -> None:
         (t.eval_steps >= 1, "train.eval_steps must be at least 1"),
         (t.save_interval >= 1, "train.save_interval must be at least 1"),
         (t.log_interval >= 1, "train.log_interval must be at least 1"),
+        (0.0 <= t.scheduled_sampling.max_prob <= 1.0,
+         "train.scheduled_sampling.max_prob must be in [0, 1]"),
+        (t.scheduled_sampling.ramp_steps >= 1,
+         "train.scheduled_sampling.ramp_steps must be at least 1"),
         (cfg.seed >= 0, "seed must be >= 0"),
     ]
     for ok, message in checks:

@@ -166,6 +166,18 @@ def _jsonl_records(path: Path) -> list[str]:
     return records
 
 
+def whole_documents(source: str) -> list[str]:
+    """Every document of a source, unsplit: what `minigpt eval --data SOURCE` scores."""
+    files = [prepare_shakespeare()] if source == "shakespeare" else _source_files(source)
+    docs: list[str] = []
+    for f in files:
+        docs += (_jsonl_records(f) if f.suffix == ".jsonl" else
+                 [d for d in _read_text(f).split(tok.EOT) if d.strip()])
+    if not docs:
+        raise UserError(f"data.source '{source}' holds no text")
+    return docs
+
+
 def load_corpus(source: str, val_fraction: float) -> Corpus:
     """Documents from a source, each split into a training head and a validation tail.
 
@@ -222,7 +234,8 @@ class TokenData:
     val_bytes: int  # UTF-8 bytes of the validation text
 
 
-def _encode_docs(enc: tiktoken.Encoding, docs: list[str], dtype: type) -> np.ndarray:
+def encode_documents(enc: tiktoken.Encoding, docs: list[str], dtype: type = np.int64
+                     ) -> np.ndarray:
     # <|endoftext|> before each document: generation from an empty prompt starts like a document.
     ids = enc.encode_ordinary_batch(docs, num_threads=max(1, os.cpu_count() or 1))
     eot = np.array([enc.eot_token], dtype=dtype)
@@ -240,7 +253,7 @@ def tokenize_corpus(corpus: Corpus, enc: tiktoken.Encoding, kind: str,
         meta = {"dtype": np.dtype(dtype).name, "n_vocab": enc.n_vocab,
                 "val_bytes": sum(len(v.encode()) for v in corpus.val)}
         for split, docs in (("train", corpus.train), ("val", corpus.val)):
-            arr = _encode_docs(enc, docs, dtype)
+            arr = encode_documents(enc, docs, dtype)
             atomic_write_bytes(folder / f"{split}.bin", arr.tobytes())
             meta[f"{split}_tokens"] = int(arr.size)
         atomic_write_text(meta_path, json.dumps(meta, indent=1))  # written last: marks complete

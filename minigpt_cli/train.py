@@ -28,6 +28,7 @@ from torch import Tensor
 
 from minigpt_cli import checkpoint as ckpt
 from minigpt_cli import data as D
+from minigpt_cli import scheduled
 from minigpt_cli import tokenizer as tok
 from minigpt_cli.config import Config, TrainConfig
 from minigpt_cli.device import autocast, resolve_device, resolve_dtype, synchronize
@@ -329,8 +330,13 @@ def train(cfg: Config, resume: bool = False, console: Console | None = None) -> 
             lr = lr_at(step, t)
             for group in opt.param_groups:
                 group["lr"] = lr
+            ss_prob = scheduled.probability(step, t.scheduled_sampling)
             micro_batches = (D.train_batch(tokens.train, t.batch_size, T, cfg.seed, step, micro)
                              for micro in range(t.grad_accum_steps))
+            if ss_prob > 0:  # scheduled sampling: a no-grad pass first, then mixed inputs
+                micro_batches = ((scheduled.own_predictions_as_inputs(
+                    fwd, x, ss_prob, cfg.seed, step, micro, device, dtype), y)
+                    for micro, (x, y) in enumerate(micro_batches))
             mean_loss = accumulate_gradients(fwd, micro_batches, t.grad_accum_steps, scaler,
                                              device, dtype)
             grad_norm = clip_gradients(model, opt, scaler, t.grad_clip)
@@ -357,7 +363,8 @@ def train(cfg: Config, resume: bool = False, console: Console | None = None) -> 
                 last["loss"] = train_loss
                 norm = None if grad_norm is None else grad_norm.item()
                 log({"step": step, "loss": train_loss, "lr": lr, "grad_norm": norm,
-                     "tokens_per_s": tps, "elapsed_s": now - t0})
+                     "tokens_per_s": tps, "elapsed_s": now - t0,
+                     **({"scheduled_sampling_prob": ss_prob} if ss_prob > 0 else {})})
             val_loss = None
             if is_eval:
                 tr = evaluate(fwd, train_eval_batches, token_bytes, device, dtype)

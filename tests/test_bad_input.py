@@ -123,6 +123,29 @@ CASES = [
     c("bench", "--plot", "no/such/dir/b.png", says="--plot"),
     c("bench", "--train=yes", says="--train"),
     c("bench", "--engine", "turbo", says="unknown engine"),
+    # eval
+    c("eval", "--checkpoint", "nowhere", says="checkpoint not found"),
+    c("eval", "--data", "missing.txt", says="--data 'missing.txt' not found"),
+    c("eval", "--data", "empty.txt", says="--data 'empty.txt' holds no text"),
+    c("eval", "--stride", "0", says="--stride"),
+    c("eval", "--batch-size", "0", says="--batch-size"),
+    c("eval", "--oracle", "runs/tiny", says="--oracle is for --exposure"),
+    c("eval", "--exposure=yes", says="--exposure"),
+    c("eval", "--exposure", "--oracle", "other", says="another tokenizer"),
+    c("eval", "--exposure", "--context", "0", "--length", "8", says="--context"),
+    c("eval", "--exposure", "--context", "8", "--length", "1", says="--length"),
+    c("eval", "--exposure", "--context", "24", "--length", "24", says="--context 24 + --length"),
+    c("eval", "--exposure", "--context", "8", "--length", "8", "--samples", "0",
+      says="--samples"),
+    c("eval", "--exposure", "--context", "8", "--length", "8", "--windows", "1",
+      says="--windows"),
+    c("eval", "--exposure", "--context", "8", "--length", "8", "--data", "short.txt",
+      says="too short"),
+    c("eval", "--seed", "abc", says="--seed"),
+    c("eval", "--json", "no/such/dir/e.json", says="--json"),
+    c("eval", "--plot", "no/such/dir/e.png", says="--plot"),
+    c("eval", "--device", "quantum", says="unknown device"),
+    c("eval", "--dtype", "float8", says="unknown dtype"),
 ]
 
 # Options that take any value of their type; the reason stands in for a case.
@@ -151,6 +174,21 @@ def _fixtures(root: Path, run: Path) -> None:
     (root / "hf" / "config.json").write_text('{"model_type": "gpt2"}')
     (root / "empty.txt").write_text("\n\n")
     (root / "bad.jsonl").write_text('{"prompt": "a"}\nnot json\n')
+    (root / "short.txt").write_text("too few words\n")
+    (root / "other").symlink_to(run.parent / "other", target_is_directory=True)
+
+
+def _other_tokenizer_run(out: Path) -> None:
+    """A minimal run whose tokenizer (a small BPE) is not the trained run's (bytes)."""
+    from minigpt_cli import checkpoint as ckpt
+    from minigpt_cli import tokenizer as tok
+    from minigpt_cli.model import GPT, GPTConfig
+
+    enc = tok.train_bpe([make_text(50)], 300)
+    tok.save_ranks(enc, out / tok.TOKENIZER_FILE)
+    model = GPT(GPTConfig(vocab_size=300, block_size=32, n_layer=1, n_head=2, n_embd=16))
+    ckpt.save_model(out / ckpt.MODEL_FILE, model, {"model_config": vars(model.config),
+                                                   "tokenizer": tok.describe(enc, "bpe")})
 
 
 def _tree(root: Path) -> dict[str, tuple[int, int]]:
@@ -197,6 +235,7 @@ def outcomes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Out
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MINIGPT_DATA_DIR", str(base / "data"))
         train(config_from_dict(tiny_raw(base / "corpus.txt", base / "run", max_steps=5)))
+    _other_tokenizer_run(base / "other")
     shared = _tree(base / "run")
     roots = []
     for i, _ in enumerate(CASES):

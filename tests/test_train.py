@@ -159,17 +159,24 @@ def test_clipping_bounds_the_global_norm() -> None:
         assert torch.equal(g, c)
 
 
-@pytest.mark.parametrize("accum_clip", [{}, {"grad_accum_steps": 3, "grad_clip": 0.05}])
+@pytest.mark.parametrize("accum_clip", [
+    {}, {"grad_accum_steps": 3, "grad_clip": 0.05},
+    {"grad_accum_steps": 2, "scheduled_sampling": {"max_prob": 0.5, "ramp_steps": 8}}],
+    ids=["plain", "accumulation-and-clipping", "scheduled-sampling"])
 def test_ctrl_c_then_resume_equals_uninterrupted(tmp_path: Path, corpus_file: Path,
                                                  data_dir: Path, monkeypatch,
                                                  accum_clip: dict) -> None:
     straight = config_from_dict(tiny_raw(corpus_file, tmp_path / "a", **accum_clip))
     train(straight)
-    if accum_clip:  # the clip was active: every logged pre-clip norm is above it
+    if "grad_clip" in accum_clip:  # the clip was active: every logged norm is above it
         norms = [json.loads(x).get("grad_norm") for x in
                  (tmp_path / "a" / ckpt.METRICS_FILE).read_text().splitlines()]
         norms = [n for n in norms if n is not None]
         assert norms and min(norms) > 0.05
+    if "scheduled_sampling" in accum_clip:  # it ran: the logged share ramps up to 0.5
+        shares = [json.loads(x).get("scheduled_sampling_prob", 0) for x in
+                  (tmp_path / "a" / ckpt.METRICS_FILE).read_text().splitlines()]
+        assert max(shares) == 0.5
     # The same 20-step run gets a real SIGINT while fetching step 10's batch: it finishes that
     # step, saves (save_interval is 5, so step 11 is an off-interval save), and stops.
     real_batch = train_module.D.train_batch

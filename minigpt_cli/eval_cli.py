@@ -1,0 +1,138 @@
+"""The `eval` command: which text, which model, a progress bar, a table, JSON and a plot.
+
+Without --data the text is the run's own validation split, tokenized exactly as training
+tokenized it, so the result reads next to the training log's val bits/byte.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from minigpt_cli import data as D
+from minigpt_cli import tokenizer as tok
+from minigpt_cli.checkpoint import atomic_write_text
+from minigpt_cli.config import config_from_dict
+from minigpt_cli.device import resolve_device, resolve_dtype
+from minigpt_cli.errors import UserError
+from minigpt_cli.generate import load_for_inference
+from minigpt_cli.scoring import score_text
+from minigpt_cli.scoring import windows as plan_windows
+
+
+def eval_tokens(meta: dict[str, Any], enc, data: str | None) -> tuple[np.ndarray, str]:
+    """The token stream to score and a description of where it came from."""
+    if data is None:
+        if "config" not in meta:
+            raise UserError("this checkpoint records no training config, so it has no "
+                            "validation split: give --data SOURCE")
+        cfg = config_from_dict(meta["config"])
+        corpus = D.load_corpus(cfg.data.source, cfg.data.val_fraction)
+        tokens = D.encode_documents(enc, corpus.val)
+        where = f"validation split of {cfg.data.source} (val_fraction {cfg.data.val_fraction})"
+    else:
+        try:
+            docs = D.whole_documents(data)
+        except UserError as e:  # the message names the config key; here it is a flag
+            raise UserError(str(e).replace("data.source", "--data", 1)) from None
+        tokens = D.encode_documents(enc, docs)
+        where = data
+    return tokens, where
+
+
+def check_paths(json_path: Path | None, plot_path: Path | None) -> None:
+    for flag, path in (("--json", json_path), ("--plot", plot_path)):
+        if path is not None and not Path(path).resolve().parent.is_dir():
+            raise UserError(f"{flag} {path}: the folder {Path(path).parent} does not exist")
+
+
+def run_eval(*, checkpoint: str | None, data: str | None, stride: int | None, batch_size: int,
+             json_path: Path | None, plot_path: Path | None, device: str, dtype: str,
+             console: Console, exposure: bool = False, oracle: str | None = None,
+             context: int = 32, length: int = 64, samples: int = 4, windows: int = 64,
+             seed: int = 0) -> dict[str, Any]:
+    """Score the text (or, with `exposure`, measure exposure bias on it), print the table,
+    write JSON and the plot; returns the JSON record."""
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {batch_size}")
+    if oracle and not exposure:
+        raise UserError("--oracle is for --exposure: add --exposure")
+    check_paths(json_path, plot_path)
+    dt = resolve_dtype(dtype, resolve_device(device))
+    model, enc, meta, path = load_for_inference(checkpoint, device, "float32")
+    window = model.config.block_size
+    stride = max(1, window // 2) if stride is None else stride
+    if not 1 <= stride <= window:
+        raise UserError(f"--stride must be in 1..{window} (the model's context), got {stride}")
+    tokens, where = eval_tokens(meta, enc, data)
+    if exposure:
+        from minigpt_cli.exposure_cli import run_exposure
+
+        return run_exposure(model=model, enc=enc, meta=meta, path=path, tokens=tokens,
+                            where=where, oracle=oracle, context=context, length=length,
+                            samples=samples, n_windows=windows, seed=seed, json_path=json_path,
+                            plot_path=plot_path, console=console)
+    if len(tokens) < 2:
+        raise UserError(f"{where} is too short to score: it holds {len(tokens)} token(s)")
+    kind = meta["tokenizer"].get("kind", "?")
+    plan = plan_windows(len(tokens), window, stride)
+    progress = Progress(TextColumn("[bold]scoring"), BarColumn(), MofNCompleteColumn(),
+                        TextColumn("windows"), TimeRemainingColumn(), console=console,
+                        transient=True)
+    with progress:
+        task = progress.add_task("score", total=len(plan))
+        score = score_text(model, tokens, tok.token_byte_lengths(enc), stride=stride,
+                           batch_size=batch_size, dtype=dt,
+                           on_progress=lambda n: progress.advance(task, n))
+    record = {
+        "checkpoint": str(path), "data": where, "tokenizer": kind, "tokens": score.tokens,
+        "bytes": score.bytes, "window": window, "stride": stride, "windows": len(plan),
+        "dtype": str(dt).removeprefix("torch."), "loss": score.loss,
+        "perplexity": score.perplexity, "bits_per_byte": score.bpb,
+        "loss_by_context": score.by_context, "context_counts": score.context_counts,
+        "train_log_val_bpb": _logged_val_bpb(path, meta) if data is None else None,
+    }
+    _print(console, record)
+    if json_path:
+        atomic_write_text(json_path, json.dumps(record, indent=1))
+    if plot_path:
+        from minigpt_cli.eval_plot import plot_context
+
+        plot_context(record, plot_path)
+    return record
+
+
+def _logged_val_bpb(path: Path, meta: dict[str, Any]) -> float | None:
+    """The training log's last val bits/byte, for comparison (it samples windows)."""
+    metrics = path.parent / "metrics.jsonl"
+    if not metrics.is_file():
+        return None
+    last = None
+    for line in metrics.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if "val_bpb" in rec and rec.get("step") == meta.get("step"):
+            last = rec["val_bpb"]
+    return last
+
+
+def _print(console: Console, r: dict[str, Any]) -> None:
+    table = Table(title=f"minigpt eval · {r['checkpoint']}", show_header=False)
+    rows = [("text", r["data"]), ("tokens scored", f"{r['tokens']:,} ({r['bytes']:,} bytes)"),
+            ("windows", f"{r['windows']:,} of {r['window']} tokens, stride {r['stride']}"),
+            ("loss", f"{r['loss']:.4f} nats/token"), ("perplexity", f"{r['perplexity']:.2f}"),
+            ("bits per byte", f"{r['bits_per_byte']:.4f}")]
+    if r.get("train_log_val_bpb") is not None:
+        rows.append(("training log's val bpb", f"{r['train_log_val_bpb']:.4f} (sampled "
+                     "windows, every position: less context on average)"))
+    for name, value in rows:
+        table.add_row(name, value)
+    console.print(table)
