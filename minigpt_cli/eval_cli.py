@@ -7,6 +7,7 @@ tokenized it, so the result reads next to the training log's val bits/byte.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -95,7 +96,9 @@ def run_eval(*, checkpoint: str | None, data: str | None, stride: int | None, ba
         "bytes": score.bytes, "window": window, "stride": stride, "windows": len(plan),
         "dtype": str(dt).removeprefix("torch."), "loss": score.loss,
         "perplexity": score.perplexity, "bits_per_byte": score.bpb,
-        "loss_by_context": score.by_context, "context_counts": score.context_counts,
+        # JSON has no NaN: a context length no token was scored at is null.
+        "loss_by_context": [None if math.isnan(v) else v for v in score.by_context],
+        "context_counts": score.context_counts,
         "train_log_val_bpb": _logged_val_bpb(path, meta) if data is None else None,
     }
     _print(console, record)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +16,7 @@ def plot_context(record: dict[str, Any], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.2))
     points = [(k + 1, y) for k, (y, n) in
               enumerate(zip(record["loss_by_context"], record["context_counts"], strict=True))
-              if n >= 10 and not math.isnan(y)]
+              if n >= 10 and y is not None]
     ax.plot([x for x, _ in points], [y for _, y in points], color="#4c72b0",
             label=f"by context (stride {record['stride']})")
     ax.axhline(record["loss"], color="#999999", linestyle="--",

@@ -86,7 +86,9 @@ def test_own_validation_split_agrees_with_the_training_log(run: Path, tmp_path: 
     flat = _eval(run, stride=32, json_path=tmp_path / "e.json", plot_path=tmp_path / "e.png")
     assert flat["train_log_val_bpb"] == pytest.approx(val_bpb)
     assert flat["bits_per_byte"] == pytest.approx(val_bpb, rel=0.03)
-    assert json.loads((tmp_path / "e.json").read_text())["tokens"] == flat["tokens"]
+    strict = json.loads((tmp_path / "e.json").read_text(),
+                        parse_constant=lambda c: pytest.fail(f"{c} in the JSON"))
+    assert strict["tokens"] == flat["tokens"]
     assert (tmp_path / "e.png").read_bytes()[:4] == b"\x89PNG"
     overlapping = _eval(run)  # stride 16: past the first window, 16+ tokens of context
     assert overlapping["tokens"] == flat["tokens"] and overlapping["stride"] == 16
