@@ -229,3 +229,27 @@ def test_exported_tokenizer_loads_in_auto_tokenizer(tmp_path: Path, kind: str) -
         assert hf.encode(text, add_special_tokens=False) == ids, text
         assert hf.decode(ids) == text
     assert hf.eos_token_id == enc.eot_token
+
+
+@needs_gpt2_files
+def test_eval_scores_an_imported_run(tmp_path: Path) -> None:
+    """`minigpt eval` on an imported GPT-2 (gpt2 tokenizer): one window, no overlap, equals the
+    loss Hugging Face computes for the same tokens."""
+    from rich.console import Console
+
+    from minigpt_cli.eval_cli import run_eval
+
+    hf = _hf_model()
+    hf.save_pretrained(tmp_path / "hf")
+    import_hf(tmp_path / "hf", tmp_path / "run")
+    text = "ROMEO:\nGood night, good night! Parting is such sweet sorrow."
+    (tmp_path / "t.txt").write_text(text)
+    r = run_eval(checkpoint=str(tmp_path / "run"), data=str(tmp_path / "t.txt"), stride=64,
+                 batch_size=4, json_path=None, plot_path=None, device="cpu", dtype="float32",
+                 console=Console(file=io.StringIO()))
+    ids = torch.tensor([[tok.build("gpt2").eot_token, *tok.encode(tok.build("gpt2"), text)]])
+    assert r["tokens"] == ids.size(1) - 1 and r["tokenizer"] == "gpt2"
+    with torch.no_grad():
+        ref = hf(ids, labels=ids).loss.item()
+    assert r["loss"] == pytest.approx(ref, rel=1e-4)
+    assert r["bits_per_byte"] > 0 and r["bytes"] == len(text.encode())
