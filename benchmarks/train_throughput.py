@@ -1,15 +1,18 @@
-"""Training throughput of minigpt's step on nanoGPT's CPU recipe shape.
+"""Training throughput of minigpt's step against Hugging Face GPT-2's, side by side.
 
-Shape: 4 layers, 4 heads, width 128, context 64, dropout 0, character-level vocabulary (65
-symbols in nanoGPT's tiny-shakespeare; we use 65 too). One step = forward over every position,
-backward, gradient clip, AdamW. The reference, 55 ms per step of 12 x 64 tokens, is nanoGPT's
-eager CPU loop as measured on this project's 2-core machine (issue #2); nanoGPT is not a pip
-package, so it cannot run beside ours here and its figure is quoted, not re-measured.
+One step = forward over every position, backward, gradient clip at 1.0, AdamW (betas 0.9/0.99,
+weight decay on 2-D weights), on the same shape, batch, data and threads for both:
+`GPT2LMHeadModel` (transformers, a dev extra) built to minigpt's config, eager attention
+forced to SDPA as minigpt uses. The two models alternate step by step in one process, so the
+machine's noise falls on both; the script repeats the whole measurement `--rounds` times and
+reports the median ratio and its spread.
 
-    python benchmarks/train_throughput.py [--steps 30] [--batch-sizes 12,32,64]
+Shapes: nanoGPT's CPU recipe (4 layers, 4 heads, width 128, context 64, 65 symbols, batch 12)
+and configs/tiny.yaml's (context 256, vocabulary 2,048, batch 16), dropout 0 as tiny.yaml has.
 
-`--tiny` times configs/tiny.yaml's step instead (context 256, vocabulary 2,048, batch 16) with
-dropout 0 and 0.1, which is how tiny.yaml's choice of dropout 0 was priced.
+    python benchmarks/train_throughput.py [--steps 20] [--rounds 3] [--shape nanogpt|tiny|both]
+
+`--dropout-cost` prices dropout 0.1 on tiny.yaml's step instead (minigpt only).
 """
 
 from __future__ import annotations
@@ -17,54 +20,102 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 
 from minigpt_cli.model import GPT, GPTConfig
 
-NANOGPT_MS_PER_STEP = 55.0  # batch 12 x context 64, eager, 2 CPU cores (issue #2)
-NANOGPT_TOKENS_PER_S = 12 * 64 / (NANOGPT_MS_PER_STEP / 1e3)
+SHAPES = {"nanogpt": {"vocab": 65, "block": 64, "batch": 12},
+          "tiny": {"vocab": 2048, "block": 256, "batch": 16}}
 
 
-def time_steps(batch: int, steps: int, vocab: int = 65, block: int = 64,
-               dropout: float = 0.0) -> list[float]:
+def minigpt_step(vocab: int, block: int, dropout: float = 0.0) -> Callable:
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=vocab, block_size=block, n_layer=4, n_head=4, n_embd=128,
                           dropout=dropout)).train()
     opt = torch.optim.AdamW(model.optimizer_groups(0.1), lr=1e-3, betas=(0.9, 0.99))
-    data = torch.randint(0, vocab, (steps + 5, batch, block + 1))
-    times = []
-    for i in range(steps + 5):
-        t = time.perf_counter()
-        _, loss = model(data[i, :, :-1], data[i, :, 1:])
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> None:
+        _, loss = model(x, y)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if i >= 5:  # the first steps allocate optimizer state and warm caches
-            times.append(time.perf_counter() - t)
-    return times
+
+    return step
+
+
+def hf_step(vocab: int, block: int) -> Callable:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=vocab, n_positions=block, n_embd=128, n_layer=4, n_head=4,
+                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                     bos_token_id=vocab - 1, eos_token_id=vocab - 1, attn_implementation="sdpa")
+    model = GPT2LMHeadModel(cfg).train()
+    assert model.config._attn_implementation == "sdpa", model.config._attn_implementation
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    rest = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1},
+                             {"params": rest, "weight_decay": 0.0}], lr=1e-3, betas=(0.9, 0.99))
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> None:
+        logits = model(x).logits  # the same loss as minigpt's: targets given, not shifted here
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def interleaved(steps: dict[str, Callable], shape: dict, n: int) -> dict[str, float]:
+    """Median seconds per step of each, alternating step by step after 5 warm-up steps."""
+    g = torch.Generator().manual_seed(0)
+    data = torch.randint(0, shape["vocab"], (n + 5, shape["batch"], shape["block"] + 1),
+                         generator=g)
+    times: dict[str, list[float]] = {k: [] for k in steps}
+    for i in range(n + 5):
+        x, y = data[i, :, :-1], data[i, :, 1:]
+        for name, step in steps.items():
+            t = time.perf_counter()
+            step(x, y)
+            if i >= 5:  # the first steps allocate optimizer state and warm caches
+                times[name].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--batch-sizes", default="12,32,64")
-    ap.add_argument("--tiny", action="store_true", help="tiny.yaml's step, dropout 0 vs 0.1")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--shape", choices=["nanogpt", "tiny", "both"], default="both")
+    ap.add_argument("--dropout-cost", action="store_true")
     args = ap.parse_args()
-    if args.tiny:
-        ms = {p: statistics.median(time_steps(16, args.steps, 2048, 256, p)) * 1e3
-              for p in (0.0, 0.1)}
-        print(f"tiny.yaml step (16 x 256 tokens, vocab 2048): dropout 0: {ms[0.0]:.1f} ms, "
-              f"dropout 0.1: {ms[0.1]:.1f} ms ({ms[0.1] / ms[0.0] - 1:+.0%})")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    if args.dropout_cost:
+        s = SHAPES["tiny"]
+        ms = interleaved({p: minigpt_step(s["vocab"], s["block"], p) for p in (0.0, 0.1)},
+                         s, args.steps)
+        print(f"tiny.yaml step: dropout 0: {ms[0.0] * 1e3:.1f} ms, dropout 0.1: "
+              f"{ms[0.1] * 1e3:.1f} ms ({ms[0.1] / ms[0.0] - 1:+.0%})")
         return
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; nanoGPT reference "
-          f"{NANOGPT_MS_PER_STEP:.0f} ms/step at 12x64 = {NANOGPT_TOKENS_PER_S:,.0f} tok/s")
-    print(f"{'batch':>5} {'ms/step':>9} {'tok/s':>9} {'vs nanoGPT':>11}")
-    for b in (int(x) for x in args.batch_sizes.split(",")):
-        ms = statistics.median(time_steps(b, args.steps)) * 1e3
-        tps = b * 64 / (ms / 1e3)
-        print(f"{b:>5} {ms:>9.1f} {tps:>9,.0f} {tps / NANOGPT_TOKENS_PER_S:>10.2f}×")
+    for name in (["nanogpt", "tiny"] if args.shape == "both" else [args.shape]):
+        s = SHAPES[name]
+        tokens = s["batch"] * s["block"]
+        ratios, rows = [], []
+        for r in range(args.rounds):
+            ms = interleaved({"minigpt": minigpt_step(s["vocab"], s["block"]),
+                              "hf": hf_step(s["vocab"], s["block"])}, s, args.steps)
+            ratios.append(ms["hf"] / ms["minigpt"])
+            rows.append(ms)
+            print(f"{name} round {r + 1}: minigpt {ms['minigpt'] * 1e3:.1f} ms "
+                  f"({tokens / ms['minigpt']:,.0f} tok/s) · HF GPT-2 {ms['hf'] * 1e3:.1f} ms "
+                  f"({tokens / ms['hf']:,.0f} tok/s) · {ratios[-1]:.2f}×")
+        print(f"{name} ({s['batch']} x {s['block']} tokens, vocab {s['vocab']}): minigpt is "
+              f"{statistics.median(ratios):.2f}× HF's step [{min(ratios):.2f}–{max(ratios):.2f}]")
 
 
 if __name__ == "__main__":
