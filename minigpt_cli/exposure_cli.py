@@ -21,7 +21,8 @@ KINDS = ("data", "greedy", "sampled")
 
 
 def _load_oracle(oracle: str, model: GPT, enc, meta: dict[str, Any]) -> GPT:
-    o_model, o_enc, o_meta, _ = load_for_inference(oracle, "cpu", "float32")
+    device = next(model.parameters()).device.type  # beside the model: one input, both
+    o_model, o_enc, o_meta, _ = load_for_inference(oracle, device, "float32")
     kind, o_kind = meta["tokenizer"].get("kind", ""), o_meta["tokenizer"].get("kind", "")
     if tok.fingerprint(enc, kind) != tok.fingerprint(o_enc, o_kind):
         raise UserError(f"--oracle {oracle} has another tokenizer ({o_kind}, {o_enc.n_vocab} "

@@ -38,7 +38,9 @@ class ModelRunner:
         # prompts of `step`) or the model's forward. The uncached loop is always the forward.
         self.engine = native.choose_engine(engine, model, use_cache)
         self._native: native.NativeStep | None = None
-        self._head_t: torch.Tensor | None = None  # this session's [C, V] head (GPT.head)
+        # This session's [C, V] head (GPT.head), made now for PyTorch steps so no timed step
+        # pays for the copy; a session on the fused C step makes it only if it needs it.
+        self._head_t = model.head_copy() if self.engine == "torch" else None
         self.positions: list[int] = []  # per row of the last call: positions computed
         self.prefills = 0  # forward passes over a whole window (a prompt, or a slide)
 
@@ -48,7 +50,6 @@ class ModelRunner:
 
     @property
     def head_t(self) -> torch.Tensor:
-        """Made on first use: a session on the fused C step never needs it."""
         if self._head_t is None:
             self._head_t = self.model.head_copy()
         return self._head_t
