@@ -18,11 +18,13 @@ import torch
 import yaml
 
 from minigpt_cli import checkpoint as ckpt
+from minigpt_cli import step as train_step
 from minigpt_cli import train as train_module
 from minigpt_cli.config import TrainConfig, config_from_dict
 from minigpt_cli.errors import UserError
 from minigpt_cli.model import GPT, GPTConfig
-from minigpt_cli.train import Interrupted, lr_at, train
+from minigpt_cli.step import lr_at
+from minigpt_cli.train import Interrupted, train
 from tests.conftest import tiny_raw
 
 
@@ -108,9 +110,9 @@ def _sgd_step(model: GPT, batches: list[tuple[torch.Tensor, torch.Tensor]], clip
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     cpu = torch.device("cpu")
-    loss = train_module.accumulate_gradients(model, iter(batches), len(batches), scaler, cpu,
+    loss = train_step.accumulate_gradients(model, iter(batches), len(batches), scaler, cpu,
                                              torch.float32)
-    norm = train_module.clip_gradients(model, opt, scaler, clip)
+    norm = train_step.clip_gradients(model, opt, scaler, clip)
     return loss.item(), None if norm is None else norm.item()
 
 
@@ -383,7 +385,7 @@ def test_uniform_logits_give_log2_257_bits_per_byte() -> None:
     y = torch.randint(0, 256, (4, 16))
     y[0, :3] = 256  # end-of-text targets stand for no bytes: left out of bits per byte
     batches = [(torch.zeros_like(y), y)]
-    result = train_module.evaluate(_Uniform(), batches, token_bytes, torch.device("cpu"),
+    result = train_step.evaluate(_Uniform(), batches, token_bytes, torch.device("cpu"),
                                    torch.float32)
     assert result.bpb == pytest.approx(math.log2(257), rel=1e-6)
     assert result.loss == pytest.approx(math.log(257), rel=1e-6)  # every target counts here
