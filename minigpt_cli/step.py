@@ -18,6 +18,7 @@ from torch import Tensor
 
 from minigpt_cli.config import TrainConfig
 from minigpt_cli.device import autocast
+from minigpt_cli.distributed import Ranks, all_sum, no_sync
 
 
 def lr_at(step: int, t: TrainConfig) -> float:
@@ -37,13 +38,15 @@ class EvalResult:
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, batches: list, token_bytes: torch.Tensor,
-             device: torch.device, dtype: torch.dtype) -> EvalResult:
-    """Mean loss per token and bits per byte (summed nats / ln 2 / UTF-8 bytes), eval mode."""
+             device: torch.device, dtype: torch.dtype, ranks: Ranks = Ranks()) -> EvalResult:
+    """Mean loss per token and bits per byte (summed nats / ln 2 / UTF-8 bytes), eval mode.
+    Over several ranks each scores its share of the batches and the sums are all-reduced, so
+    every rank takes part and all get the single-process figure."""
     was_training = model.training
     model.eval()
     nats = bytes_ = 0.0
     total = count = 0.0
-    for x, y in batches:
+    for x, y in batches[ranks.rank::ranks.world]:
         x, y = x.to(device), y.to(device)
         with autocast(device, dtype):
             logits, _ = model(x)
@@ -54,6 +57,7 @@ def evaluate(model: torch.nn.Module, batches: list, token_bytes: torch.Tensor,
         total += losses.sum().item()
         count += losses.numel()
     model.train(was_training)
+    nats, bytes_, total, count = all_sum([nats, bytes_, total, count], ranks)
     return EvalResult(loss=total / count, bpb=nats / math.log(2) / max(bytes_, 1.0))
 
 
@@ -64,11 +68,14 @@ def accumulate_gradients(fwd: torch.nn.Module, micro_batches: Iterable[tuple[Ten
     gradient of one batch n times larger (equal-sized micro-batches, mean losses). Returns the
     mean loss, still on the device (reading it would wait for the device)."""
     loss_sum = torch.zeros((), device=device)
-    for x, y in micro_batches:
+    for i, (x, y) in enumerate(micro_batches):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        with autocast(device, dtype):
-            _, loss = fwd(x, y)
-        scaler.scale(loss / n).backward()
+        # Under DDP only the last micro-batch's backward all-reduces (DDP averages over ranks,
+        # so n is this rank's share: the result is the mean over every rank's micro-batches).
+        with no_sync(fwd, skip=i < n - 1):
+            with autocast(device, dtype):
+                _, loss = fwd(x, y)
+            scaler.scale(loss / n).backward()
         loss_sum += loss.detach()
     return loss_sum / n
 

@@ -7,11 +7,13 @@ evaluation switches to `model.eval()` + no-grad and back.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
 import signal
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -22,10 +24,11 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
+from torch import Tensor
 
 from minigpt_cli import checkpoint as ckpt
 from minigpt_cli import data as D
-from minigpt_cli import scheduled
+from minigpt_cli import distributed, scheduled
 from minigpt_cli import tokenizer as tok
 from minigpt_cli.config import Config
 from minigpt_cli.device import resolve_device, resolve_dtype, synchronize
@@ -148,15 +151,30 @@ class TrainSummary:
 
 
 def train(cfg: Config, resume: bool = False, console: Console | None = None) -> TrainSummary:
-    console = console or Console(stderr=True)
+    """One process, or one rank of a torchrun job (distributed.py); the group is left in the
+    end whatever happens, so a failing rank does not hold the others."""
+    ranks = distributed.from_env(os.environ.get("MINIGPT_DIST_INIT"))
+    try:
+        return _train(cfg, resume, console or Console(stderr=True), ranks)
+    finally:
+        distributed.shutdown(ranks)
+
+
+def _train(cfg: Config, resume: bool, console: Console, ranks: distributed.Ranks
+           ) -> TrainSummary:
+    if not ranks.main:  # rank 0 speaks for the job
+        console = Console(file=io.StringIO())
     t0 = time.perf_counter()
     run_dir = Path(cfg.out_dir)
+    mine = ranks.micro_batches(cfg.train.grad_accum_steps)
     _check_out_dir(run_dir, resume)
     state: dict[str, Any] | None = None
     if resume:
         _check_same_run(run_dir, cfg)
         state, state_tensors = ckpt.load_train_state(run_dir)
     device = resolve_device(cfg.device)
+    if device.type == "cuda" and ranks.enabled:
+        device = torch.device("cuda", ranks.local_rank)
     dtype = resolve_dtype(cfg.dtype, device)
     torch.manual_seed(cfg.seed)
 
@@ -190,8 +208,9 @@ def train(cfg: Config, resume: bool = False, console: Console | None = None) -> 
         ckpt.load_optimizer(opt, state_tensors, state["param_groups"])
         ckpt.set_rng_state(state["rng"])
         start_step, best_val = state["step"], state.get("best_val_loss", math.inf)
-        history = _metrics_after_resume(run_dir, start_step)
-        ckpt.clean_stale_state_files(run_dir)
+        history = _metrics_after_resume(run_dir, start_step) if ranks.main else []
+        if ranks.main:
+            ckpt.clean_stale_state_files(run_dir)
         evals = [r for r in history if "val_loss" in r]
         if evals:
             last.update(train_loss=evals[-1]["train_loss"], val_loss=evals[-1]["val_loss"],
@@ -202,7 +221,7 @@ def train(cfg: Config, resume: bool = False, console: Console | None = None) -> 
                           "train.max_steps=N to train further")
         else:
             console.print(f"[bold]resuming[/] {escape(str(run_dir))} at step {start_step}")
-    else:
+    elif ranks.main:
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -213,14 +232,17 @@ def train(cfg: Config, resume: bool = False, console: Console | None = None) -> 
                                                                            sort_keys=False))
         if cfg.tokenizer.kind == "bpe":
             tok.save_ranks(enc, run_dir / tok.TOKENIZER_FILE)
-    fwd = torch.compile(model) if cfg.compile else model
+    distributed.barrier(ranks)  # rank 0 has set the directory up before anyone goes on
+    fwd = distributed.wrap(model, ranks)
+    fwd = torch.compile(fwd) if cfg.compile else fwd
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
     tok_desc = tok.describe(enc, cfg.tokenizer.kind)
     val_batches = D.eval_batches(tokens.val, t.batch_size, T, t.eval_steps)
     train_eval_batches = D.eval_batches(tokens.train, t.batch_size, T, t.eval_steps)
     tokens_per_step = t.batch_size * T * t.grad_accum_steps
-    metrics = (run_dir / ckpt.METRICS_FILE).open("a", encoding="utf-8")
+    metrics: Any = ((run_dir / ckpt.METRICS_FILE).open("a", encoding="utf-8") if ranks.main
+                    else io.StringIO())
 
     def log(record: dict[str, Any]) -> None:
         metrics.write(json.dumps(record) + "\n")
@@ -232,6 +254,9 @@ def train(cfg: Config, resume: bool = False, console: Console | None = None) -> 
                 "val_loss": val_loss, "config": cfg.to_dict()}
 
     def save(step: int, val_loss: float | None) -> None:
+        if not ranks.main:
+            distributed.barrier(ranks)
+            return
         # The resume state is the commit point, so it goes first: a crash before it leaves the
         # previous state (or, on a first save, a directory a fresh start may reuse); a crash
         # after it leaves model.safetensors one save behind, which a resume rewrites.
@@ -241,11 +266,24 @@ def train(cfg: Config, resume: bool = False, console: Console | None = None) -> 
             "data": {"sampler": "random-windows", "next_step": step},
         })
         ckpt.save_model(run_dir / ckpt.MODEL_FILE, model, model_meta(step, val_loss))
+        distributed.barrier(ranks)  # saved before any rank goes on (or stops)
 
-    if state is not None and ckpt.saved_step(run_dir / ckpt.MODEL_FILE) != start_step:
+    behind = state is not None and ckpt.saved_step(run_dir / ckpt.MODEL_FILE) != start_step
+    if ranks.main and behind:
         # The run died between committing its resume state and writing model.safetensors.
         ckpt.save_model(run_dir / ckpt.MODEL_FILE, model,
                         model_meta(start_step, state.get("val_loss", last["val_loss"])))
+    def micro_batches(step: int, ss_prob: float) -> Iterator[tuple[Tensor, Tensor]]:
+        """This rank's micro-batches, each a function of (seed, step, global index) alone:
+        its windows, its dropout masks, and (scheduled sampling) its own-prediction inputs."""
+        for m in mine:
+            x, y = D.train_batch(tokens.train, t.batch_size, T, cfg.seed, step, m)
+            torch.manual_seed(((cfg.seed * 1_000_003 + step) * 1_009 + m) ^ 0xD209)
+            if ss_prob > 0:  # scheduled sampling: a no-grad pass first, then mixed inputs
+                x = scheduled.own_predictions_as_inputs(fwd, x, ss_prob, cfg.seed, step, m,
+                                                        device, dtype)
+            yield x, y
+
     console.print(f"[bold]training[/] {model.num_params() / 1e6:.2f}M params on {device} "
                   f"({str(dtype).removeprefix('torch.')}), vocab {enc.n_vocab}, "
                   f"{len(tokens.train):,} train / {len(tokens.val):,} val tokens")
@@ -266,14 +304,8 @@ def train(cfg: Config, resume: bool = False, console: Console | None = None) -> 
             for group in opt.param_groups:
                 group["lr"] = lr
             ss_prob = scheduled.probability(step, t.scheduled_sampling)
-            micro_batches = (D.train_batch(tokens.train, t.batch_size, T, cfg.seed, step, micro)
-                             for micro in range(t.grad_accum_steps))
-            if ss_prob > 0:  # scheduled sampling: a no-grad pass first, then mixed inputs
-                micro_batches = ((scheduled.own_predictions_as_inputs(
-                    fwd, x, ss_prob, cfg.seed, step, micro, device, dtype), y)
-                    for micro, (x, y) in enumerate(micro_batches))
-            mean_loss = accumulate_gradients(fwd, micro_batches, t.grad_accum_steps, scaler,
-                                             device, dtype)
+            mean_loss = accumulate_gradients(fwd, micro_batches(step, ss_prob), len(mine),
+                                             scaler, device, dtype)
             grad_norm = clip_gradients(model, opt, scaler, t.grad_clip)
             scaler.step(opt)
             scaler.update()
@@ -282,11 +314,11 @@ def train(cfg: Config, resume: bool = False, console: Console | None = None) -> 
             window_steps += 1
             # Read the Ctrl-C flag once: a signal landing later in this block is handled at the
             # next boundary, so "stop" always means "saved first".
-            stopping = stop.requested
+            stopping = distributed.any_rank(stop.requested, ranks)
             is_eval = step % t.eval_interval == 0 or step == t.max_steps
             is_save = step % t.save_interval == 0 or step == t.max_steps or stopping
             if step % t.log_interval == 0 or is_eval or is_save:
-                train_loss = mean_loss.item()
+                train_loss = distributed.all_sum([mean_loss.item()], ranks)[0] / ranks.world
                 if not math.isfinite(train_loss):
                     raise UserError(f"loss became {train_loss} at step {step}; the last good "
                                     f"checkpoint in {run_dir} is kept: lower train.lr or use "
@@ -302,14 +334,17 @@ def train(cfg: Config, resume: bool = False, console: Console | None = None) -> 
                      **({"scheduled_sampling_prob": ss_prob} if ss_prob > 0 else {})})
             val_loss = None
             if is_eval:
-                tr = evaluate(fwd, train_eval_batches, token_bytes, device, dtype)
-                va = evaluate(fwd, val_batches, token_bytes, device, dtype)
+                judge = model if ranks.enabled else fwd  # each rank scores a share
+                tr = evaluate(judge, train_eval_batches, token_bytes, device, dtype, ranks)
+                va = evaluate(judge, val_batches, token_bytes, device, dtype, ranks)
                 val_loss = va.loss
                 last.update(train_loss=tr.loss, val_loss=va.loss, val_bpb=va.bpb)
                 log({"step": step, "train_loss": tr.loss, "val_loss": va.loss, "val_bpb": va.bpb})
                 if va.loss < best_val:
                     best_val = va.loss
-                    ckpt.save_model(run_dir / ckpt.BEST_FILE, model, model_meta(step, va.loss))
+                    if ranks.main:
+                        ckpt.save_model(run_dir / ckpt.BEST_FILE, model,
+                                        model_meta(step, va.loss))
                 if not console.is_terminal:
                     console.print(f"step {step}: train {tr.loss:.4f}  val {va.loss:.4f}  "
                                   f"val bpb {va.bpb:.4f}  {tps:,.0f} tok/s")

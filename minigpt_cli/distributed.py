@@ -1,0 +1,118 @@
+"""Training past one process, on PyTorch's own machinery: torchrun's environment,
+torch.distributed (gloo on CPU, nccl on CUDA) and DistributedDataParallel.
+
+`minigpt train` stays one process unless torchrun (or anything that sets WORLD_SIZE, RANK and
+LOCAL_RANK, and MASTER_ADDR/MASTER_PORT or an init method) starts several. A config then means
+the same run at any scale: `train.grad_accum_steps` is the *global* number of micro-batches per
+optimizer step, split evenly over the ranks, and every micro-batch (data and dropout masks) is a
+function of (seed, step, global micro-batch index) alone, so N ranks end where one process
+does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from minigpt_cli.errors import UserError
+
+TIMEOUT_S = float(os.environ.get("MINIGPT_DIST_TIMEOUT", "120"))
+
+
+@dataclass(frozen=True)
+class Ranks:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        """Rank 0 logs, prints and writes the run directory."""
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+    def micro_batches(self, n_global: int) -> range:
+        """This rank's global micro-batch indices: a contiguous share of n_global."""
+        if n_global % self.world:
+            raise UserError(f"train.grad_accum_steps ({n_global}) must be divisible by the "
+                            f"number of ranks ({self.world}): it counts micro-batches per "
+                            "optimizer step over all ranks")
+        share = n_global // self.world
+        return range(self.rank * share, (self.rank + 1) * share)
+
+
+def from_env(init_method: str | None = None) -> Ranks:
+    """Join the process group torchrun describes, with a timeout so a missing or dead peer is
+    an error, not a hang. One process (no WORLD_SIZE, or 1) needs no group."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Ranks()
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(local)
+    if not dist.is_initialized():
+        try:
+            dist.init_process_group("nccl" if cuda else "gloo", init_method=init_method,
+                                    rank=rank, world_size=world,
+                                    timeout=timedelta(seconds=TIMEOUT_S))
+        except (RuntimeError, ValueError) as e:  # DistStoreError is a RuntimeError
+            raise UserError(f"rank {rank} of {world} could not join the process group within "
+                            f"{TIMEOUT_S:.0f} s: {str(e).splitlines()[0]}") from None
+    return Ranks(rank, world, local)
+
+
+def all_sum(values: list[float], ranks: Ranks) -> list[float]:
+    """Element-wise sum over ranks (a float64 all-reduce); unchanged for one process."""
+    if not ranks.enabled:
+        return values
+    t = torch.tensor(values, dtype=torch.float64)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t)
+    return t.cpu().tolist()
+
+
+def any_rank(flag: bool, ranks: Ranks) -> bool:
+    """True on every rank if it is true on any (a stop request, say)."""
+    return bool(all_sum([float(flag)], ranks)[0]) if ranks.enabled else flag
+
+
+def barrier(ranks: Ranks) -> None:
+    if ranks.enabled:
+        dist.barrier()
+
+
+@contextlib.contextmanager
+def no_sync(model: torch.nn.Module, skip: bool) -> Iterator[None]:
+    """DDP's no_sync on micro-batches before the last: their gradients stay local and are
+    all-reduced once, with the last micro-batch's."""
+    if skip and hasattr(model, "no_sync"):
+        with model.no_sync():
+            yield
+    else:
+        yield
+
+
+def wrap(model: torch.nn.Module, ranks: Ranks) -> torch.nn.Module:
+    """DistributedDataParallel over the group (the model itself for one process)."""
+    if not ranks.enabled:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    cuda = next(model.parameters()).is_cuda
+    return DistributedDataParallel(model, device_ids=[ranks.local_rank] if cuda else None)
+
+
+def shutdown(ranks: Ranks) -> None:
+    if ranks.enabled and dist.is_initialized():
+        dist.destroy_process_group()

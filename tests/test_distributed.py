@@ -1,0 +1,96 @@
+"""Training on several ranks (torch.distributed, gloo, DDP) ends where one process ends.
+
+Workers are started with torch.multiprocessing and meet through a file:// rendezvous in a temp
+dir (no ports), one thread each; the reference runs in this process on one thread too.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from rich.console import Console
+
+from minigpt_cli import checkpoint as ckpt
+from minigpt_cli.config import config_from_dict
+from minigpt_cli.errors import UserError
+from minigpt_cli.train import train
+from tests.conftest import tiny_raw
+
+
+def _rank(rank: int, world: int, init: str, raw: dict, data_dir: str, resume: bool) -> None:
+    os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank),
+                      MINIGPT_DIST_INIT=init, MINIGPT_DATA_DIR=data_dir,
+                      MINIGPT_DIST_TIMEOUT="60")
+    torch.set_num_threads(1)
+    train(config_from_dict(raw), resume=resume, console=Console(file=io.StringIO()))
+
+
+def _ranks(world: int, raw: dict, tmp: Path, resume: bool = False) -> None:
+    init = f"file://{tmp / f'rdzv-{world}-{resume}'}"
+    mp.spawn(_rank, args=(world, init, raw, str(tmp / "data"), resume), nprocs=world, join=True)
+
+
+def _alone(raw: dict, tmp: Path, resume: bool = False) -> None:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with pytest.MonkeyPatch.context() as m:
+            m.setenv("MINIGPT_DATA_DIR", str(tmp / "data"))
+            train(config_from_dict(raw), resume=resume, console=Console(file=io.StringIO()))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _weights(run: Path) -> dict[str, torch.Tensor]:
+    return ckpt.load_safetensors(run / ckpt.MODEL_FILE)[0]
+
+
+def _close(a: Path, b: Path, tol: float = 1e-6) -> float:
+    wa, wb = _weights(a), _weights(b)
+    assert wa.keys() == wb.keys()
+    worst = max((wa[k] - wb[k]).abs().max().item() for k in wa)
+    assert worst <= tol, worst
+    return worst
+
+
+def _evals(run: Path) -> list[dict]:
+    return [json.loads(x) for x in (run / ckpt.METRICS_FILE).read_text().splitlines()
+            if "val_bpb" in x]
+
+
+def test_two_ranks_end_with_one_process_weights(tmp_path: Path, corpus_file: Path) -> None:
+    """Same config, dropout on, 4 micro-batches per step: 2 ranks of 2 equal 1 process of 4,
+    and the logged (all-reduced) losses and sharded evaluations equal the single-process ones.
+    Then the 2-rank run resumes in one process and still ends with the uninterrupted weights."""
+    kw = {"grad_accum_steps": 4, "max_steps": 8, "eval_interval": 4, "save_interval": 4,
+          "log_interval": 2}
+    _alone(tiny_raw(corpus_file, tmp_path / "one", **kw), tmp_path)
+    _ranks(2, tiny_raw(corpus_file, tmp_path / "two", **kw), tmp_path)
+    _close(tmp_path / "one", tmp_path / "two")
+    for a, b in zip(_evals(tmp_path / "one"), _evals(tmp_path / "two"), strict=True):
+        assert a["step"] == b["step"]
+        for key in ("train_loss", "val_loss", "val_bpb"):
+            assert a[key] == pytest.approx(b[key], rel=1e-6), key
+    logged = [[r["loss"] for r in map(json.loads, (tmp_path / run / ckpt.METRICS_FILE)
+                                      .read_text().splitlines()) if "loss" in r]
+              for run in ("one", "two")]
+    assert len(logged[0]) == 4 and logged[0] == pytest.approx(logged[1], rel=1e-6)
+
+    longer = {**kw, "max_steps": 12}
+    _alone(tiny_raw(corpus_file, tmp_path / "one", **longer), tmp_path, resume=True)
+    _alone(tiny_raw(corpus_file, tmp_path / "two", **longer), tmp_path, resume=True)
+    _close(tmp_path / "one", tmp_path / "two")
+
+
+def test_accumulation_must_divide_among_ranks() -> None:
+    from minigpt_cli.distributed import Ranks
+
+    assert list(Ranks(1, 2).micro_batches(4)) == [2, 3]
+    with pytest.raises(UserError, match=r"grad_accum_steps \(3\) must be divisible"):
+        Ranks(0, 2).micro_batches(3)
