@@ -22,7 +22,18 @@ import torch.distributed as dist
 
 from minigpt_cli.errors import UserError
 
-TIMEOUT_S = float(os.environ.get("MINIGPT_DIST_TIMEOUT", "120"))
+
+def _timeout_s() -> float:
+    """Seconds to wait for the group (MINIGPT_DIST_TIMEOUT, default 120)."""
+    text = os.environ.get("MINIGPT_DIST_TIMEOUT", "120")
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if value <= 0:
+        raise UserError(f"MINIGPT_DIST_TIMEOUT must be a positive number of seconds, got "
+                        f"'{text}'")
+    return value
 
 
 @dataclass(frozen=True)
@@ -57,6 +68,7 @@ def from_env(init_method: str | None = None) -> Ranks:
     if world <= 1:
         return Ranks()
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    timeout = _timeout_s()
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(local)
@@ -64,11 +76,16 @@ def from_env(init_method: str | None = None) -> Ranks:
         try:
             dist.init_process_group("nccl" if cuda else "gloo", init_method=init_method,
                                     rank=rank, world_size=world,
-                                    timeout=timedelta(seconds=TIMEOUT_S))
+                                    timeout=timedelta(seconds=timeout))
         except (RuntimeError, ValueError) as e:  # DistStoreError is a RuntimeError
             raise UserError(f"rank {rank} of {world} could not join the process group within "
-                            f"{TIMEOUT_S:.0f} s: {str(e).splitlines()[0]}") from None
+                            f"{timeout:.0f} s: {str(e).splitlines()[0]}") from None
     return Ranks(rank, world, local)
+
+
+def restarted() -> bool:
+    """Whether torchrun's elastic agent restarted this group after a worker failed."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
 
 
 def all_sum(values: list[float], ranks: Ranks) -> list[float]:

@@ -154,6 +154,8 @@ def train(cfg: Config, resume: bool = False, console: Console | None = None) -> 
     """One process, or one rank of a torchrun job (distributed.py); the group is left in the
     end whatever happens, so a failing rank does not hold the others."""
     ranks = distributed.from_env(os.environ.get("MINIGPT_DIST_INIT"))
+    if distributed.restarted() and (Path(cfg.out_dir) / ckpt.STATE_JSON).is_file():
+        resume = True  # torchrun restarted the group after a failure: on from the last save
     try:
         return _train(cfg, resume, console or Console(stderr=True), ranks)
     finally:
@@ -287,6 +289,10 @@ def _train(cfg: Config, resume: bool, console: Console, ranks: distributed.Ranks
     console.print(f"[bold]training[/] {model.num_params() / 1e6:.2f}M params on {device} "
                   f"({str(dtype).removeprefix('torch.')}), vocab {enc.n_vocab}, "
                   f"{len(tokens.train):,} train / {len(tokens.val):,} val tokens")
+    console.print(f"global batch {t.batch_size} x {T} tokens x {t.grad_accum_steps} "
+                  f"micro-batches = {tokens_per_step:,} tokens per step"
+                  + (f", over {ranks.world} ranks ({len(mine)} micro-batches each)"
+                     if ranks.enabled else ""))
     progress = Progress(
         TextColumn("[bold]step {task.completed}/{task.total}"), BarColumn(),
         TextColumn("loss {task.fields[loss]:.4f}  val {task.fields[val]:.4f}  "

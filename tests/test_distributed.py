@@ -94,3 +94,4 @@ def test_accumulation_must_divide_among_ranks() -> None:
     assert list(Ranks(1, 2).micro_batches(4)) == [2, 3]
     with pytest.raises(UserError, match=r"grad_accum_steps \(3\) must be divisible"):
         Ranks(0, 2).micro_batches(3)
+
