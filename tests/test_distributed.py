@@ -9,11 +9,14 @@ from __future__ import annotations
 import io
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.multiprocessing as mp
+import yaml
 from rich.console import Console
 
 from minigpt_cli import checkpoint as ckpt
@@ -95,3 +98,17 @@ def test_accumulation_must_divide_among_ranks() -> None:
     with pytest.raises(UserError, match=r"grad_accum_steps \(3\) must be divisible"):
         Ranks(0, 2).micro_batches(3)
 
+
+
+def test_a_peer_that_never_comes_is_a_one_line_error(tmp_path: Path, corpus_file: Path) -> None:
+    """Rank 0 of 2 with nobody else: after MINIGPT_DIST_TIMEOUT seconds, one line and exit 2,
+    not a hang; nothing written."""
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(tiny_raw(corpus_file, Path("run"))))
+    env = {**os.environ, "WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0",
+           "MINIGPT_DIST_TIMEOUT": "3", "MINIGPT_DIST_INIT": f"file://{tmp_path / 'rdzv'}"}
+    p = subprocess.run([sys.executable, "-m", "minigpt_cli", "train", "cfg.yaml"], cwd=tmp_path,
+                       env=env, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2, p.stderr[-2000:]
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "could not join the process group within 3 s" in lines[0]
+    assert not (tmp_path / "run").exists()
