@@ -26,7 +26,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from minigpt_cli import native
-from minigpt_cli.checkpoint import atomic_write_text
+from minigpt_cli.checkpoint import atomic_write_text, check_output_paths
 from minigpt_cli.device import resolve_device, resolve_dtype, synchronize
 from minigpt_cli.errors import UserError
 from minigpt_cli.generate import Decoder
@@ -265,9 +265,7 @@ def run_bench(*, checkpoint: str | None, config: str | None, lengths: list[int],
                         ("--repeats", repeats)):
         if value < 1:
             raise UserError(f"{flag} must be at least 1, got {value}")
-    for flag, path in (("--json", json_path), ("--plot", plot_path)):
-        if path is not None and not Path(path).resolve().parent.is_dir():
-            raise UserError(f"{flag} {path}: the folder {Path(path).parent} does not exist")
+    check_output_paths(json=json_path, plot=plot_path)
     native.check_engine_name(engine)
     model, dev, dt, source, lengths = build_bench_model(checkpoint, config, sorted(lengths),
                                                         prompt_len, device, dtype, console)

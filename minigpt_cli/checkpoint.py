@@ -242,6 +242,26 @@ def clean_stale_state_files(run_dir: Path) -> None:
             p.unlink()
 
 
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """metrics.jsonl records; a line cut short by a crash mid-append is skipped."""
+    path = Path(run_dir) / METRICS_FILE
+    records = []
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return records
+
+
+def check_output_paths(**flags: Path | None) -> None:
+    """Refuse `--json F` / `--plot F` into a missing folder before any work, not after it."""
+    for flag, path in flags.items():
+        if path is not None and not Path(path).resolve().parent.is_dir():
+            raise UserError(f"--{flag} {path}: the folder {Path(path).parent} does not exist")
+
+
 def save_model(path: Path, model: torch.nn.Module, meta: dict[str, Any]) -> None:
     """Inference weights: the safetensors metadata makes the file describe itself."""
     save_safetensors(path, model_tensors(model), {"format": "minigpt", **meta})

@@ -273,10 +273,16 @@ def _windows(tokens: np.ndarray, starts: torch.Tensor, block_size: int
     return chunk[:, :-1], chunk[:, 1:]
 
 
+def micro_seed(seed: int, step: int, micro: int) -> int:
+    """One integer per (seed, step, micro-batch): what makes a micro-batch's windows, dropout
+    masks and scheduled-sampling draws the same on any number of ranks and after a resume."""
+    return (seed * 1_000_003 + step) * 1_009 + micro
+
+
 def train_batch(tokens: np.ndarray, batch_size: int, block_size: int, seed: int, step: int,
                 micro: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Random windows, a pure function of (seed, step, micro-step): resumes replay nothing."""
-    g = torch.Generator().manual_seed((seed * 1_000_003 + step) * 1_009 + micro)
+    g = torch.Generator().manual_seed(micro_seed(seed, step, micro))
     starts = torch.randint(0, len(tokens) - block_size - 1, (batch_size,), generator=g)
     return _windows(tokens, starts, block_size)
 

@@ -101,7 +101,7 @@ def all_sum(values: list[float], ranks: Ranks) -> list[float]:
 
 def any_rank(flag: bool, ranks: Ranks) -> bool:
     """True on every rank if it is true on any (a stop request, say)."""
-    return bool(all_sum([float(flag)], ranks)[0]) if ranks.enabled else flag
+    return bool(all_sum([float(flag)], ranks)[0])
 
 
 def barrier(ranks: Ranks) -> None:

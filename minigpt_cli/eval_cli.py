@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ from rich.table import Table
 
 from minigpt_cli import data as D
 from minigpt_cli import tokenizer as tok
-from minigpt_cli.checkpoint import atomic_write_text
+from minigpt_cli.checkpoint import atomic_write_text, check_output_paths, read_metrics
 from minigpt_cli.config import config_from_dict
 from minigpt_cli.device import resolve_device, resolve_dtype
 from minigpt_cli.errors import UserError
@@ -35,7 +36,7 @@ def eval_tokens(meta: dict[str, Any], enc, data: str | None) -> tuple[np.ndarray
                             "validation split: give --data SOURCE")
         cfg = config_from_dict(meta["config"])
         corpus = D.load_corpus(cfg.data.source, cfg.data.val_fraction)
-        tokens = D.encode_documents(enc, corpus.val)
+        tokens = D.encode_documents(enc, corpus.val)  # as training did; eval writes no cache
         where = f"validation split of {cfg.data.source} (val_fraction {cfg.data.val_fraction})"
     else:
         try:
@@ -47,10 +48,13 @@ def eval_tokens(meta: dict[str, Any], enc, data: str | None) -> tuple[np.ndarray
     return tokens, where
 
 
-def check_paths(json_path: Path | None, plot_path: Path | None) -> None:
-    for flag, path in (("--json", json_path), ("--plot", plot_path)):
-        if path is not None and not Path(path).resolve().parent.is_dir():
-            raise UserError(f"{flag} {path}: the folder {Path(path).parent} does not exist")
+def write_outputs(record: dict[str, Any], json_path: Path | None, plot_path: Path | None,
+                  plot: Callable[[dict[str, Any], Path], None]) -> None:
+    """The record as JSON (atomically) and its figure, where asked for."""
+    if json_path:
+        atomic_write_text(json_path, json.dumps(record, indent=1))
+    if plot_path:
+        plot(record, plot_path)
 
 
 def run_eval(*, checkpoint: str | None, data: str | None, stride: int | None, batch_size: int,
@@ -64,7 +68,7 @@ def run_eval(*, checkpoint: str | None, data: str | None, stride: int | None, ba
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")
     if oracle and not exposure:
         raise UserError("--oracle is for --exposure: add --exposure")
-    check_paths(json_path, plot_path)
+    check_output_paths(json=json_path, plot=plot_path)
     dt = resolve_dtype(dtype, resolve_device(device))
     model, enc, meta, path = load_for_inference(checkpoint, device, "float32")
     window = model.config.block_size
@@ -102,29 +106,17 @@ def run_eval(*, checkpoint: str | None, data: str | None, stride: int | None, ba
         "train_log_val_bpb": _logged_val_bpb(path, meta) if data is None else None,
     }
     _print(console, record)
-    if json_path:
-        atomic_write_text(json_path, json.dumps(record, indent=1))
-    if plot_path:
-        from minigpt_cli.eval_plot import plot_context
+    from minigpt_cli.eval_plot import plot_context
 
-        plot_context(record, plot_path)
+    write_outputs(record, json_path, plot_path, plot_context)
     return record
 
 
 def _logged_val_bpb(path: Path, meta: dict[str, Any]) -> float | None:
     """The training log's last val bits/byte, for comparison (it samples windows)."""
-    metrics = path.parent / "metrics.jsonl"
-    if not metrics.is_file():
-        return None
-    last = None
-    for line in metrics.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if "val_bpb" in rec and rec.get("step") == meta.get("step"):
-            last = rec["val_bpb"]
-    return last
+    logged = [r["val_bpb"] for r in read_metrics(path.parent)
+              if "val_bpb" in r and r.get("step") == meta.get("step")]
+    return logged[-1] if logged else None
 
 
 def _print(console: Console, r: dict[str, Any]) -> None:

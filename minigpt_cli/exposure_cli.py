@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +11,6 @@ from rich.table import Table
 
 from minigpt_cli import exposure as X
 from minigpt_cli import tokenizer as tok
-from minigpt_cli.checkpoint import atomic_write_text
 from minigpt_cli.errors import UserError
 from minigpt_cli.generate import load_for_inference
 from minigpt_cli.model import GPT
@@ -82,12 +80,10 @@ def run_exposure(*, model: GPT, enc, meta: dict[str, Any], path: Path, tokens: n
                 str(lv): {"value": X.ex_acc_err(r[kind], r["data"])[lv - 1],
                           "ci95": ci[lv]} for lv in levels}
     _print(console, record)
-    if json_path:
-        atomic_write_text(json_path, json.dumps(record, indent=1))
-    if plot_path:
-        from minigpt_cli.eval_plot import plot_exposure
+    from minigpt_cli.eval_cli import write_outputs
+    from minigpt_cli.eval_plot import plot_exposure
 
-        plot_exposure(record, plot_path)
+    write_outputs(record, json_path, plot_path, plot_exposure)
     return record
 
 

@@ -17,6 +17,7 @@ import math
 import torch
 
 from minigpt_cli.config import ScheduledSamplingConfig
+from minigpt_cli.data import micro_seed
 from minigpt_cli.device import autocast
 
 
@@ -57,7 +58,7 @@ def own_predictions_as_inputs(fwd: torch.nn.Module, x: torch.Tensor, prob: float
                               dtype: torch.dtype) -> torch.Tensor:
     """The first of scheduled sampling's two passes: sample the model's next token at every
     position (temperature 1, as generation samples) and mix them into the inputs."""
-    g = torch.Generator().manual_seed(((seed * 1_000_003 + step) * 1_009 + micro) ^ 0x5CED)
+    g = torch.Generator().manual_seed(micro_seed(seed, step, micro) ^ 0x5CED)
     with autocast(device, dtype):
         logits, _ = fwd(x.to(device))
     probs = torch.softmax(logits.float(), -1).cpu().flatten(0, 1)

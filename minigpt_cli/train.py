@@ -88,22 +88,9 @@ def _check_same_run(run_dir: Path, cfg: Config) -> None:
                                 f"says {value}: use the original config or another out_dir")
 
 
-def _read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    """metrics.jsonl records; a line cut short by a crash mid-append is skipped."""
-    path = run_dir / ckpt.METRICS_FILE
-    records = []
-    if path.is_file():
-        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return records
-
-
 def _metrics_after_resume(run_dir: Path, step: int) -> list[dict[str, Any]]:
     """Drop metric lines past the resumed step, so the log reads like one unbroken run."""
-    keep = [r for r in _read_metrics(run_dir) if r.get("step", 0) <= step]
+    keep = [r for r in ckpt.read_metrics(run_dir) if r.get("step", 0) <= step]
     ckpt.atomic_write_text(run_dir / ckpt.METRICS_FILE, "".join(json.dumps(r) + "\n"
                                                                  for r in keep))
     return keep
@@ -280,7 +267,7 @@ def _train(cfg: Config, resume: bool, console: Console, ranks: distributed.Ranks
         its windows, its dropout masks, and (scheduled sampling) its own-prediction inputs."""
         for m in mine:
             x, y = D.train_batch(tokens.train, t.batch_size, T, cfg.seed, step, m)
-            torch.manual_seed(((cfg.seed * 1_000_003 + step) * 1_009 + m) ^ 0xD209)
+            torch.manual_seed(D.micro_seed(cfg.seed, step, m) ^ 0xD209)
             if ss_prob > 0:  # scheduled sampling: a no-grad pass first, then mixed inputs
                 x = scheduled.own_predictions_as_inputs(fwd, x, ss_prob, cfg.seed, step, m,
                                                         device, dtype)
