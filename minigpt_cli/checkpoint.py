@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,7 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     with contextlib.suppress(OSError):  # not every filesystem lets a directory be opened
         fd = os.open(path, os.O_RDONLY)
         try:
@@ -65,7 +66,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     crash_point(f"{path.name}:renamed")
 
 
@@ -73,8 +74,11 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The state dict to save, from the uncompiled module (no `_orig_mod.` prefix)."""
+def model_tensors(model: torch.nn.Module | dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The state dict to save, from the uncompiled module (no `_orig_mod.` prefix); a dict is
+    already one (an FSDP2 model's full state, gathered onto rank 0)."""
+    if isinstance(model, dict):
+        return model
     raw = getattr(model, "_orig_mod", model)
     return {name: t.detach().to("cpu").contiguous() for name, t in raw.state_dict().items()}
 
@@ -139,34 +143,38 @@ def optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tenso
     return tensors, sd["param_groups"]
 
 
-def load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
-                   groups: list[Any]) -> None:
-    state: dict[int, dict[str, torch.Tensor]] = {}
-    for key, t in tensors.items():
-        if key.startswith("optim."):
-            _, pid, name = key.split(".", 2)
-            state.setdefault(int(pid), {})[name] = t.reshape(()) if name == "step" else t
-    opt.load_state_dict({"state": state, "param_groups": groups})
-
-
-def save_train_state(run_dir: Path, model: torch.nn.Module, opt: torch.optim.Optimizer,
-                     state: dict[str, Any]) -> None:
+def save_train_state(run_dir: Path, model: torch.nn.Module | dict[str, torch.Tensor],
+                     opt: torch.optim.Optimizer, state: dict[str, Any]) -> None:
     """Write the resume point: new weights file first, then the JSON that names it."""
     step = state["step"]
     name = f"train_state-{step:07d}.safetensors"
     opt_tensors, groups = optimizer_tensors(opt)
     tensors = {f"model.{k}": v for k, v in model_tensors(model).items()} | opt_tensors
     save_safetensors(run_dir / name, tensors, {"step": step})
+    commit_train_state(run_dir, name, groups, state)
+
+
+def commit_train_state(run_dir: Path, name: str, groups: list[Any], state: dict[str, Any]
+                       ) -> None:
+    """Replace the JSON with one that names `name` (complete on disk), then drop the previous
+    weights file or DCP directory."""
     previous = read_state_json(run_dir)
     payload = {**state, "weights_file": name, "param_groups": groups, "rng": rng_state()}
     atomic_write_text(run_dir / STATE_JSON, json.dumps(payload, indent=1))
     if previous and previous.get("weights_file") not in (None, name):
         crash_point("state:unlink-previous")
+        _remove(Path(run_dir) / previous["weights_file"])
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
         with contextlib.suppress(OSError):
-            (run_dir / previous["weights_file"]).unlink()
+            path.unlink()
 
 
-_STATE_NAME = re.compile(r"train_state-\d{7}\.safetensors")
+_STATE_NAME = re.compile(r"train_state-\d{7}\.(safetensors|dcp)")
 
 
 def read_state_json(run_dir: Path) -> dict[str, Any] | None:
@@ -210,13 +218,19 @@ def load_train_state(run_dir: Path) -> tuple[dict[str, Any], dict[str, torch.Ten
     if state is None:
         raise UserError(f"nothing to resume in {run_dir}: no {STATE_JSON} (drop --resume to start)")
     weights = Path(run_dir) / state["weights_file"]
-    if not weights.is_file():
+    if not weights.exists():
         raise UserError(f"{STATE_JSON} in {run_dir} names {weights.name}, which is missing: the "
                         "run cannot resume; train again in a new out_dir")
-    tensors, meta = load_safetensors(weights)
-    if meta.get("step") != state["step"]:
+    if weights.is_dir():  # an FSDP2 run's DCP directory: read later, into the sharded model
+        from minigpt_cli.sharding import saved_step as dcp_step
+
+        tensors, saved = {}, dcp_step(weights)
+    else:
+        tensors, meta = load_safetensors(weights)
+        saved = meta.get("step")
+    if saved != state["step"]:
         raise UserError(f"resume state in {run_dir} is inconsistent (json step {state['step']}, "
-                        f"weights step {meta.get('step')})")
+                        f"weights step {saved})")
     return state, tensors
 
 
@@ -230,16 +244,15 @@ def saved_step(path: Path) -> int | None:
 
 
 def clean_stale_state_files(run_dir: Path) -> None:
-    """Remove weights files no JSON points at (left by a crash between write and switch)."""
+    """Remove weights files and DCP directories no JSON points at (left by a crash between
+    write and switch), and temp files."""
     state = read_state_json(run_dir) or {}
     keep = state.get("weights_file")
-    for p in Path(run_dir).glob("train_state-*.safetensors"):
-        if p.name != keep:
-            with contextlib.suppress(OSError):
-                p.unlink()
+    for p in Path(run_dir).glob("train_state-*"):
+        if p.name != keep and _STATE_NAME.fullmatch(p.name):
+            _remove(p)
     for p in Path(run_dir).glob(".*.tmp"):
-        with contextlib.suppress(OSError):
-            p.unlink()
+        _remove(p)
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
@@ -262,7 +275,8 @@ def check_output_paths(**flags: Path | None) -> None:
             raise UserError(f"--{flag} {path}: the folder {Path(path).parent} does not exist")
 
 
-def save_model(path: Path, model: torch.nn.Module, meta: dict[str, Any]) -> None:
+def save_model(path: Path, model: torch.nn.Module | dict[str, torch.Tensor],
+               meta: dict[str, Any]) -> None:
     """Inference weights: the safetensors metadata makes the file describe itself."""
     save_safetensors(path, model_tensors(model), {"format": "minigpt", **meta})
 

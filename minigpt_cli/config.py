@@ -69,6 +69,9 @@ class TrainConfig:
     eval_steps: int = 20
     save_interval: int = 200
     log_interval: int = 10
+    # Several ranks (torchrun): ddp replicates the model, fsdp (FSDP2) shards it and its
+    # optimizer state. One process ignores it.
+    parallel: Literal["ddp", "fsdp"] = "ddp"
     scheduled_sampling: ScheduledSamplingConfig = field(default_factory=ScheduledSamplingConfig)
 
 

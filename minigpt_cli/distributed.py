@@ -1,5 +1,5 @@
 """Training past one process, on PyTorch's own machinery: torchrun's environment,
-torch.distributed (gloo on CPU, nccl on CUDA) and DistributedDataParallel.
+torch.distributed (gloo on CPU, nccl on CUDA), DistributedDataParallel and FSDP2 (sharding.py).
 
 `minigpt train` stays one process unless torchrun (or anything that sets WORLD_SIZE, RANK and
 LOCAL_RANK, and MASTER_ADDR/MASTER_PORT or an init method) starts several. A config then means
@@ -111,19 +111,32 @@ def barrier(ranks: Ranks) -> None:
 
 @contextlib.contextmanager
 def no_sync(model: torch.nn.Module, skip: bool) -> Iterator[None]:
-    """DDP's no_sync on micro-batches before the last: their gradients stay local and are
-    all-reduced once, with the last micro-batch's."""
+    """Micro-batches before the last keep their gradients local (DDP's no_sync, FSDP2's
+    set_requires_gradient_sync); the last one's backward all-reduces (or reduce-scatters)
+    the sum once."""
     if skip and hasattr(model, "no_sync"):
         with model.no_sync():
             yield
+    elif hasattr(model, "set_requires_gradient_sync"):
+        model.set_requires_gradient_sync(not skip)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
     else:
         yield
 
 
-def wrap(model: torch.nn.Module, ranks: Ranks) -> torch.nn.Module:
-    """DistributedDataParallel over the group (the model itself for one process)."""
+def wrap(model: torch.nn.Module, ranks: Ranks, parallel: str = "ddp",
+         dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """DistributedDataParallel over the group, or FSDP2, which shards `model` in place (the
+    model itself for one process)."""
     if not ranks.enabled:
         return model
+    if parallel == "fsdp":
+        from minigpt_cli.sharding import shard
+
+        return shard(model, next(model.parameters()).device, dtype)
     from torch.nn.parallel import DistributedDataParallel
 
     cuda = next(model.parameters()).is_cuda

@@ -41,12 +41,18 @@ def evaluate(model: torch.nn.Module, batches: list, token_bytes: torch.Tensor,
              device: torch.device, dtype: torch.dtype, ranks: Ranks = Ranks()) -> EvalResult:
     """Mean loss per token and bits per byte (summed nats / ln 2 / UTF-8 bytes), eval mode.
     Over several ranks each scores its share of the batches and the sums are all-reduced, so
-    every rank takes part and all get the single-process figure."""
+    every rank takes part and all get the single-process figure. Every rank runs the same
+    number of forwards (FSDP2 gathers weights in each): a short share repeats a batch and
+    discards it."""
     was_training = model.training
     model.eval()
     nats = bytes_ = 0.0
     total = count = 0.0
-    for x, y in batches[ranks.rank::ranks.world]:
+    share = batches[ranks.rank::ranks.world]
+    for _ in range(-(-len(batches) // ranks.world) - len(share)):
+        with autocast(device, dtype):
+            model(batches[0][0].to(device))
+    for x, y in share:
         x, y = x.to(device), y.to(device)
         with autocast(device, dtype):
             logits, _ = model(x)
@@ -87,4 +93,6 @@ def clip_gradients(model: torch.nn.Module, opt: torch.optim.Optimizer,
     if max_norm <= 0:
         return None
     scaler.unscale_(opt)
-    return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    # Sharded (FSDP2) gradients give a DTensor norm, already reduced over the ranks.
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm

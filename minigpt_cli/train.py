@@ -28,7 +28,7 @@ from torch import Tensor
 
 from minigpt_cli import checkpoint as ckpt
 from minigpt_cli import data as D
-from minigpt_cli import distributed, scheduled
+from minigpt_cli import distributed, scheduled, sharding
 from minigpt_cli import tokenizer as tok
 from minigpt_cli.config import Config
 from minigpt_cli.device import resolve_device, resolve_dtype, synchronize
@@ -182,19 +182,25 @@ def _train(cfg: Config, resume: bool, console: Console, ranks: distributed.Ranks
 
     mcfg = GPTConfig(vocab_size=enc.n_vocab, **asdict(cfg.model))
     model = GPT(mcfg)
-    if state is not None:
+    if state is not None and state_tensors:
         model_sd = {k.removeprefix("model."): v for k, v in state_tensors.items()
                     if k.startswith("model.")}
         model = ckpt.build_model(model_sd, asdict(mcfg), run_dir / state["weights_file"])
     model.to(device)
     t = cfg.train
+    # DDP wraps the model; FSDP2 shards it in place, before the optimizer sees its parameters.
+    fwd = distributed.wrap(model, ranks, t.parallel, dtype)
+    sharded = sharding.is_sharded(model)
     opt = torch.optim.AdamW(model.optimizer_groups(t.weight_decay), lr=t.lr,
                             betas=(t.beta1, t.beta2), fused=device.type == "cuda" or None)
     start_step = 0
     best_val = math.inf
     last = {"train_loss": math.nan, "val_loss": math.nan, "val_bpb": math.nan, "loss": math.nan}
     if state is not None:
-        ckpt.load_optimizer(opt, state_tensors, state["param_groups"])
+        if state_tensors:  # one safetensors file (one process or DDP wrote it)
+            sharding.load_optimizer(opt, state_tensors, state["param_groups"])
+        else:  # a DCP directory (FSDP2 wrote it), at whatever world size
+            sharding.load(run_dir / state["weights_file"], model, opt, state["param_groups"])
         ckpt.set_rng_state(state["rng"])
         start_step, best_val = state["step"], state.get("best_val_loss", math.inf)
         history = _metrics_after_resume(run_dir, start_step) if ranks.main else []
@@ -222,7 +228,6 @@ def _train(cfg: Config, resume: bool, console: Console, ranks: distributed.Ranks
         if cfg.tokenizer.kind == "bpe":
             tok.save_ranks(enc, run_dir / tok.TOKENIZER_FILE)
     distributed.barrier(ranks)  # rank 0 has set the directory up before anyone goes on
-    fwd = distributed.wrap(model, ranks)
     fwd = torch.compile(fwd) if cfg.compile else fwd
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
@@ -242,26 +247,34 @@ def _train(cfg: Config, resume: bool, console: Console, ranks: distributed.Ranks
         return {"model_config": asdict(mcfg), "tokenizer": tok_desc, "step": step,
                 "val_loss": val_loss, "config": cfg.to_dict()}
 
+    def weights() -> dict[str, Tensor]:
+        """The whole model for rank 0 to write (sharded, every rank takes part in gathering)."""
+        return sharding.full_tensors(model) if sharded or ranks.main else {}
+
     def save(step: int, val_loss: float | None) -> None:
-        if not ranks.main:
-            distributed.barrier(ranks)
-            return
+        full = weights()
+        info = {"step": step, "best_val_loss": best_val, "seed": cfg.seed, "val_loss": val_loss,
+                # Batches are a pure function of (seed, step): the next step is the data position.
+                "data": {"sampler": "random-windows", "next_step": step}}
         # The resume state is the commit point, so it goes first: a crash before it leaves the
         # previous state (or, on a first save, a directory a fresh start may reuse); a crash
         # after it leaves model.safetensors one save behind, which a resume rewrites.
-        ckpt.save_train_state(run_dir, model, opt, {
-            "step": step, "best_val_loss": best_val, "seed": cfg.seed, "val_loss": val_loss,
-            # Batches are a pure function of (seed, step): the next step is the data position.
-            "data": {"sampler": "random-windows", "next_step": step},
-        })
-        ckpt.save_model(run_dir / ckpt.MODEL_FILE, model, model_meta(step, val_loss))
+        if sharded:  # each rank writes its shards; rank 0 commits
+            name = sharding.save(run_dir, step, model, opt, ranks.main)
+            if ranks.main:
+                ckpt.commit_train_state(run_dir, name, opt.state_dict()["param_groups"], info)
+        elif ranks.main:
+            ckpt.save_train_state(run_dir, full, opt, info)
+        if ranks.main:
+            ckpt.save_model(run_dir / ckpt.MODEL_FILE, full, model_meta(step, val_loss))
         distributed.barrier(ranks)  # saved before any rank goes on (or stops)
 
-    behind = state is not None and ckpt.saved_step(run_dir / ckpt.MODEL_FILE) != start_step
-    if ranks.main and behind:
+    if state is not None and ckpt.saved_step(run_dir / ckpt.MODEL_FILE) != start_step:
         # The run died between committing its resume state and writing model.safetensors.
-        ckpt.save_model(run_dir / ckpt.MODEL_FILE, model,
-                        model_meta(start_step, state.get("val_loss", last["val_loss"])))
+        full = weights()
+        if ranks.main:
+            ckpt.save_model(run_dir / ckpt.MODEL_FILE, full,
+                            model_meta(start_step, state.get("val_loss", last["val_loss"])))
     def micro_batches(step: int, ss_prob: float) -> Iterator[tuple[Tensor, Tensor]]:
         """This rank's micro-batches, each a function of (seed, step, global index) alone:
         its windows, its dropout masks, and (scheduled sampling) its own-prediction inputs."""
@@ -278,8 +291,8 @@ def _train(cfg: Config, resume: bool, console: Console, ranks: distributed.Ranks
                   f"{len(tokens.train):,} train / {len(tokens.val):,} val tokens")
     console.print(f"global batch {t.batch_size} x {T} tokens x {t.grad_accum_steps} "
                   f"micro-batches = {tokens_per_step:,} tokens per step"
-                  + (f", over {ranks.world} ranks ({len(mine)} micro-batches each)"
-                     if ranks.enabled else ""))
+                  + (f", over {ranks.world} ranks ({len(mine)} micro-batches each, "
+                     f"{'FSDP2' if sharded else 'DDP'})" if ranks.enabled else ""))
     progress = Progress(
         TextColumn("[bold]step {task.completed}/{task.total}"), BarColumn(),
         TextColumn("loss {task.fields[loss]:.4f}  val {task.fields[val]:.4f}  "
@@ -335,9 +348,9 @@ def _train(cfg: Config, resume: bool, console: Console, ranks: distributed.Ranks
                 log({"step": step, "train_loss": tr.loss, "val_loss": va.loss, "val_bpb": va.bpb})
                 if va.loss < best_val:
                     best_val = va.loss
+                    full = weights()
                     if ranks.main:
-                        ckpt.save_model(run_dir / ckpt.BEST_FILE, model,
-                                        model_meta(step, va.loss))
+                        ckpt.save_model(run_dir / ckpt.BEST_FILE, full, model_meta(step, va.loss))
                 if not console.is_terminal:
                     console.print(f"step {step}: train {tr.loss:.4f}  val {va.loss:.4f}  "
                                   f"val bpb {va.bpb:.4f}  {tps:,.0f} tok/s")

@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -35,7 +36,9 @@ def _rank(rank: int, world: int, init: str, raw: dict, data_dir: str, resume: bo
 
 
 def _ranks(world: int, raw: dict, tmp: Path, resume: bool = False) -> None:
-    init = f"file://{tmp / f'rdzv-{world}-{resume}'}"
+    # A fresh file per group: a reused one holds the last group's addresses, and gloo would
+    # try to connect to a rank that is gone.
+    init = f"file://{tempfile.mkdtemp(dir=tmp)}/rdzv"
     mp.spawn(_rank, args=(world, init, raw, str(tmp / "data"), resume), nprocs=world, join=True)
 
 
@@ -88,6 +91,49 @@ def test_two_ranks_end_with_one_process_weights(tmp_path: Path, corpus_file: Pat
     longer = {**kw, "max_steps": 12}
     _alone(tiny_raw(corpus_file, tmp_path / "one", **longer), tmp_path, resume=True)
     _alone(tiny_raw(corpus_file, tmp_path / "two", **longer), tmp_path, resume=True)
+    _close(tmp_path / "one", tmp_path / "two")
+
+
+def _logged(run: Path, key: str) -> list[float]:
+    return [r[key] for r in map(json.loads, (run / ckpt.METRICS_FILE).read_text().splitlines())
+            if key in r]
+
+
+def test_fsdp2_two_ranks_end_with_one_process_weights(tmp_path: Path, corpus_file: Path) -> None:
+    """FSDP2 on 2 ranks (each holding half of every weight and AdamW moment, 257 embedding rows
+    split unevenly, 3 evaluation batches split 2 + 1) ends with one process's weights, losses
+    and evaluations. The pre-clip gradient norms agree too, which guards the trap of FSDP2 on
+    gloo summing gradients over ranks instead of averaging them (pytorch/pytorch#162338):
+    AdamW's update hardly changes when every gradient doubles, the norm does.
+
+    Then the resume state moves between formats and world sizes: the one-process run's
+    safetensors file resumes sharded on 2 ranks, the FSDP2 run's DCP directory (safetensors
+    shards, no pickle) resumes on 2 ranks and then in one process, and the two still agree."""
+    kw = {"grad_accum_steps": 4, "max_steps": 8, "eval_interval": 4, "save_interval": 4,
+          "log_interval": 2, "eval_steps": 3}
+    fsdp = {**kw, "parallel": "fsdp"}
+    _alone(tiny_raw(corpus_file, tmp_path / "one", **kw), tmp_path)
+    _ranks(2, tiny_raw(corpus_file, tmp_path / "two", **fsdp), tmp_path)
+    _close(tmp_path / "one", tmp_path / "two")
+    for key in ("loss", "grad_norm", "val_loss", "val_bpb"):
+        assert _logged(tmp_path / "one", key) == pytest.approx(_logged(tmp_path / "two", key),
+                                                              rel=1e-5), key
+    dcp_dir = tmp_path / "two" / "train_state-0000008.dcp"
+    assert json.loads((tmp_path / "two" / ckpt.STATE_JSON).read_text())["weights_file"] == \
+        dcp_dir.name
+    assert sorted(p.suffix for p in dcp_dir.iterdir()) == [".json", ".safetensors", ".safetensors"]
+    assert not list((tmp_path / "two").glob("train_state-0000004*"))  # the previous one went
+    # The full export loads into a plain model, with no process group.
+    ckpt.load_model(tmp_path / "two" / ckpt.MODEL_FILE)
+
+    _ranks(2, tiny_raw(corpus_file, tmp_path / "one", **{**fsdp, "max_steps": 12}), tmp_path,
+           resume=True)
+    _ranks(2, tiny_raw(corpus_file, tmp_path / "two", **{**fsdp, "max_steps": 12}), tmp_path,
+           resume=True)
+    _close(tmp_path / "one", tmp_path / "two")
+    for run in ("one", "two"):
+        _alone(tiny_raw(corpus_file, tmp_path / run, **{**kw, "max_steps": 16}), tmp_path,
+               resume=True)
     _close(tmp_path / "one", tmp_path / "two")
 
 
