@@ -42,6 +42,7 @@ def train(
     from minigpt_cli.config import load_config
 
     cfg = load_config(config, set_)  # before torch is imported: a bad config fails at once
+    from minigpt_cli.distributed import PeerLost
     from minigpt_cli.train import Interrupted
     from minigpt_cli.train import train as run_train
 
@@ -50,6 +51,9 @@ def train(
     except Interrupted as e:
         err.print(Text(str(e), style="yellow"))
         raise typer.Exit(130) from None
+    except PeerLost as e:
+        err.print(Text.assemble(("error:", "bold red"), " ", str(e)), soft_wrap=True)
+        raise typer.Exit(1) from None
 
 
 @app.command()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
@@ -73,14 +74,47 @@ def from_env(init_method: str | None = None) -> Ranks:
     if cuda:
         torch.cuda.set_device(local)
     if not dist.is_initialized():
+        backend = "nccl" if cuda else "gloo"
         try:
-            dist.init_process_group("nccl" if cuda else "gloo", init_method=init_method,
-                                    rank=rank, world_size=world,
-                                    timeout=timedelta(seconds=timeout))
+            store = _attempt_store(world, timeout) if init_method is None else None
+            dist.init_process_group(backend, init_method=init_method, store=store, rank=rank,
+                                    world_size=world, timeout=timedelta(seconds=timeout))
         except (RuntimeError, ValueError) as e:  # DistStoreError is a RuntimeError
             raise UserError(f"rank {rank} of {world} could not join the process group within "
                             f"{timeout:.0f} s: {str(e).splitlines()[0]}") from None
     return Ranks(rank, world, local)
+
+
+def _attempt_store(world: int, timeout: float) -> dist.Store | None:
+    """torchrun's c10d rendezvous shares its agent's TCPStore with the workers, and the store
+    outlives a restart. A restarted group then finds the dead group's addresses under the same
+    keys, and a rank that reads one before its peer rewrites it cannot connect (gloo:
+    "connectFullMesh failed ... Connection refused"; 5 of 6 restarts failed here; the nccl form
+    is pytorch/pytorch#135712). So each attempt gets its own key prefix. None: the plain
+    env:// rendezvous, when torchrun's agent hosts no store."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                          is_master=False, timeout=timedelta(seconds=timeout))
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return dist.PrefixStore(f"minigpt/attempt-{attempt}", store)
+
+
+class PeerLost(Exception):
+    """A collective failed because another rank died mid-run; the CLI prints one line and
+    exits 1 (torchrun then restarts the group, or reports the job failed)."""
+
+
+def peer_lost(error: BaseException, ranks: Ranks) -> PeerLost | None:
+    """The one-line form of a collective's failure, or None if `error` is not one."""
+    text = str(error)
+    if not ranks.enabled or not (isinstance(error, dist.DistError)
+                                 or any(k in text for k in ("gloo", "Gloo", "NCCL"))):
+        return None
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    why = re.sub(r"^\[[^\]]*\]\s*", "", lines[0] if lines else type(error).__name__)
+    return PeerLost(f"rank {ranks.rank} of {ranks.world} lost a peer "
+                    f"({why.split('. ')[0][:160]})")
 
 
 def restarted() -> bool:

@@ -145,6 +145,13 @@ def train(cfg: Config, resume: bool = False, console: Console | None = None) -> 
         resume = True  # torchrun restarted the group after a failure: on from the last save
     try:
         return _train(cfg, resume, console or Console(stderr=True), ranks)
+    except RuntimeError as e:
+        lost = distributed.peer_lost(e, ranks)
+        if lost is None:
+            raise
+        raise distributed.PeerLost(f"{lost}; the last checkpoint in {cfg.out_dir} is kept: "
+                                   "torchrun --max-restarts N resumes from it, as does "
+                                   "--resume") from None
     finally:
         distributed.shutdown(ranks)
 
