@@ -207,6 +207,9 @@ def eval_(
                          ] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | mps")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto | float32 | bfloat16 | float16")] = "auto",
+    quantize: Annotated[str, typer.Option(help="none | int8: score with every product's "
+                                               "weights rounded to int8 (Q8_0-style groups "
+                                               "of 32).")] = "none",
 ) -> None:
     """Score a whole text (loss, perplexity, bits per byte), or measure exposure bias."""
     from minigpt_cli.eval_cli import run_eval
@@ -214,7 +217,8 @@ def eval_(
     run_eval(checkpoint=checkpoint, data=data, stride=stride, batch_size=batch_size,
              json_path=json_path, plot_path=plot_path, device=device, dtype=dtype,
              console=Console(highlight=False), exposure=exposure, oracle=oracle,
-             context=context, length=length, samples=samples, windows=windows, seed=seed)
+             context=context, length=length, samples=samples, windows=windows, seed=seed,
+             quantize=quantize)
 
 
 def _int_list(text: str) -> list[int]:

@@ -61,7 +61,7 @@ def run_eval(*, checkpoint: str | None, data: str | None, stride: int | None, ba
              json_path: Path | None, plot_path: Path | None, device: str, dtype: str,
              console: Console, exposure: bool = False, oracle: str | None = None,
              context: int = 32, length: int = 64, samples: int = 4, windows: int = 64,
-             seed: int = 0) -> dict[str, Any]:
+             seed: int = 0, quantize: str = "none") -> dict[str, Any]:
     """Score the text (or, with `exposure`, measure exposure bias on it), print the table,
     write JSON and the plot; returns the JSON record."""
     if batch_size < 1:
@@ -70,7 +70,7 @@ def run_eval(*, checkpoint: str | None, data: str | None, stride: int | None, ba
         raise UserError("--oracle is for --exposure: add --exposure")
     check_output_paths(json=json_path, plot=plot_path)
     dt = resolve_dtype(dtype, resolve_device(device))
-    model, enc, meta, path = load_for_inference(checkpoint, device, "float32")
+    model, enc, meta, path = load_for_inference(checkpoint, device, "float32", quantize)
     window = model.config.block_size
     stride = max(1, window // 2) if stride is None else stride
     if not 1 <= stride <= window:
@@ -98,7 +98,8 @@ def run_eval(*, checkpoint: str | None, data: str | None, stride: int | None, ba
     record = {
         "checkpoint": str(path), "data": where, "tokenizer": kind, "tokens": score.tokens,
         "bytes": score.bytes, "window": window, "stride": stride, "windows": len(plan),
-        "dtype": str(dt).removeprefix("torch."), "loss": score.loss,
+        "dtype": str(dt).removeprefix("torch."), "quantize": meta.get("quantize", "none"),
+        "loss": score.loss,
         "perplexity": score.perplexity, "bits_per_byte": score.bpb,
         # JSON has no NaN: a context length no token was scored at is null.
         "loss_by_context": [None if math.isnan(v) else v for v in score.by_context],
@@ -125,6 +126,8 @@ def _print(console: Console, r: dict[str, Any]) -> None:
             ("windows", f"{r['windows']:,} of {r['window']} tokens, stride {r['stride']}"),
             ("loss", f"{r['loss']:.4f} nats/token"), ("perplexity", f"{r['perplexity']:.2f}"),
             ("bits per byte", f"{r['bits_per_byte']:.4f}")]
+    if r.get("quantize", "none") != "none":
+        rows.append(("weights", r["quantize"]))
     if r.get("train_log_val_bpb") is not None:
         rows.append(("training log's val bpb", f"{r['train_log_val_bpb']:.4f} (sampled "
                      "windows, every position: less context on average)"))

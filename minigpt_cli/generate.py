@@ -241,16 +241,23 @@ def find_checkpoint(checkpoint: str | None, runs_dir: Path = Path("runs")) -> Pa
     return path
 
 
-def load_for_inference(checkpoint: str | None, device: str = "auto", dtype: str = "auto"
-                       ) -> tuple[GPT, tiktoken.Encoding, dict, Path]:
-    """Model in eval mode on its device and dtype, with the tokenizer it was trained with."""
+def load_for_inference(checkpoint: str | None, device: str = "auto", dtype: str = "auto",
+                       quantize: str = "none") -> tuple[GPT, tiktoken.Encoding, dict, Path]:
+    """Model in eval mode on its device and dtype, with the tokenizer it was trained with;
+    `quantize="int8"` rounds its product weights to int8 values (quantize.py), and
+    meta["quantize"] then describes what was done."""
     from minigpt_cli import tokenizer as tok
     from minigpt_cli.device import resolve_device, resolve_dtype
+    from minigpt_cli.quantize import MODES, quantize_model
 
+    if quantize not in MODES:
+        raise UserError(f"--quantize must be one of {', '.join(MODES)}, got '{quantize}'")
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     path = find_checkpoint(checkpoint)
     model, meta = ckpt.load_model(path)
     enc = tok.load(meta["tokenizer"], path.parent)
+    if quantize == "int8":
+        meta["quantize"] = quantize_model(model).describe()
     model.to(device=dev, dtype=dt).eval()  # eval: dropout off, so equal inputs give equal outputs
     return model, enc, meta, path

@@ -146,6 +146,7 @@ CASES = [
     c("eval", "--plot", "no/such/dir/e.png", says="--plot"),
     c("eval", "--device", "quantum", says="unknown device"),
     c("eval", "--dtype", "float8", says="unknown dtype"),
+    c("eval", "--quantize", "int4", says="--quantize must be one of none, int8"),
 ]
 
 # Options that take any value of their type; the reason stands in for a case.

@@ -6,6 +6,7 @@ dir (no ports), one thread each; the reference runs in this process on one threa
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -216,10 +217,13 @@ def _torchrun(tmp: Path, corpus: Path, launch: list[str], agents: int = 1,
                 killed = _rank_pids(tmp)[1]
                 os.kill(killed, signal.SIGKILL)
             time.sleep(0.05)
-    finally:
+    finally:  # torchrun starts each rank in a session of its own: stop agents and ranks
         for p in procs:
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGKILL)
+        for pid in _rank_pids(tmp).values():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
     assert killed is not None, "the run never reached the step to kill at"
     return [(p.wait(), p.stdout.read()) for p in procs]
 

@@ -1,0 +1,74 @@
+"""Weight-only int8, in llama.cpp's Q8_0 style: what it does to a model's numbers.
+
+Every matrix a product reads (the four per block, and the tied embedding that is also the
+output head) is split into groups of GROUP consecutive input rows; each group of each output
+column keeps one float32 scale, max |w| / 127, and 8-bit integers round(w / scale). Biases,
+LayerNorm gains, activations and the KV cache stay float32.
+
+This module is the reference: `quantize` and `dequantize` define the format, and
+`quantize_model` puts the dequantized values into a model in place, so every engine (PyTorch
+on any device, the C step) computes with exactly the numbers an int8 kernel would hold. It
+changes accuracy, not speed: a speed gain needs a kernel that reads the int8 bytes instead of
+floats (issue #13), since decoding one token is bound by the bytes of weight it streams.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+GROUP = 32
+MODES = ("none", "int8")
+
+
+def quantize(w: torch.Tensor, group: int = GROUP) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [in, out] -> (q int8 [in, out], scales float32 [ceil(in / group), out]).
+    A group that is all zeros gets scale 0 and zeros, never a division by zero."""
+    n_in, n_out = w.shape
+    pad = (-n_in) % group
+    blocks = F.pad(w.detach().float(), (0, 0, 0, pad)).view(-1, group, n_out)
+    scales = blocks.abs().amax(dim=1) / 127.0
+    inverse = torch.where(scales > 0, 1.0 / scales, torch.zeros_like(scales))
+    q = torch.round(blocks * inverse[:, None, :]).clamp_(-127, 127).to(torch.int8)
+    return q.view(-1, n_out)[:n_in].contiguous(), scales
+
+
+def dequantize(q: torch.Tensor, scales: torch.Tensor, group: int = GROUP) -> torch.Tensor:
+    """The float32 matrix an int8 product multiplies by: q times its group's scale."""
+    return q.float() * scales.repeat_interleave(group, dim=0)[: q.shape[0]]
+
+
+@dataclass
+class QuantizeReport:
+    matrices: int
+    float_bytes: int  # what the quantized matrices take in float32
+    int8_bytes: int  # the same as int8 plus their scales
+
+    def describe(self) -> str:
+        return (f"int8 weights: {self.matrices} matrices, {self.float_bytes / 1e6:.1f} MB as "
+                f"float32 -> {self.int8_bytes / 1e6:.1f} MB as int8 + scales")
+
+
+@torch.no_grad()
+def quantize_model(model: torch.nn.Module, group: int = GROUP) -> QuantizeReport:
+    """Round every product's weight to its int8 value in place (the tied embedding, stored
+    [vocab, C], is grouped along C: the head's input)."""
+    from minigpt_cli.model import Linear
+
+    matrices = float_bytes = int8_bytes = 0
+
+    def round_in_place(w: torch.Tensor) -> None:
+        nonlocal matrices, float_bytes, int8_bytes
+        q, scales = quantize(w, group)
+        w.copy_(dequantize(q, scales, group).to(w.dtype))
+        matrices += 1
+        float_bytes += w.numel() * 4
+        int8_bytes += q.numel() + scales.numel() * 4
+
+    for module in model.modules():
+        if isinstance(module, Linear):
+            round_in_place(module.weight)
+    round_in_place(model.wte.weight.t())  # a view: the copy lands in the embedding
+    return QuantizeReport(matrices, float_bytes, int8_bytes)
