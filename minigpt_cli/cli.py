@@ -27,6 +27,8 @@ app = typer.Typer(
 err = Console(stderr=True)
 ENGINE_HELP = ("Cached decode steps: auto (the fused C step on CPU float32 when a C compiler "
                "is present, else PyTorch) | native | torch")
+QUANTIZE_HELP = ("none | int8: weights of every product rounded to int8 (groups of 32 input "
+                 "rows, a scale each); the C step then reads 1 byte a weight instead of 4.")
 
 
 @app.command()
@@ -105,6 +107,7 @@ def generate(
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | mps")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto | float32 | bfloat16 | float16")] = "auto",
     engine: Annotated[str, typer.Option(help=ENGINE_HELP)] = "auto",
+    quantize: Annotated[str, typer.Option(help=QUANTIZE_HELP)] = "none",
 ) -> None:
     """Generate text: prefill the prompt once, then one token per step through a KV cache."""
     options = dict(locals())  # every flag above, by name: run_generate's keyword arguments
@@ -164,6 +167,7 @@ def serve(
     engine: Annotated[str, typer.Option(help=ENGINE_HELP)] = "auto",
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | mps")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto | float32 | bfloat16 | float16")] = "auto",
+    quantize: Annotated[str, typer.Option(help=QUANTIZE_HELP)] = "none",
 ) -> None:
     """Serve the model over OpenAI's HTTP API with continuous batching, and a web page at /."""
     from minigpt_cli.serve.app import ServeOptions
@@ -174,7 +178,7 @@ def serve(
                            model_name=model_name,
                            max_prefill_tokens=max_prefill_tokens or None)
     run_serve(checkpoint=checkpoint, host=host, port=port, options=options, device=device,
-              dtype=dtype)
+              dtype=dtype, quantize=quantize)
 
 
 @app.command("eval")
@@ -207,9 +211,7 @@ def eval_(
                          ] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | mps")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto | float32 | bfloat16 | float16")] = "auto",
-    quantize: Annotated[str, typer.Option(help="none | int8: score with every product's "
-                                               "weights rounded to int8 (Q8_0-style groups "
-                                               "of 32).")] = "none",
+    quantize: Annotated[str, typer.Option(help=QUANTIZE_HELP)] = "none",
 ) -> None:
     """Score a whole text (loss, perplexity, bits per byte), or measure exposure bias."""
     from minigpt_cli.eval_cli import run_eval

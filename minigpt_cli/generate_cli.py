@@ -56,7 +56,7 @@ def run_generate(
     top_p: float, min_p: float, repetition_penalty: float, repeat_last_n: int, seed: int | None,
     num_beams: int, stop: list[str] | None, num_samples: int, prompts_file: Path | None,
     cache: bool, stream: bool, json_out: bool, trace: bool, device: str, dtype: str,
-    engine: str = "auto",
+    engine: str = "auto", quantize: str = "none",
 ) -> None:
     settings = SamplerSettings(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                                repetition_penalty=repetition_penalty,
@@ -78,7 +78,7 @@ def run_generate(
 
     out = Console(highlight=False, soft_wrap=True)
     err = Console(stderr=True, highlight=False, soft_wrap=True)
-    model, enc, _, path = load_for_inference(checkpoint, device, dtype)
+    model, enc, _, path = load_for_inference(checkpoint, device, dtype, quantize)
     block = model.config.block_size
     prompts = []
     for text in texts:

@@ -32,9 +32,10 @@ import torch
 
 from minigpt_cli.errors import UserError
 from minigpt_cli.model import GPT, KVCache
+from minigpt_cli.quantize import GROUP
 
 SOURCE = Path(__file__).with_name("native") / "decode_step.c"
-ABI_VERSION = 3
+ABI_VERSION = 4
 ENGINES = ("auto", "native", "torch")
 # -march=native is safe because the library is built on the machine that runs it (the cache
 # key includes the CPU). No -ffast-math: NaNs and infinities must behave as in PyTorch. FMA
@@ -105,7 +106,9 @@ def load_library() -> ctypes.CDLL | str:
     if lib.minigpt_abi_version() != ABI_VERSION:
         return f"{path} has an unexpected ABI version; delete it to rebuild"
     lib.minigpt_decode_step.restype = ctypes.c_int
-    lib.minigpt_decode_step.argtypes = [ctypes.c_void_p] * 12
+    lib.minigpt_decode_step.argtypes = [ctypes.c_void_p] * 14
+    lib.minigpt_product.restype = ctypes.c_int
+    lib.minigpt_product.argtypes = [ctypes.c_int] * 3 + [ctypes.c_void_p] * 7 + [ctypes.c_int]
     return lib
 
 
@@ -180,14 +183,27 @@ class NativeStep:
             *[t.data_ptr() if t is not None else None for t in self._tensors])
         # The matrices again, packed by output strips (see pack_strips): the step streams
         # these; the originals serve only the few columns past the last whole strip.
+        # A model rounded to int8 (quantize.py) hands its int8 strips and scales instead: the
+        # step then reads one byte a weight (the dequantized floats serve the tail columns).
         strip = lib.minigpt_strip()
+        assert lib.minigpt_group() == GROUP
         n_glob, n_per = len(globals_), len(per_layer) // max(1, cfg.n_layer)
-        matrices = {2} | {n_glob + layer * n_per + k for layer in range(cfg.n_layer)
-                          for k in (2, 4, 8, 10)}  # head_t; c_attn, c_proj, c_fc, c_proj
-        self._packed = [pack_strips(t, strip) if i in matrices else None
-                        for i, t in enumerate(self._tensors)]
-        self._pptrs = (ctypes.c_void_p * len(self._packed))(
-            *[t.data_ptr() if t is not None and t.numel() else None for t in self._packed])
+        int8 = {2: getattr(model, "head_int8", None)}  # head_t
+        for layer, block in enumerate(model.h):  # c_attn, c_proj, c_fc, c_proj
+            for k, lin in ((2, block.attn.c_attn), (4, block.attn.c_proj), (8, block.mlp.c_fc),
+                           (10, block.mlp.c_proj)):
+                int8[n_glob + layer * n_per + k] = getattr(lin, "int8", None)
+        self.int8 = any(v is not None for v in int8.values())
+        self._packed, self._q8, self._scales = [], [], []
+        for i, t in enumerate(self._tensors):
+            q = int8.get(i)
+            self._packed.append(pack_strips(t, strip) if i in int8 and q is None else None)
+            self._q8.append(pack_strips(q[0], strip) if q is not None else None)
+            self._scales.append(pack_strips(q[1], strip) if q is not None else None)
+        self._pptrs, self._qptrs, self._sptrs = (
+            (ctypes.c_void_p * len(ts))(*[t.data_ptr() if t is not None and t.numel() else None
+                                          for t in ts])
+            for ts in (self._packed, self._q8, self._scales))
         # PyTorch's thread count: the step shares OpenMP's thread pool with PyTorch (one
         # libgomp per process), so this never oversubscribes the cores PyTorch was given.
         self.threads = torch.get_num_threads()
@@ -223,7 +239,7 @@ class NativeStep:
             for i, w in enumerate(want):
                 self._want[i] = bool(w)
         rc = self.lib.minigpt_decode_step(
-            self._dims, self._ptrs, self._pptrs, *self._rows,
+            self._dims, self._ptrs, self._pptrs, self._qptrs, self._sptrs, *self._rows,
             None if want is None else self._want,
             cache.k.data_ptr(), cache.v.data_ptr(), self.logits.data_ptr(),
             self._scratch.data_ptr())

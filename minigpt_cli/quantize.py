@@ -59,16 +59,19 @@ def quantize_model(model: torch.nn.Module, group: int = GROUP) -> QuantizeReport
 
     matrices = float_bytes = int8_bytes = 0
 
-    def round_in_place(w: torch.Tensor) -> None:
+    def round_in_place(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         nonlocal matrices, float_bytes, int8_bytes
         q, scales = quantize(w, group)
         w.copy_(dequantize(q, scales, group).to(w.dtype))
         matrices += 1
         float_bytes += w.numel() * 4
         int8_bytes += q.numel() + scales.numel() * 4
+        return q, scales
 
+    # The int8 values stay beside the weights (plain attributes, so no state dict changes)
+    # for the C step, which multiplies by them directly (native.py).
     for module in model.modules():
         if isinstance(module, Linear):
-            round_in_place(module.weight)
-    round_in_place(model.wte.weight.t())  # a view: the copy lands in the embedding
+            module.int8 = round_in_place(module.weight)
+    model.head_int8 = round_in_place(model.wte.weight.t())  # a view: lands in the embedding
     return QuantizeReport(matrices, float_bytes, int8_bytes)

@@ -76,3 +76,66 @@ def test_int8_bits_per_byte_within_one_percent_of_float32(run) -> None:  # noqa:
     assert int8["quantize"].startswith("int8 weights") and full["quantize"] == "none"
     assert int8["bits_per_byte"] != full["bits_per_byte"]  # the rounding did happen
     assert abs(int8["bits_per_byte"] / full["bits_per_byte"] - 1) < 0.01
+
+
+def _native():
+    from minigpt_cli import native
+
+    lib = native.load_library()
+    if isinstance(lib, str):
+        pytest.skip(f"no C step here: {lib}")
+    return native, lib
+
+
+@pytest.mark.parametrize(("rows", "n_in", "n_out"), [
+    (1, 64, 96), (1, 70, 40), (3, 96, 37), (13, 32, 64), (64, 50, 33)])
+def test_int8_kernel_matches_a_numpy_reference(rows: int, n_in: int, n_out: int) -> None:
+    """The C kernel reading int8 (widened and scaled in registers) against NumPy's float64
+    product with the dequantized matrix, 1e-5 relative: partial last groups (70, 50), output
+    tails past the last whole strip (37, 33, 40), every register block (13 and 64 rows), and
+    a group of zeros."""
+    native, lib = _native()
+    g = torch.Generator().manual_seed(rows * n_in)
+    w = torch.randn(n_in, n_out, generator=g)
+    w[: min(32, n_in), :5] = 0  # an all-zero group in the first columns
+    x, bias = torch.randn(rows, n_in, generator=g), torch.randn(n_out, generator=g)
+    q, scales = quantize(w)
+    deq = dequantize(q, scales)
+    strip = lib.minigpt_strip()
+    packed_q, packed_s = native.pack_strips(q, strip), native.pack_strips(scales, strip)
+    y = torch.full((rows, n_out), float("nan"))
+    assert lib.minigpt_product(rows, n_in, n_out, x.data_ptr(), None, packed_q.data_ptr(),
+                               packed_s.data_ptr(), deq.data_ptr(), bias.data_ptr(),
+                               y.data_ptr(), 2) == 0
+    want = x.double().numpy() @ deq.double().numpy() + bias.double().numpy()
+    np.testing.assert_allclose(y.double().numpy(), want, rtol=1e-5,
+                               atol=1e-5 * np.abs(want).max())
+    # the same kernel on float weights (the dequantized matrix) gives the same bits
+    f, packed = torch.full((rows, n_out), float("nan")), native.pack_strips(deq, strip)
+    lib.minigpt_product(rows, n_in, n_out, x.data_ptr(), packed.data_ptr(), None, None,
+                        deq.data_ptr(), bias.data_ptr(), f.data_ptr(), 2)
+    assert torch.equal(y, f)
+
+
+def test_int8_native_step_equals_torch_on_the_rounded_model() -> None:
+    """A whole model through the C step reading int8 agrees with PyTorch on the same rounded
+    weights, and a row decodes the same alone as in a batch."""
+    _native()
+    from minigpt_cli.engine import ModelRunner
+    from minigpt_cli.model import GPT, GPTConfig
+
+    torch.manual_seed(5)
+    model = GPT(GPTConfig(vocab_size=263, block_size=64, n_layer=2, n_head=4, n_embd=64)).eval()
+    quantize_model(model)
+    runners = {e: ModelRunner(model, 7, engine=e) for e in ("native", "torch")}
+    alone = ModelRunner(model, 7, engine="native")
+    for r in runners.values():
+        for s in range(7):
+            r.prefill(s, list(range(1 + s, 5 + 2 * s)))
+    alone.prefill(3, list(range(4, 11)))
+    tokens = [(11 * s) % 263 for s in range(7)]
+    got = runners["native"].decode(list(range(7)), tokens).clone()
+    ref = runners["torch"].decode(list(range(7)), tokens)
+    assert runners["native"]._native.int8  # the step read the int8 strips
+    assert (got - ref).abs().max().item() < 1e-4
+    assert torch.equal(alone.decode([3], [tokens[3]])[0], got[3])

@@ -10,7 +10,9 @@
  * prompt's tokens) each weight read feeds them all (benchmarks/batched_step.py).
  *
  * The math is exactly the model's (minigpt_cli/model.py): pre-LayerNorm blocks, tanh GELU,
- * scaled dot-product attention over the key/value cache, tied output head. Only float32.
+ * scaled dot-product attention over the key/value cache, tied output head. Activations are
+ * float32; each matrix is float32 or int8 with a float scale per GROUP input rows and output
+ * column (minigpt_cli/quantize.py), read as int8 and widened in registers (see qstrip).
  * The cache is minigpt's KVCache layout, [layers, slots, heads, cache_len, head_dim]; each row
  * names its own slot and column, writes its new key and value there and attends over columns
  * 0..col of that slot, so sequences of different lengths share a step with no padding.
@@ -22,6 +24,9 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <string.h>
+#if defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 #define MAX_BATCH 64
 #define LN_EPS 1e-5f
@@ -32,7 +37,7 @@ enum { LN1_W, LN1_B, ATTN_W, ATTN_B, APROJ_W, APROJ_B, LN2_W, LN2_B, FC_W, FC_B,
 /* Model-level pointers come first. */
 enum { WTE, WPE, HEAD_T, LNF_W, LNF_B, GLOBALS };
 
-int minigpt_abi_version(void) { return 3; }
+int minigpt_abi_version(void) { return 4; }
 int minigpt_max_batch(void) { return MAX_BATCH; }
 
 /* e^x for float32, written so the softmax and GELU loops vectorize (libm's expf is an opaque
@@ -132,6 +137,109 @@ DEFINE_STRIP(11)
 DEFINE_STRIP(12)
 #endif
 
+/* The int8 form of DEFINE_STRIP, for weights quantized in groups of GROUP input rows (one
+ * float scale per group and output column; quantize.py). Q is the strip's int8 weights,
+ * [n_in][STRIP]; S its scales, [ceil(n_in / GROUP)][STRIP]. Each weight vector is widened to
+ * float and multiplied by its scale once, then feeds every row as in DEFINE_STRIP: the same
+ * operations in the same order as the float kernel run on the dequantized matrix, so the two
+ * agree bit for bit. Why it is faster: one token streams every weight once, and a weight is
+ * now 1 byte (+ 4 / GROUP for its scale) instead of 4. */
+#define GROUP 32
+/* VL int8 weights -> VL floats: one sign-extending load and one conversion with AVX2 or
+ * AVX-512 (GCC's generic vector conversion compiles to one scalar conversion per lane). */
+static inline vf widen(const int8_t *p) {
+#if defined(__AVX512F__)
+    return (vf)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
+#elif defined(__AVX2__)
+    return (vf)_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
+#else
+    typedef int8_t vi8 __attribute__((vector_size(VL)));
+    vi8 q;
+    memcpy(&q, p, sizeof q);
+    return __builtin_convertvector(q, vf);
+#endif
+}
+#define DEFINE_QSTRIP(RB)                                                                       \
+    static void qstrip_##RB(int n_in, const float *x, const int8_t *Q, const float *S,        \
+                            const float *bias, float *out) {                                  \
+        vf a[RB][CV];                                                                         \
+        for (int c = 0; c < CV; c++) {                                                        \
+            const vf b0 = bias ? vload(bias + c * VL) : (vf){0};                              \
+            for (int r = 0; r < RB; r++) a[r][c] = b0;                                        \
+        }                                                                                     \
+        for (int i0 = 0; i0 < n_in; i0 += GROUP, S += STRIP) {                                \
+            const vf s0 = vload(S), s1 = vload(S + VL);                                       \
+            const int i1 = i0 + GROUP < n_in ? i0 + GROUP : n_in;                             \
+            for (int i = i0; i < i1; i++, Q += STRIP) {                                       \
+                const vf w0 = widen(Q) * s0, w1 = widen(Q + VL) * s1;                         \
+                for (int r = 0; r < RB; r++) {                                                \
+                    const float xr = x[(size_t)r * n_in + i];                                 \
+                    a[r][0] += xr * w0;                                                       \
+                    a[r][1] += xr * w1;                                                       \
+                }                                                                             \
+            }                                                                                 \
+        }                                                                                     \
+        for (int r = 0; r < RB; r++)                                                          \
+            for (int c = 0; c < CV; c++) memcpy(out + r * STRIP + c * VL, &a[r][c], sizeof(vf)); \
+    }
+DEFINE_QSTRIP(1)
+DEFINE_QSTRIP(2)
+DEFINE_QSTRIP(3)
+DEFINE_QSTRIP(4)
+DEFINE_QSTRIP(5)
+DEFINE_QSTRIP(6)
+#if MAX_RB > 6
+DEFINE_QSTRIP(7)
+DEFINE_QSTRIP(8)
+DEFINE_QSTRIP(9)
+DEFINE_QSTRIP(10)
+DEFINE_QSTRIP(11)
+DEFINE_QSTRIP(12)
+#endif
+
+/* The int8 form of DEFINE_WIDE (below): one or two rows over two neighbouring strips. Widened
+ * int8 weights leave a lone row even more latency-bound than float ones (each FMA waits on
+ * the last), so the extra independent sums matter more here. Same operations per weight. */
+#define DEFINE_QWIDE(RB)                                                                        \
+    static void qwide_##RB(int n_in, const float *x, const int8_t *Q0, const int8_t *Q1,      \
+                           const float *S0, const float *S1, const float *bias, float *out0,  \
+                           float *out1) {                                                     \
+        vf a[RB][4];                                                                          \
+        for (int c = 0; c < 4; c++) {                                                         \
+            const vf b0 = bias ? vload(bias + c * VL) : (vf){0};                              \
+            for (int r = 0; r < RB; r++) a[r][c] = b0;                                        \
+        }                                                                                     \
+        for (int i0 = 0; i0 < n_in; i0 += GROUP, S0 += STRIP, S1 += STRIP) {                  \
+            const vf s0 = vload(S0), s1 = vload(S0 + VL), s2 = vload(S1), s3 = vload(S1 + VL); \
+            const int i1 = i0 + GROUP < n_in ? i0 + GROUP : n_in;                             \
+            for (int i = i0; i < i1; i++, Q0 += STRIP, Q1 += STRIP) {                         \
+                const vf w0 = widen(Q0) * s0, w1 = widen(Q0 + VL) * s1;                       \
+                const vf w2 = widen(Q1) * s2, w3 = widen(Q1 + VL) * s3;                       \
+                for (int r = 0; r < RB; r++) {                                                \
+                    const float xr = x[(size_t)r * n_in + i];                                 \
+                    a[r][0] += xr * w0;                                                       \
+                    a[r][1] += xr * w1;                                                       \
+                    a[r][2] += xr * w2;                                                       \
+                    a[r][3] += xr * w3;                                                       \
+                }                                                                             \
+            }                                                                                 \
+        }                                                                                     \
+        for (int r = 0; r < RB; r++)                                                          \
+            for (int c = 0; c < 4; c++)                                                       \
+                memcpy((c < 2 ? out0 : out1) + r * STRIP + (c % 2) * VL, &a[r][c], sizeof(vf)); \
+    }
+DEFINE_QWIDE(1)
+DEFINE_QWIDE(2)
+
+typedef void (*qstrip_fn)(int, const float *, const int8_t *, const float *, const float *,
+                          float *);
+static const qstrip_fn QSTRIPS[MAX_RB + 1] = {
+    NULL, qstrip_1, qstrip_2, qstrip_3, qstrip_4, qstrip_5, qstrip_6,
+#if MAX_RB > 6
+    qstrip_7, qstrip_8, qstrip_9, qstrip_10, qstrip_11, qstrip_12,
+#endif
+};
+
 typedef void (*strip_fn)(int, const float *, const float *, const float *, float *);
 static const strip_fn STRIPS[MAX_RB + 1] = {
     NULL, strip_1, strip_2, strip_3, strip_4, strip_5, strip_6,
@@ -141,6 +249,7 @@ static const strip_fn STRIPS[MAX_RB + 1] = {
 };
 
 int minigpt_strip(void) { return STRIP; }
+int minigpt_group(void) { return GROUP; }
 
 /* One or two leftover rows over two neighbouring strips at once (four vectors per row): a lone
  * row over one strip has only two sums in flight and waits on the multiply-add latency; over
@@ -189,13 +298,16 @@ static void finish_strip(int B, int n_out, const float *acc, float *y, int j, in
 
 /* y[b, :] (op)= x[b, :] @ W + bias for b < B. W is [n_in, n_out] row-major; P holds its whole
  * strips packed strip-major, [n_out / STRIP][n_in][STRIP] (native.py packs it once), so each
- * strip's weights are one contiguous run. Runs inside the step's parallel region: `omp for`
+ * strip's weights are one contiguous run. An int8 matrix passes its strips as Q (the same
+ * layout, one byte a weight) and their scales as S ([n_out / STRIP][groups][STRIP]) instead
+ * of P; its W then holds the dequantized values, read only for the tail columns. Runs inside the step's parallel region: `omp for`
  * hands each thread pairs of neighbouring strips, and each pair is done for every row (blocks
  * of MAX_RB rows per strip; one or two leftover rows across both strips) while its weights are
  * in cache, so W streams from memory once per step however many rows there are. The last few
  * columns (n_out % STRIP) are read from W one at a time. */
-static void matvec(int B, int n_in, int n_out, const float *x, const float *P, const float *W,
-                   const float *bias, float *y, int op) {
+static void matvec(int B, int n_in, int n_out, const float *x, const float *P, const int8_t *Q,
+                   const float *S, const float *W, const float *bias, float *y, int op) {
+    const int groups = (n_in + GROUP - 1) / GROUP;
     const int full = n_out / STRIP, tail = n_out - full * STRIP;
     const int pairs = (full + 1) / 2;
 #pragma omp for schedule(static)
@@ -217,15 +329,27 @@ static void matvec(int B, int n_in, int n_out, const float *x, const float *P, c
         const int rest = B % MAX_RB, wide = ns == 2 && rest > 0 && rest <= 2 ? rest : 0;
         for (int k = 0; k < ns; k++) {
             const int j = (s0 + k) * STRIP;
-            const float *ps = P + (size_t)(s0 + k) * n_in * STRIP, *bs = bias ? bias + j : NULL;
+            const float *bs = bias ? bias + j : NULL;
             /* Blocks as large as the registers allow; the last takes what is left, unless
              * it is one or two rows, which go across both strips below. */
             for (int b = 0, rb; b < B - wide; b += rb) {
                 rb = B - wide - b < MAX_RB ? B - wide - b : MAX_RB;
-                STRIPS[rb](n_in, x + (size_t)b * n_in, ps, bs, acc[k] + b * STRIP);
+                if (Q)
+                    QSTRIPS[rb](n_in, x + (size_t)b * n_in, Q + (size_t)(s0 + k) * n_in * STRIP,
+                                S + (size_t)(s0 + k) * groups * STRIP, bs, acc[k] + b * STRIP);
+                else
+                    STRIPS[rb](n_in, x + (size_t)b * n_in, P + (size_t)(s0 + k) * n_in * STRIP,
+                               bs, acc[k] + b * STRIP);
             }
         }
-        if (wide) {
+        if (wide && Q) {
+            const int b = B - wide, j = s0 * STRIP;
+            const int8_t *q0 = Q + (size_t)s0 * n_in * STRIP, *q1 = q0 + (size_t)n_in * STRIP;
+            const float *c0 = S + (size_t)s0 * groups * STRIP, *c1 = c0 + (size_t)groups * STRIP;
+            (wide == 1 ? qwide_1 : qwide_2)(n_in, x + (size_t)b * n_in, q0, q1, c0, c1,
+                                            bias ? bias + j : NULL, acc[0] + b * STRIP,
+                                            acc[1] + b * STRIP);
+        } else if (wide) {
             const int b = B - wide, j = s0 * STRIP;
             const float *p0 = P + (size_t)s0 * n_in * STRIP, *p1 = p0 + (size_t)n_in * STRIP;
             (wide == 1 ? wide_1 : wide_2)(n_in, x + (size_t)b * n_in, p0, p1,
@@ -308,14 +432,15 @@ static void attention(int B, int H, int D, int S, const int64_t *slot, const int
 
 /* dims: n_layer, n_head, n_embd, vocab, rows, cache_len, n_slots, threads.
  * w: weight pointers (GLOBALS, then PER_LAYER per layer); pw: the same list with each matrix
- * (HEAD_T and the four per-layer products) packed by strips, see matvec.
+ * (HEAD_T and the four per-layer products) packed by strips, see matvec; qw, qs: NULL, or the
+ * same list with an int8 matrix's packed strips and scales where pw has NULL.
  * tokens, pos, slot, col: [rows]: row b feeds token tokens[b] at position pos[b], and writes
  * its key and value at column col[b] of cache slot slot[b]; kc, vc: the cache,
  * [layers, n_slots, heads, cache_len, head_dim]; want: [rows], nonzero where a row's logits are
  * needed, or NULL for all; logits: [rows wanted, vocab], in row order;
  * scratch: 10 * rows * n_embd floats. Returns 0, or -1 on bad arguments. */
 int minigpt_decode_step(const int64_t *dims, const float *const *w, const float *const *pw,
-                        const int64_t *tokens,
+                        const int8_t *const *qw, const float *const *qs, const int64_t *tokens,
                         const int64_t *pos, const int64_t *slot, const int64_t *col,
                         const uint8_t *want, float *kc, float *vc, float *logits,
                         float *scratch) {
@@ -325,6 +450,8 @@ int minigpt_decode_step(const int64_t *dims, const float *const *w, const float 
     for (int b = 0; b < B; b++)
         if (slot[b] < 0 || slot[b] >= NS || col[b] < 0 || col[b] >= S) return -1;
     const int D = C / H;
+    static const int8_t *const NONE8[PER_LAYER] = {0};
+    static const float *const NONE32[PER_LAYER] = {0};
     int nw = 0; /* rows whose logits are wanted; shared by the threads below */
     float *x = scratch, *h = x + B * C, *att = h + B * C, *qkv = att + B * C;
     float *f = qkv + 3 * B * C; /* 4 * B * C */
@@ -344,15 +471,21 @@ int minigpt_decode_step(const int64_t *dims, const float *const *w, const float 
         }
         for (int l = 0; l < L; l++) {
             const float *const *p = w + GLOBALS + (size_t)l * PER_LAYER;
-            const float *const *q = pw + GLOBALS + (size_t)l * PER_LAYER;
+            const size_t at = GLOBALS + (size_t)l * PER_LAYER;
+            const float *const *q = pw + at;
+            const int8_t *const *q8 = qw ? qw + at : NONE8;
+            const float *const *sc = qs ? qs + at : NONE32;
             const size_t layer_off = (size_t)l * NS * H * S * D;
-            matvec(B, C, 3 * C, h, q[ATTN_W], p[ATTN_W], p[ATTN_B], qkv, STORE);
+            matvec(B, C, 3 * C, h, q[ATTN_W], q8[ATTN_W], sc[ATTN_W], p[ATTN_W], p[ATTN_B], qkv,
+                   STORE);
             attention(B, H, D, S, slot, col, qkv, kc + layer_off, vc + layer_off, att);
-            matvec(B, C, C, att, q[APROJ_W], p[APROJ_W], p[APROJ_B], x, ADD);
+            matvec(B, C, C, att, q[APROJ_W], q8[APROJ_W], sc[APROJ_W], p[APROJ_W], p[APROJ_B], x,
+                   ADD);
 #pragma omp single
             layer_norm(B, C, x, p[LN2_W], p[LN2_B], h);
-            matvec(B, C, 4 * C, h, q[FC_W], p[FC_W], p[FC_B], f, STORE_GELU);
-            matvec(B, 4 * C, C, f, q[MPROJ_W], p[MPROJ_W], p[MPROJ_B], x, ADD);
+            matvec(B, C, 4 * C, h, q[FC_W], q8[FC_W], sc[FC_W], p[FC_W], p[FC_B], f, STORE_GELU);
+            matvec(B, 4 * C, C, f, q[MPROJ_W], q8[MPROJ_W], sc[MPROJ_W], p[MPROJ_W], p[MPROJ_B], x,
+                   ADD);
             /* The next layer's first LayerNorm, or the final one. */
             const float *g = l + 1 < L ? p[PER_LAYER + LN1_W] : w[LNF_W];
             const float *beta = l + 1 < L ? p[PER_LAYER + LN1_B] : w[LNF_B];
@@ -372,7 +505,19 @@ int minigpt_decode_step(const int64_t *dims, const float *const *w, const float 
             for (int b = 0; b < B; b++)
                 if (!want || want[b]) memmove(att + (size_t)nw++ * C, h + (size_t)b * C, (size_t)C * sizeof(float));
         }
-        if (nw > 0) matvec(nw, C, V, att, pw[HEAD_T], w[HEAD_T], NULL, logits, STORE);
+        if (nw > 0)
+            matvec(nw, C, V, att, pw[HEAD_T], qw ? qw[HEAD_T] : NULL, qs ? qs[HEAD_T] : NULL,
+                   w[HEAD_T], NULL, logits, STORE);
     }
+    return 0;
+}
+
+/* y = x @ W + bias for B rows through matvec, float (Q NULL) or int8: the kernels alone, for
+ * tests/test_quantize.py to hold against a NumPy product. Returns -1 on bad arguments. */
+int minigpt_product(int B, int n_in, int n_out, const float *x, const float *P, const int8_t *Q,
+                    const float *S, const float *W, const float *bias, float *y, int threads) {
+    if (B < 1 || B > MAX_BATCH || n_in < 1 || n_out < 1 || threads < 1) return -1;
+#pragma omp parallel num_threads(threads) if (threads > 1)
+    matvec(B, n_in, n_out, x, P, Q, S, W, bias, y, STORE);
     return 0;
 }

@@ -38,7 +38,7 @@ def _check_port(host: str, port: int) -> None:
 
 
 def run_serve(*, checkpoint: str | None, host: str, port: int, options: ServeOptions,
-              device: str, dtype: str, log_level: str = "info") -> None:
+              device: str, dtype: str, log_level: str = "info", quantize: str = "none") -> None:
     """Check every option and load the model first, so a bad flag or checkpoint is a
     one-line error (exit 2) before anything listens; then serve until Ctrl-C or SIGTERM."""
     from minigpt_cli import native
@@ -67,7 +67,7 @@ def run_serve(*, checkpoint: str | None, host: str, port: int, options: ServeOpt
     native.check_engine_name(options.engine)
     # Every refusal that needs the model comes before the port check, so a case's own error
     # is what is reported, whatever else holds the port.
-    model, enc, _, found = load_for_inference(checkpoint, device, dtype)
+    model, enc, _, found = load_for_inference(checkpoint, device, dtype, quantize)
     native.choose_engine(options.engine, model)
     _check_port(host, port)
 
