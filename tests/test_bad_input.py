@@ -8,8 +8,10 @@ fails the suite.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -213,17 +215,84 @@ class Outcome:
     changed: list[str]
 
 
-def _run(case: Case, root: Path, port: int) -> Outcome:
+# Each case is its own process running the CLI's entry point (minigpt_cli.cli.main, what the
+# `minigpt` script calls) on its own argv, cwd and environment, and its exit code, stdout and
+# stderr are what is checked. The processes are forked from a server that imported torch and
+# minigpt once: most cases are refused in milliseconds, and importing torch afresh for each
+# of ~100 of them took most of this file's time (~100 s of the suite's 5 minutes). The server
+# runs no torch operation before forking, so no thread pool is copied half-alive.
+_FORK_SERVER = r"""
+import json, os, signal, sys
+import torch  # noqa: F401
+import minigpt_cli.cli as cli
+for module in ("generate_cli", "train", "eval_cli", "bench", "interop", "serve.server"):
+    __import__(f"minigpt_cli.{module}")
+for line in sys.stdin:
+    spec = json.loads(line)
+    sys.stdout.flush()
+    pid = os.fork()
+    if pid == 0:
+        os.chdir(spec["cwd"])
+        os.environ.clear()
+        os.environ.update(spec["env"])
+        for fd, path, mode in ((0, os.devnull, os.O_RDONLY),
+                               (1, spec["stdout"], os.O_WRONLY | os.O_CREAT),
+                               (2, spec["stderr"], os.O_WRONLY | os.O_CREAT)):
+            os.dup2(os.open(path, mode, 0o600), fd)
+        sys.argv = ["minigpt", *spec["args"]]
+        signal.alarm(spec["timeout"])  # an accepted case that starts serving ends here
+        code = 1
+        try:
+            cli.main()
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        except BaseException:
+            import traceback
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    print(json.dumps(os.waitstatus_to_exitcode(status)), flush=True)
+"""
+
+
+class _Forks:
+    """One fork server: run(args, cwd, env) -> (exit code or None if killed, stdout, stderr)."""
+
+    def __init__(self, tmp: Path, env: dict[str, str]) -> None:
+        self.tmp = tmp
+        self.proc = subprocess.Popen([sys.executable, "-c", _FORK_SERVER], env=env, text=True,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        self.n = 0
+
+    def run(self, args: list[str], cwd: Path, env: dict[str, str]
+            ) -> tuple[int | None, str, str]:
+        self.n += 1
+        out, err = self.tmp / f"{self.n}.out", self.tmp / f"{self.n}.err"
+        spec = {"args": args, "cwd": str(cwd), "env": env, "stdout": str(out),
+                "stderr": str(err), "timeout": 60}
+        self.proc.stdin.write(json.dumps(spec) + "\n")
+        self.proc.stdin.flush()
+        code = json.loads(self.proc.stdout.readline())
+        text = (out.read_text(errors="replace"), err.read_text(errors="replace"))
+        return (None if code == -signal.SIGALRM else code), *text
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=30)
+
+
+def _run(case: Case, root: Path, port: int, forks: _Forks) -> Outcome:
     before = _tree(root)
     args = [a.replace("{port}", str(port)) for a in case.args]
     env = {**os.environ, "MINIGPT_DATA_DIR": str(root / "data"), "COLUMNS": "200"}
     env.pop("MINIGPT_API_KEY", None)
-    try:  # a refusal takes a couple of seconds; a case that is accepted may start serving
-        p = subprocess.run([sys.executable, "-m", "minigpt_cli", case.command, *args],
-                           cwd=root, env=env, capture_output=True, text=True, timeout=60)
-        code, stdout, stderr = p.returncode, p.stdout, p.stderr
-    except subprocess.TimeoutExpired as e:
-        code, stdout, stderr = None, str(e.stdout), f"accepted: still running after 60 s\n{e}"
+    code, stdout, stderr = forks.run([case.command, *args], root, env)
+    if code is None:
+        stderr = f"accepted: still running after 60 s\n{stderr}"
     after = _tree(root)
     changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
     return Outcome(code, stdout, stderr, changed)
@@ -245,9 +314,21 @@ def outcomes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Out
         roots.append(base / f"case{i}")
         roots[-1].mkdir()
         _fixtures(roots[-1], base / "run")
-    with socket.create_server(("127.0.0.1", 0)) as taken, ThreadPoolExecutor(2) as pool:
-        port = taken.getsockname()[1]
-        results = list(pool.map(lambda i: _run(CASES[i], roots[i], port), range(len(CASES))))
+    env = {k: v for k, v in os.environ.items() if k != "MINIGPT_API_KEY"}
+    servers = [_Forks(base / f"io{k}", env) for k in range(2)]
+    for k in range(2):
+        (base / f"io{k}").mkdir()
+    try:
+        with socket.create_server(("127.0.0.1", 0)) as taken, ThreadPoolExecutor(2) as pool:
+            port = taken.getsockname()[1]
+            halves = [pool.submit(lambda k: [_run(CASES[i], roots[i], port, servers[k])
+                                             for i in range(k, len(CASES), 2)], k)
+                      for k in range(2)]
+            done = [h.result() for h in halves]
+    finally:
+        for server in servers:
+            server.close()
+    results = [done[i % 2][i // 2] for i in range(len(CASES))]
     yield {case.id: r for case, r in zip(CASES, results, strict=True)}
     assert _tree(base / "run") == shared, "a case wrote into the trained run"
     shutil.rmtree(base, ignore_errors=True)
