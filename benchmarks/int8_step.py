@@ -1,19 +1,26 @@
-"""The C decode step reading float32 weights against int8 ones, batch 1, interleaved.
+"""The C decode step reading float32 weights against int8 ones, batch 1, interleaved, and
+llama.cpp's `llama-bench` on the same weights in the same rounds.
 
-GPT-2 124M's shape with random weights: one copy as it is, one rounded by quantize.py (the
-step then streams int8 strips and their scales). Each round times both at positions 16..16+n
-and prints ms per token, tokens/s and the weight bytes streamed per second, so the memory wall
-is visible: a batch-1 step reads every weight once.
+GPT-2 124M (random weights, or `--run` an imported one): one copy as it is, one rounded by
+quantize.py (the step then streams int8 strips and their scales). Each round times both at
+positions 16..16+n and prints ms per token, tokens/s and the weight bytes streamed per second,
+so the memory wall is visible: a batch-1 step reads every weight once. With `--llama-bench`,
+each round also runs `llama-bench -p 0 -n 64` on each given GGUF (F32 and Q8_0 made from the
+same weights by llama.cpp's convert_hf_to_gguf.py; docs/benchmarks.md §6 shows how).
 
-    python benchmarks/int8_step.py [--rounds 3] [--steps 40] [--threads 2]
+    python benchmarks/int8_step.py [--rounds 3] [--steps 64] [--threads 2] [--run RUN]
+        [--llama-bench BIN --gguf F32.gguf --gguf Q8_0.gguf]
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
 import statistics
+import subprocess
 import time
+from pathlib import Path
 
 import torch
 
@@ -27,21 +34,41 @@ SHAPE = GPTConfig(vocab_size=50257, block_size=1024, n_layer=12, n_head=12, n_em
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--run", help="a minigpt run (e.g. an import-hf of GPT-2) instead of "
+                                  "random weights")
+    ap.add_argument("--llama-bench", help="llama.cpp's llama-bench binary")
+    ap.add_argument("--gguf", action="append", default=[], help="a GGUF for llama-bench")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    base = GPT(SHAPE).eval()
+    if args.run:
+        from minigpt_cli.generate import load_for_inference
+
+        base = load_for_inference(args.run, "cpu", "float32")[0]
+    else:
+        base = GPT(SHAPE).eval()
+    shape = base.config
     rounded = copy.deepcopy(base)
     report = quantize_model(rounded)
     print(report.describe())
     # bytes one step streams: every product's weights (the embedding rows read are negligible)
     streamed = {"float32": report.float_bytes, "int8": report.int8_bytes}
     steps = {"float32": NativeStep(base), "int8": NativeStep(rounded)}
-    cache = KVCache(SHAPE, 1, SHAPE.block_size, "cpu", torch.float32)
+    cache = KVCache(shape, 1, shape.block_size, "cpu", torch.float32)
     times: dict[str, list[float]] = {name: [] for name in steps}
+    peers = {f"llama.cpp {Path(g).stem}": g for g in args.gguf} if args.llama_bench else {}
+    for name in peers:
+        times[name] = []
     for r in range(args.rounds):
+        for name, gguf in peers.items():
+            out = subprocess.run([args.llama_bench, "-m", gguf, "-t", str(args.threads), "-p",
+                                  "0", "-n", str(args.steps), "-r", "1", "-o", "json"],
+                                 check=True, capture_output=True, text=True).stdout
+            dt = 1 / json.loads(out)[0]["avg_ts"]
+            times[name].append(dt)
+            print(f"round {r + 1} {name}: {dt * 1e3:6.2f} ms/token  {1 / dt:6.1f} tok/s")
         for name, step in steps.items():
             for p in range(8):  # warm-up
                 step([1], [p], [0], [p], cache)
@@ -52,9 +79,10 @@ def main() -> None:
             times[name].append(dt)
             print(f"round {r + 1} {name:7s}: {dt * 1e3:6.2f} ms/token  {1 / dt:6.1f} tok/s  "
                   f"{streamed[name] / dt / 1e9:5.1f} GB/s")
-    ratios = [f / q for f, q in zip(times["float32"], times["int8"], strict=True)]
-    print(f"int8 / float32 speed: median {statistics.median(ratios):.2f}x "
-          f"[{min(ratios):.2f}-{max(ratios):.2f}]")
+    for name in ["float32", *peers]:
+        ratios = [other / q for other, q in zip(times[name], times["int8"], strict=True)]
+        print(f"minigpt int8 / {name} speed: median {statistics.median(ratios):.2f}x "
+              f"[{min(ratios):.2f}-{max(ratios):.2f}]")
 
 
 if __name__ == "__main__":
