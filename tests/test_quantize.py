@@ -139,3 +139,24 @@ def test_int8_native_step_equals_torch_on_the_rounded_model() -> None:
     assert runners["native"]._native.int8  # the step read the int8 strips
     assert (got - ref).abs().max().item() < 1e-4
     assert torch.equal(alone.decode([3], [tokens[3]])[0], got[3])
+
+
+def test_int8_next_token_agrees_with_float32(run) -> None:  # noqa: F811
+    """Issue #13's bar: the int8 model's most likely next token is float32's at >= 98% of the
+    positions of the run's validation text."""
+    import copy
+
+    from minigpt_cli.eval_cli import eval_tokens
+    from minigpt_cli.generate import load_for_inference
+
+    model, enc, meta, _ = load_for_inference(str(run), "cpu", "float32")
+    rounded = copy.deepcopy(model)
+    quantize_model(rounded)
+    tokens, _ = eval_tokens(meta, enc, None)
+    T = model.config.block_size
+    windows = torch.tensor(tokens[: len(tokens) // T * T]).view(-1, T)[:32]
+    with torch.no_grad():
+        a = model(windows)[0].argmax(-1)
+        b = rounded(windows)[0].argmax(-1)
+    agreement = (a == b).float().mean().item()
+    assert windows.numel() >= 500 and agreement >= 0.98, agreement
