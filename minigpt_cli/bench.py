@@ -256,8 +256,8 @@ def build_bench_model(checkpoint: str | None, config: str | None, lengths: list[
 
 def run_bench(*, checkpoint: str | None, config: str | None, lengths: list[int], prompt_len: int,
               batch_size: int, repeats: int, device: str, dtype: str, json_path: Path | None,
-              plot_path: Path | None, train: bool, console: Console, engine: str = "auto"
-              ) -> int:
+              plot_path: Path | None, train: bool, console: Console, engine: str = "auto",
+              quantize: str = "none") -> int:
     """Measure, print, write JSON/plot. Returns the exit code: 1 if any greedy output differs."""
     if not lengths or min(lengths) < 1:
         raise UserError("--lengths needs positive integers, e.g. 64,128,256")
@@ -267,6 +267,10 @@ def run_bench(*, checkpoint: str | None, config: str | None, lengths: list[int],
             raise UserError(f"{flag} must be at least 1, got {value}")
     check_output_paths(json=json_path, plot=plot_path)
     native.check_engine_name(engine)
+    from minigpt_cli.quantize import MODES
+
+    if quantize not in MODES:
+        raise UserError(f"--quantize must be one of {', '.join(MODES)}, got '{quantize}'")
     model, dev, dt, source, lengths = build_bench_model(checkpoint, config, sorted(lengths),
                                                         prompt_len, device, dtype, console)
     cfg = model.config
@@ -291,6 +295,11 @@ def run_bench(*, checkpoint: str | None, config: str | None, lengths: list[int],
               "seed_example_gpt2_small_1000_tokens_fp32_bytes":
                   kv_cache_bytes(12, 12, 1000, 64, 1, 4)}
     _print_table(console, results)
+    if quantize == "int8":
+        from minigpt_cli.bench_memory import memory_wall, print_wall
+
+        report["memory_wall"] = memory_wall(model, prompts, lengths[0], repeats, dev, engine)
+        print_wall(console, report["memory_wall"])
     if train:
         report["train_vs_generate"] = measure_training(model, batch_size, dev, dt, engine)
         _print_train(console, report["train_vs_generate"])

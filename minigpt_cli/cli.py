@@ -251,6 +251,10 @@ def bench(
     train_too: Annotated[bool, typer.Option("--train", help="Also compare a training step "
                                                             "with generation.")] = False,
     engine: Annotated[str, typer.Option(help=ENGINE_HELP)] = "auto",
+    quantize: Annotated[str, typer.Option(help="none | int8: also time cached decoding with "
+                                               "int8 weights beside float32, with the bytes "
+                                               "a step streams and the GB/s achieved.")
+                        ] = "none",
 ) -> None:
     """Measure generation with the KV cache on against off, and show why they differ."""
     from minigpt_cli.bench import run_bench
@@ -260,7 +264,8 @@ def bench(
     code = run_bench(checkpoint=checkpoint, config=config, lengths=_int_list(lengths),
                      prompt_len=prompt_len, batch_size=batch_size, repeats=repeats,
                      device=device, dtype=dtype, json_path=json_path, plot_path=plot_path,
-                     train=train_too, console=Console(highlight=False), engine=engine)
+                     train=train_too, console=Console(highlight=False), engine=engine,
+                     quantize=quantize)
     raise typer.Exit(code)
 
 

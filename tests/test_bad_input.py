@@ -114,6 +114,7 @@ CASES = [
     c("serve", "--device", "quantum", says="unknown device"),
     c("serve", "--dtype", "float8", says="unknown dtype"),
     # bench
+    c("bench", "--quantize", "int4", says="--quantize must be one of none, int8"),
     c("bench", "--checkpoint", "nowhere", says="checkpoint not found"),
     c("bench", "--config", "missing.yaml", says="config file not found"),
     c("bench", "--lengths", "abc", says="--lengths"),
