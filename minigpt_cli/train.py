@@ -282,6 +282,7 @@ def _train(cfg: Config, resume: bool, console: Console, ranks: distributed.Ranks
         if ranks.main:
             ckpt.save_model(run_dir / ckpt.MODEL_FILE, full,
                             model_meta(start_step, state.get("val_loss", last["val_loss"])))
+
     def micro_batches(step: int, ss_prob: float) -> Iterator[tuple[Tensor, Tensor]]:
         """This rank's micro-batches, each a function of (seed, step, global index) alone:
         its windows, its dropout masks, and (scheduled sampling) its own-prediction inputs."""
