@@ -312,4 +312,17 @@ def load_model(path: Path):
     tensors, meta = load_safetensors(path)
     if "model_config" not in meta or "tokenizer" not in meta:
         raise UserError(f"{path} is not a minigpt checkpoint (no model_config/tokenizer metadata)")
-    return build_model(tensors, meta["model_config"], path).eval(), meta
+    pairs = {}
+    if meta.get("quantize"):  # written by `minigpt quantize`: int8 matrices and their scales
+        from minigpt_cli.quantize import unpack
+
+        try:
+            tensors, pairs = unpack(tensors, int(meta["quantize"].get("group", 32)))
+        except (ValueError, AttributeError, TypeError, RuntimeError) as e:
+            raise UserError(f"{path} has damaged int8 weights ({e})") from None
+    model = build_model(tensors, meta["model_config"], path).eval()
+    if pairs:
+        from minigpt_cli.quantize import attach
+
+        attach(model, pairs)
+    return model, meta

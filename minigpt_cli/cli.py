@@ -142,6 +142,19 @@ def export_hf(
 
 
 @app.command()
+def quantize(
+    run: Annotated[str, typer.Argument(help="Run directory or .safetensors file.")],
+    out_dir: Annotated[Path, typer.Argument(help="New folder for the int8 weights.")],
+) -> None:
+    """Save a run's weights as int8 (groups of 32, a scale each; safetensors, a quarter of the
+    size). Every command loads the folder as a run, and the C step reads the int8 directly."""
+    from minigpt_cli.quantize import quantize_run
+
+    path = quantize_run(run, out_dir)
+    err.print(f"quantized {run} → {path}")
+
+
+@app.command()
 def serve(
     checkpoint: Annotated[str | None, typer.Option(help="Run directory or .safetensors file "
                                                    "(default: newest run under runs/).")] = None,

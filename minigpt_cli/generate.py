@@ -257,7 +257,9 @@ def load_for_inference(checkpoint: str | None, device: str = "auto", dtype: str 
     path = find_checkpoint(checkpoint)
     model, meta = ckpt.load_model(path)
     enc = tok.load(meta["tokenizer"], path.parent)
-    if quantize == "int8":
+    if meta.get("quantize"):  # an int8 file: already rounded, --quantize has nothing to add
+        meta["quantize"] = f"int8 weights, from {path.name} (minigpt quantize)"
+    elif quantize == "int8":
         meta["quantize"] = quantize_model(model).describe()
     model.to(device=dev, dtype=dt).eval()  # eval: dropout off, so equal inputs give equal outputs
     return model, enc, meta, path

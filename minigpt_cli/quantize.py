@@ -14,7 +14,9 @@ floats (issue #13), since decoding one token is bound by the bytes of weight it 
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -75,3 +77,73 @@ def quantize_model(model: torch.nn.Module, group: int = GROUP) -> QuantizeReport
             module.int8 = round_in_place(module.weight)
     model.head_int8 = round_in_place(model.wte.weight.t())  # a view: lands in the embedding
     return QuantizeReport(matrices, float_bytes, int8_bytes)
+
+
+def int8_pairs(model: torch.nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The int8 values quantize_model left beside the weights, by weight name. The tied
+    embedding's pair is the head's orientation, [C, vocab]."""
+    pairs = {f"{name}.weight": module.int8 for name, module in model.named_modules()
+             if getattr(module, "int8", None) is not None}
+    if getattr(model, "head_int8", None) is not None:
+        pairs["wte.weight"] = model.head_int8
+    return pairs
+
+
+def pack(tensors: dict[str, torch.Tensor], pairs: dict[str, tuple[torch.Tensor, torch.Tensor]]
+         ) -> dict[str, torch.Tensor]:
+    """A state dict to save with each rounded matrix as NAME.int8 + NAME.scale (safetensors
+    holds int8 as it is): a quarter of the float32 bytes."""
+    out = {k: v for k, v in tensors.items() if k not in pairs}
+    for name, (q, scales) in pairs.items():
+        out[f"{name}.int8"], out[f"{name}.scale"] = q.contiguous(), scales.contiguous()
+    return out
+
+
+def unpack(tensors: dict[str, torch.Tensor], group: int
+           ) -> tuple[dict[str, torch.Tensor], dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """The inverse of pack: float tensors (the int8 ones dequantized) and the int8 pairs."""
+    out, pairs = dict(tensors), {}
+    for key in [k for k in tensors if k.endswith(".int8")]:
+        name = key.removesuffix(".int8")
+        q, scales = out.pop(key), out.pop(f"{name}.scale", None)
+        if scales is None or q.dtype != torch.int8:
+            raise ValueError(f"{key} has no float scales beside it")
+        pairs[name] = (q, scales.float())
+        w = dequantize(q, scales.float(), group)
+        out[name] = w.t().contiguous() if name == "wte.weight" else w
+    return out, pairs
+
+
+def attach(model: torch.nn.Module, pairs: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Give a model loaded from an int8 file its int8 values back, for the C step."""
+    for name, pair in pairs.items():
+        if name == "wte.weight":
+            model.head_int8 = pair
+        else:
+            model.get_submodule(name.removesuffix(".weight")).int8 = pair
+
+
+def quantize_run(run: str, out_dir: Path) -> Path:
+    """`minigpt quantize RUN OUT`: write OUT/model.safetensors with int8 weights (and the
+    tokenizer beside it), which every command loads as it loads any run."""
+    from minigpt_cli import checkpoint as ckpt
+    from minigpt_cli import tokenizer as tok
+    from minigpt_cli.errors import UserError
+    from minigpt_cli.generate import find_checkpoint
+
+    path = find_checkpoint(run)
+    out_dir = Path(out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise UserError(f"{out_dir} exists and is not an empty folder: name a new one")
+    model, meta = ckpt.load_model(path)
+    if meta.get("quantize"):
+        raise UserError(f"{path} already holds int8 weights")
+    report = quantize_model(model)
+    tensors = pack(ckpt.model_tensors(model), int8_pairs(model))
+    meta = {**meta, "quantize": {"kind": "int8", "group": GROUP}, "quantized_from": str(path)}
+    ckpt.save_model(out_dir / ckpt.MODEL_FILE, tensors, meta)
+    if meta["tokenizer"].get("kind") == "bpe":  # the ranks travel with the weights
+        src = path.parent / meta["tokenizer"].get("file", tok.TOKENIZER_FILE)
+        ckpt.atomic_write_bytes(out_dir / tok.TOKENIZER_FILE, src.read_bytes())
+    print(report.describe(), file=sys.stderr)
+    return out_dir / ckpt.MODEL_FILE

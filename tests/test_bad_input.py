@@ -114,6 +114,8 @@ CASES = [
     c("serve", "--device", "quantum", says="unknown device"),
     c("serve", "--dtype", "float8", says="unknown dtype"),
     # bench
+    c("quantize", "nowhere", "out", says="checkpoint not found"),
+    c("quantize", "runs/tiny", "cfg.yaml", says="exists and is not an empty folder"),
     c("bench", "--quantize", "int4", says="--quantize must be one of none, int8"),
     c("bench", "--checkpoint", "nowhere", says="checkpoint not found"),
     c("bench", "--config", "missing.yaml", says="config file not found"),
