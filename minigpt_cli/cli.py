@@ -108,6 +108,12 @@ def generate(
     dtype: Annotated[str, typer.Option(help="auto | float32 | bfloat16 | float16")] = "auto",
     engine: Annotated[str, typer.Option(help=ENGINE_HELP)] = "auto",
     quantize: Annotated[str, typer.Option(help=QUANTIZE_HELP)] = "none",
+    prompt_lookup: Annotated[int, typer.Option(help="Speculative decoding: draft tokens "
+                                                    "copied from after the last earlier "
+                                                    "occurrence of the last N tokens, "
+                                                    "verified in the same step; the output "
+                                                    "is unchanged (0 = off; C step).")] = 0,
+    draft_k: Annotated[int, typer.Option(help="Most draft tokens verified per step.")] = 4,
 ) -> None:
     """Generate text: prefill the prompt once, then one token per step through a KV cache."""
     options = dict(locals())  # every flag above, by name: run_generate's keyword arguments

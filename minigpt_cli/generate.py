@@ -98,6 +98,9 @@ class Timings:
     steps: int = 0
     prefills: int = 0
     engine: str = "torch"  # what ran the cached decode steps: native (C) or torch
+    drafted: int = 0  # prompt lookup: draft tokens verified ...
+    accepted: int = 0  # ... and kept (acceptance rate = accepted / drafted)
+    verify_steps: int = 0  # steps that verified drafts
 
 
 @dataclass
@@ -124,6 +127,8 @@ def generate(
     on_step: Callable[[StepInfo], None] | None = None,
     trace_top: int = 5,
     engine: str = "auto",
+    prompt_lookup: int = 0,
+    draft_k: int = 4,
 ) -> tuple[list[Completion], Timings]:
     """Generate for several prompts (token ids) on the engine; each stops on its own.
 
@@ -149,7 +154,8 @@ def generate(
 
     seqs = [Sequence(prompt=list(p), settings=settings, max_tokens=max_new_tokens,
                      stops=stops or [], seed=None if seed is None else seed + i,
-                     trace_top=trace_top if on_step is not None else 0, on_event=on_event)
+                     trace_top=trace_top if on_step is not None else 0, on_event=on_event,
+                     lookup=prompt_lookup, draft_k=draft_k)
             for i, p in enumerate(prompts)]
     rows.update({seq.id: i for i, seq in enumerate(seqs)})
     eng.run(seqs)
@@ -166,7 +172,9 @@ def generate(
     timings = Timings(time_to_first_token_s=first - t0, total_s=t_end - t0, steps=eng.steps,
                       prefills=eng.runner.prefills, engine=eng.engine,
                       decode_tokens_per_s=(events - len(prompts)) / decode_s if decode_s > 0
-                      else 0.0)
+                      else 0.0, drafted=sum(s.drafted for s in seqs),
+                      accepted=sum(s.accepted for s in seqs),
+                      verify_steps=sum(s.verifies for s in seqs))
     return out, timings
 
 

@@ -43,7 +43,10 @@ def _stats_line(timings: Timings, completions: list[Completion]) -> str:
     return (f"{n} tokens · finish: {reasons} · "
             f"first token {timings.time_to_first_token_s * 1e3:.0f} ms · "
             f"decode {timings.decode_tokens_per_s:,.0f} tok/s ({timings.engine}) · "
-            f"total {timings.total_s:.2f} s")
+            f"total {timings.total_s:.2f} s"
+            + (f" · prompt lookup: {timings.accepted}/{timings.drafted} drafts kept, "
+               f"{(n - len(completions)) / max(1, timings.steps - 1):.2f} tokens a step"
+               if timings.drafted else ""))
 
 
 def _json_record(c: Completion) -> dict:
@@ -56,7 +59,7 @@ def run_generate(
     top_p: float, min_p: float, repetition_penalty: float, repeat_last_n: int, seed: int | None,
     num_beams: int, stop: list[str] | None, num_samples: int, prompts_file: Path | None,
     cache: bool, stream: bool, json_out: bool, trace: bool, device: str, dtype: str,
-    engine: str = "auto", quantize: str = "none",
+    engine: str = "auto", quantize: str = "none", prompt_lookup: int = 0, draft_k: int = 4,
 ) -> None:
     settings = SamplerSettings(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                                repetition_penalty=repetition_penalty,
@@ -66,6 +69,10 @@ def run_generate(
         raise UserError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
     if num_beams < 1:
         raise UserError(f"--num-beams must be at least 1, got {num_beams}")
+    if prompt_lookup < 0:
+        raise UserError(f"--prompt-lookup must be 0 (off) or an n-gram size, got {prompt_lookup}")
+    if draft_k < 1:
+        raise UserError(f"--draft-k must be at least 1, got {draft_k}")
     if num_samples < 1:
         raise UserError(f"--num-samples must be at least 1, got {num_samples}")
     if stop and not all(stop):
@@ -117,7 +124,8 @@ def run_generate(
         completions, timings = generate(
             model, enc, prompts, settings, max_new_tokens, use_cache=cache, seed=seed,
             engine=engine, stops=stop or [], on_text=on_text if live else None,
-            on_step=on_step if trace and not json_out else None)
+            on_step=on_step if trace and not json_out else None, prompt_lookup=prompt_lookup,
+            draft_k=draft_k)
 
     if json_out:
         timing = asdict(timings)

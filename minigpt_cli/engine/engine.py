@@ -19,6 +19,7 @@ from collections.abc import Callable
 import tiktoken
 import torch
 
+from minigpt_cli.engine.lookup import propose
 from minigpt_cli.engine.runner import ModelRunner
 from minigpt_cli.engine.scheduler import Scheduler
 from minigpt_cli.engine.sequence import Sequence, TokenEvent
@@ -98,11 +99,14 @@ class Engine:
         decoding.sort(key=lambda s: s.slot)
         firsts: list[torch.Tensor] = []
         logits, positions = None, []
+        # Prompt lookup (C step only; the PyTorch step decodes one token a step).
+        drafts = [propose(s.prompt + s.tokens, s.lookup, s.draft_k)
+                  if s.lookup and self.runner.engine == "native" else [] for s in decoding]
         try:
             if starting or decoding:
                 firsts, logits = self.runner.step([(s.slot, s.prompt) for s in starting],
                                                   [s.slot for s in decoding],
-                                                  [s.next_input for s in decoding])
+                                                  [s.next_input for s in decoding], drafts)
                 positions = self.runner.positions
         except Exception as exc:  # the batched forward failed: every row in it fails
             for seq in starting + decoding:
@@ -110,16 +114,40 @@ class Engine:
             starting, decoding, firsts = [], [], []
         ready = [(seq, row, len(self.runner.windows[seq.slot]))
                  for seq, row in zip(starting, firsts, strict=True)]
-        if logits is not None:
-            ready += [(seq, logits[i], positions[i]) for i, seq in enumerate(decoding)]
         for seq, row, n in ready:
             try:
                 self._advance(seq, row, n)
             except Exception as exc:
                 self._fail(seq, exc)
+        at = 0  # decode rows: 1 + drafted[i] per sequence
+        for i, seq in enumerate(decoding if logits is not None else []):
+            k = self.runner.drafted[i]
+            try:
+                self._verify(seq, logits[at:at + 1 + k], positions[i], drafts[i][:k])
+            except Exception as exc:
+                self._fail(seq, exc)
+            at += 1 + k
         self.steps += 1
         if self.on_step is not None:
             self.on_step(len(decoding) + len(admitted))
+
+    def _verify(self, seq: Sequence, rows: torch.Tensor, positions: int, draft: list[int]
+                ) -> None:
+        """Choose seq's next token from rows[0]; while it equals the next draft token (already
+        in the window, its row computed), go on to that row. Every token is chosen as one
+        token a step would choose it, same settings, same generator draws in the same order,
+        so the output does not change; the wrong drafts leave the window."""
+        self._advance(seq, rows[0], positions)
+        kept = 0
+        while kept < len(draft) and not seq.finished and seq.next_input == draft[kept]:
+            kept += 1
+            self._advance(seq, rows[kept], 1)
+        if draft:
+            seq.drafted += len(draft)
+            seq.accepted += kept
+            seq.verifies += 1
+            if not seq.finished:
+                self.runner.truncate(seq.slot, len(draft) - kept)
 
     def _advance(self, seq: Sequence, logits: torch.Tensor, positions: int) -> None:
         """Sample seq's next token from its logits row, report it, and finish it if done."""

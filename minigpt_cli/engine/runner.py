@@ -93,7 +93,8 @@ class ModelRunner:
         return out
 
     @torch.inference_mode()
-    def step(self, prefills: list[tuple[int, list[int]]], slots: list[int], tokens: list[int]
+    def step(self, prefills: list[tuple[int, list[int]]], slots: list[int], tokens: list[int],
+             drafts: list[list[int]] | None = None
              ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
         """One engine step: start slot s on prompt p for each (s, p) in `prefills`, and append
         tokens[i] to slots[i]. Returns each prompt's next-token logits [V] and the decode
@@ -101,7 +102,13 @@ class ModelRunner:
 
         With the fused C step, prompts are not prefilled one by one: their tokens become rows
         of the same call as the decode rows (chunked prefill), so a new request's first token
-        costs about one step, and the running requests do not wait for its prompt."""
+        costs about one step, and the running requests do not wait for its prompt.
+
+        `drafts[i]` (C step only): guesses appended after tokens[i], one row each, as far as
+        the window has room; `self.drafted[i]` says how many went in. Slot i's rows are then
+        1 + drafted[i] consecutive decode rows, each the logits after its token; `truncate`
+        takes back the guesses that were wrong."""
+        self.drafted = [0] * len(slots)
         if self.engine != "native":
             first = [self.prefill(s, p) for s, p in prefills]
             return first, (self.decode(slots, tokens) if slots else None)
@@ -117,9 +124,21 @@ class ModelRunner:
             else:
                 rows.append((t, s, len(self.windows[s]) - 1, True))
                 self.positions.append(1)
+                guesses = drafts[len(self.positions) - 1] if drafts else []
+                guesses = guesses[:self.block_size - len(self.windows[s])]
+                for g in guesses:  # a slot's rows at consecutive columns share one call
+                    self.windows[s].append(g)
+                    rows.append((g, s, len(self.windows[s]) - 1, True))
+                self.drafted[len(self.positions) - 1] = len(guesses)
         self.prefills += len(prefills) + sum(p > 1 for p in self.positions)
         logits = self._native_rows(rows)
         return list(logits[:len(prefills)]), logits[len(prefills):] if slots else None
+
+    def truncate(self, slot: int, n: int) -> None:
+        """Drop the last n tokens of a slot's window (rejected drafts); their cache columns
+        are past the window's end, never attended to, and overwritten by the next tokens."""
+        if n > 0:
+            del self.windows[slot][-n:]
 
     def _append(self, slots: list[int], tokens: list[int]) -> list[bool]:
         """Append tokens[i] to slot slots[i]'s window; which windows slid (overflow policy)."""

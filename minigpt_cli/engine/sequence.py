@@ -51,6 +51,8 @@ class Sequence:
     logprobs: int | None = None  # None: none; 0: the chosen token's; N: and the top N
     trace_top: int = 0  # > 0: report the top candidates after the sampler's filters
     echo_logprobs: bool = False  # also score the prompt's own tokens (echo with logprobs)
+    lookup: int = 0  # > 0: draft tokens by prompt lookup on this n-gram size (lookup.py)
+    draft_k: int = 4  # most draft tokens verified per step
     on_event: Callable[[Sequence, TokenEvent], None] | None = None
     # State, owned by the engine.
     id: int = field(default_factory=lambda: next(_ids))
@@ -67,6 +69,9 @@ class Sequence:
     arrival: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
     finished_at: float | None = None
+    drafted: int = 0  # speculative decoding: draft tokens verified ...
+    accepted: int = 0  # ... and kept
+    verifies: int = 0  # steps that verified drafts
 
     @property
     def finished(self) -> bool:
