@@ -187,6 +187,10 @@ def serve(
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | mps")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto | float32 | bfloat16 | float16")] = "auto",
     quantize: Annotated[str, typer.Option(help=QUANTIZE_HELP)] = "none",
+    prompt_lookup: Annotated[int, typer.Option(help="Speculative decoding by prompt lookup "
+                                                    "for every request, as in generate "
+                                                    "(0 = off).")] = 0,
+    draft_k: Annotated[int, typer.Option(help="Most draft tokens verified per step.")] = 4,
 ) -> None:
     """Serve the model over OpenAI's HTTP API with continuous batching, and a web page at /."""
     from minigpt_cli.serve.app import ServeOptions
@@ -195,7 +199,8 @@ def serve(
     options = ServeOptions(max_batch=max_batch, max_queue=max_queue, api_key=api_key,
                            engine=engine, max_body_bytes=max_body_bytes, max_tokens=max_tokens,
                            model_name=model_name,
-                           max_prefill_tokens=max_prefill_tokens or None)
+                           max_prefill_tokens=max_prefill_tokens or None,
+                           prompt_lookup=prompt_lookup, draft_k=draft_k)
     run_serve(checkpoint=checkpoint, host=host, port=port, options=options, device=device,
               dtype=dtype, quantize=quantize)
 

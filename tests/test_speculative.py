@@ -54,3 +54,32 @@ def test_prompt_lookup_output_equals_one_token_a_step(settings, seed, n: int, k:
     assert t1.drafted > 0 and t1.accepted > 0  # the drafts were verified, some kept
     assert t1.accepted <= t1.drafted and t1.verify_steps <= len(prompts) * t1.steps
     assert t1.steps < t0.steps  # and that saved steps
+
+
+def test_prompt_lookup_under_load_equals_alone() -> None:
+    """The server's case: six requests through four slots (some wait, slots are reused),
+    greedy and seeded, all with prompt lookup, give what each gives alone without it; and
+    the server's metrics count the drafts."""
+    from minigpt_cli.engine import Engine, Sequence
+    from minigpt_cli.serve.metrics import Metrics
+
+    enc = tok.byte_encoding()
+    model = _model(64)
+    texts = ["the cat sat on the mat. the cat", "abcabcabcab", "to be or not to be, to",
+             "1 2 3 1 2 3 1", "no repeats here", "xyzxyz"]
+    settings = [SamplerSettings(temperature=0.0), SamplerSettings(temperature=0.9, top_p=0.9)]
+
+    def seqs(lookup: int) -> list[Sequence]:
+        return [Sequence(prompt=tok.encode(enc, t), settings=settings[i % 2], max_tokens=50,
+                         seed=40 + i, lookup=lookup, draft_k=3) for i, t in enumerate(texts)]
+
+    alone = [Engine(model, enc, 1, engine="native").run([s])[0].tokens for s in seqs(0)]
+    metrics = Metrics(lambda: (0, 0))
+    loaded = seqs(2)
+    for s in loaded:
+        s.on_event = metrics.on_token
+    Engine(model, enc, 4, engine="native").run(loaded)
+    assert [s.tokens for s in loaded] == alone
+    drafted = sum(s.drafted for s in loaded)
+    assert drafted > 0 and metrics.drafted._value.get() == drafted
+    assert metrics.accepted._value.get() == sum(s.accepted for s in loaded) > 0

@@ -137,17 +137,17 @@ class Engine:
         in the window, its row computed), go on to that row. Every token is chosen as one
         token a step would choose it, same settings, same generator draws in the same order,
         so the output does not change; the wrong drafts leave the window."""
+        if draft:  # counted before the tokens go out: the last one reports the totals
+            seq.drafted += len(draft)
+            seq.verifies += 1
         self._advance(seq, rows[0], positions)
         kept = 0
         while kept < len(draft) and not seq.finished and seq.next_input == draft[kept]:
             kept += 1
+            seq.accepted += 1
             self._advance(seq, rows[kept], 1)
-        if draft:
-            seq.drafted += len(draft)
-            seq.accepted += kept
-            seq.verifies += 1
-            if not seq.finished:
-                self.runner.truncate(seq.slot, len(draft) - kept)
+        if draft and not seq.finished:
+            self.runner.truncate(seq.slot, len(draft) - kept)
 
     def _advance(self, seq: Sequence, logits: torch.Tensor, positions: int) -> None:
         """Sample seq's next token from its logits row, report it, and finish it if done."""

@@ -39,6 +39,8 @@ class ServeOptions:
     max_tokens: int = 4096
     model_name: str | None = None
     max_prefill_tokens: int | None = 16  # prompt tokens started per engine step
+    prompt_lookup: int = 0  # speculative decoding by prompt lookup for every request (0: off)
+    draft_k: int = 4
 
 
 class BodyLimit:
@@ -106,7 +108,8 @@ def create_app(loader: Loader, options: ServeOptions,
                     name=options.model_name or name, enc=enc, worker=w,  # type: ignore[arg-type]
                     block_size=block, max_prompt_tokens=min(options.max_prompt_tokens or block,
                                                             block),
-                    max_tokens=options.max_tokens, created=int(time.time()))
+                    max_tokens=options.max_tokens, created=int(time.time()),
+                    lookup=options.prompt_lookup, draft_k=options.draft_k)
                 log.info("serving %s with the %s engine, %d slots", name, engine.engine,
                          options.max_batch)
             except Exception as exc:

@@ -46,6 +46,13 @@ class Metrics:
         self.prompt = Counter("minigpt_prompt_tokens", "Prompt tokens prefilled", registry=r)
         self.finished = Counter("minigpt_request_success", "Finished requests by reason",
                                 ["finish_reason"], registry=r)
+        self.drafted = Counter("minigpt_spec_draft_tokens", "Prompt-lookup draft tokens "
+                               "verified", registry=r)
+        self.accepted = Counter("minigpt_spec_accepted_tokens", "Draft tokens kept (acceptance "
+                                "rate = accepted / draft)", registry=r)
+        self.verifies = Counter("minigpt_spec_verify_steps", "Steps that verified drafts "
+                                "(tokens per verify step = generated / verify steps)",
+                                registry=r)
         self._last: dict[int, float] = {}
 
     def on_token(self, seq: Sequence, event: TokenEvent) -> None:
@@ -65,6 +72,9 @@ class Metrics:
             self._last.pop(seq.id, None)
             self.e2e.observe((seq.finished_at or now) - seq.arrival)
             self.finished.labels(finish_reason=event.finish_reason).inc()
+            self.drafted.inc(seq.drafted)
+            self.accepted.inc(seq.accepted)
+            self.verifies.inc(seq.verifies)
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -38,6 +38,8 @@ class Served:
     max_prompt_tokens: int
     max_tokens: int
     created: int
+    lookup: int = 0  # prompt lookup n-gram for every request (0: off)
+    draft_k: int = 4
 
 
 def served(request: Request) -> Served:
@@ -120,7 +122,7 @@ def _sequences(s: Served, body: Sampling, prompts: list[list[int]], max_tokens: 
     samples with seed + j, so n choices differ and each is reproducible."""
     return [Sequence(prompt=p, settings=body.sampler(), max_tokens=max_tokens, stops=stops,
                      seed=None if body.seed is None else body.seed + j, logprobs=logprobs,
-                     echo_logprobs=echo_logprobs)
+                     echo_logprobs=echo_logprobs, lookup=s.lookup, draft_k=s.draft_k)
             for p in prompts for j in range(body.n)]
 
 
