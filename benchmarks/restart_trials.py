@@ -28,28 +28,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from minigpt_cli.checkpoint import read_metrics
 from tests.conftest import make_text, tiny_raw
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _ranks(marker: bytes) -> dict[int, int]:
-    """This trial's training processes (found by their data dir), by RANK."""
-    pids = {}
-    for proc in Path("/proc").iterdir():
-        try:
-            env = (proc / "environ").read_bytes().split(b"\0") if proc.name.isdigit() else []
-        except OSError:
-            continue
-        rank = [e for e in env if e.startswith(b"RANK=")]
-        if marker in env and rank:
-            pids[int(rank[0][5:])] = int(proc.name)
-    return pids
+from tests.test_distributed import _free_port, _rank_pids
 
 
 def trial(work: Path, launch: str, extra_env: dict[str, str]) -> tuple[bool, bool]:
@@ -73,18 +52,17 @@ def trial(work: Path, launch: str, extra_env: dict[str, str]) -> tuple[bool, boo
                                 "train", "cfg.yaml"], cwd=work, env=env, text=True,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                start_new_session=True) for form in forms[launch]]
-    marker = f"MINIGPT_DATA_DIR={work / 'data'}".encode()
     deadline, killed = time.monotonic() + 180, False
     while any(a.poll() is None for a in agents) and time.monotonic() < deadline:
         steps = [r.get("step", 0) for r in read_metrics(work / "run")]
-        if not killed and steps and max(steps) >= 50 and (pid := _ranks(marker).get(1)):
+        if not killed and steps and max(steps) >= 50 and (pid := _rank_pids(work).get(1)):
             os.kill(pid, signal.SIGKILL)
             killed = True
         time.sleep(0.05)
     for a in agents:  # a hung trial: stop the agents, then the ranks (each in its own session)
         if a.poll() is None:
             os.killpg(a.pid, signal.SIGKILL)
-    for pid in _ranks(marker).values():
+    for pid in _rank_pids(work).values():
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     outputs = [a.communicate()[0] for a in agents]

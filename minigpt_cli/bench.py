@@ -267,10 +267,9 @@ def run_bench(*, checkpoint: str | None, config: str | None, lengths: list[int],
             raise UserError(f"{flag} must be at least 1, got {value}")
     check_output_paths(json=json_path, plot=plot_path)
     native.check_engine_name(engine)
-    from minigpt_cli.quantize import MODES
+    from minigpt_cli.quantize import check_mode
 
-    if quantize not in MODES:
-        raise UserError(f"--quantize must be one of {', '.join(MODES)}, got '{quantize}'")
+    check_mode(quantize)
     model, dev, dt, source, lengths = build_bench_model(checkpoint, config, sorted(lengths),
                                                         prompt_len, device, dtype, console)
     cfg = model.config

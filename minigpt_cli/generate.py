@@ -256,10 +256,9 @@ def load_for_inference(checkpoint: str | None, device: str = "auto", dtype: str 
     meta["quantize"] then describes what was done."""
     from minigpt_cli import tokenizer as tok
     from minigpt_cli.device import resolve_device, resolve_dtype
-    from minigpt_cli.quantize import MODES, quantize_model
+    from minigpt_cli.quantize import check_mode, quantize_model
 
-    if quantize not in MODES:
-        raise UserError(f"--quantize must be one of {', '.join(MODES)}, got '{quantize}'")
+    check_mode(quantize)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     path = find_checkpoint(checkpoint)

@@ -20,6 +20,7 @@ from rich.text import Text
 
 from minigpt_cli import native
 from minigpt_cli import tokenizer as tok
+from minigpt_cli.engine import lookup
 from minigpt_cli.errors import UserError
 from minigpt_cli.generate import (
     Completion,
@@ -69,10 +70,7 @@ def run_generate(
         raise UserError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
     if num_beams < 1:
         raise UserError(f"--num-beams must be at least 1, got {num_beams}")
-    if prompt_lookup < 0:
-        raise UserError(f"--prompt-lookup must be 0 (off) or an n-gram size, got {prompt_lookup}")
-    if draft_k < 1:
-        raise UserError(f"--draft-k must be at least 1, got {draft_k}")
+    lookup.check_options(prompt_lookup, draft_k)
     if num_samples < 1:
         raise UserError(f"--num-samples must be at least 1, got {num_samples}")
     if stop and not all(stop):

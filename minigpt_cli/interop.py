@@ -161,10 +161,7 @@ def export_hf(run: str | Path, out_dir: Path) -> Path:
     from safetensors.torch import save
 
     ckpt.atomic_write_bytes(out_dir / "model.safetensors", save(tensors, {"format": "pt"}))
-    if meta["tokenizer"].get("kind") == "bpe":  # keep the ranks beside the weights
-        src = path.parent / meta["tokenizer"].get("file", tok.TOKENIZER_FILE)
-        if src.is_file():
-            ckpt.atomic_write_bytes(out_dir / tok.TOKENIZER_FILE, src.read_bytes())
+    tok.copy_ranks_file(meta["tokenizer"], path.parent, out_dir)
     try:
         enc = tok.load(meta["tokenizer"], path.parent)
     except UserError:  # a tokenizer minigpt cannot rebuild (e.g. a benchmark's stand-in)

@@ -25,6 +25,14 @@ GROUP = 32
 MODES = ("none", "int8")
 
 
+def check_mode(mode: str) -> None:
+    """Refuse an unknown --quantize before anything is loaded."""
+    if mode not in MODES:
+        from minigpt_cli.errors import UserError
+
+        raise UserError(f"--quantize must be one of {', '.join(MODES)}, got '{mode}'")
+
+
 def quantize(w: torch.Tensor, group: int = GROUP) -> tuple[torch.Tensor, torch.Tensor]:
     """w [in, out] -> (q int8 [in, out], scales float32 [ceil(in / group), out]).
     A group that is all zeros gets scale 0 and zeros, never a division by zero."""
@@ -142,8 +150,6 @@ def quantize_run(run: str, out_dir: Path) -> Path:
     tensors = pack(ckpt.model_tensors(model), int8_pairs(model))
     meta = {**meta, "quantize": {"kind": "int8", "group": GROUP}, "quantized_from": str(path)}
     ckpt.save_model(out_dir / ckpt.MODEL_FILE, tensors, meta)
-    if meta["tokenizer"].get("kind") == "bpe":  # the ranks travel with the weights
-        src = path.parent / meta["tokenizer"].get("file", tok.TOKENIZER_FILE)
-        ckpt.atomic_write_bytes(out_dir / tok.TOKENIZER_FILE, src.read_bytes())
+    tok.copy_ranks_file(meta["tokenizer"], path.parent, out_dir)
     print(report.describe(), file=sys.stderr)
     return out_dir / ckpt.MODEL_FILE

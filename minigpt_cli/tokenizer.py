@@ -96,6 +96,18 @@ def save_ranks(enc: tiktoken.Encoding, path: Path) -> None:
     atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
 
 
+def copy_ranks_file(desc: dict[str, Any], src_dir: Path, out_dir: Path) -> None:
+    """A trained BPE's ranks file goes wherever its weights go (export-hf, quantize): the
+    weights alone cannot be decoded. Other tokenizers are named, not stored."""
+    from minigpt_cli.checkpoint import atomic_write_bytes
+
+    if desc.get("kind") != "bpe":
+        return
+    src = Path(src_dir) / desc.get("file", TOKENIZER_FILE)
+    if src.is_file():
+        atomic_write_bytes(Path(out_dir) / TOKENIZER_FILE, src.read_bytes())
+
+
 def _load_ranks(path: Path) -> dict[bytes, int]:
     ranks: dict[bytes, int] = {}
     try:

@@ -10,6 +10,16 @@ output is token for token what decoding one token a step gives, only in fewer st
 
 from __future__ import annotations
 
+from minigpt_cli.errors import UserError
+
+
+def check_options(n: int, k: int) -> None:
+    """--prompt-lookup N and --draft-k K, as generate and serve take them."""
+    if n < 0:
+        raise UserError(f"--prompt-lookup must be 0 (off) or an n-gram size, got {n}")
+    if k < 1:
+        raise UserError(f"--draft-k must be at least 1, got {k}")
+
 
 def propose(context: list[int], n: int, k: int) -> list[int]:
     """Up to k tokens that followed the latest earlier occurrence of context's last n tokens."""

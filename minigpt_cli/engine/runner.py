@@ -117,19 +117,19 @@ class ModelRunner:
             self.windows[s] = list(p[-self.block_size:])
             rows += self._window_rows(s)
         self.positions = []
-        for s, t, moved in zip(slots, tokens, self._append(slots, tokens), strict=True):
+        moved_all = self._append(slots, tokens)
+        for i, (s, t, moved) in enumerate(zip(slots, tokens, moved_all, strict=True)):
             if moved:  # the overflow policy: re-fill the kept half
                 rows += self._window_rows(s)
                 self.positions.append(len(self.windows[s]))
             else:
                 rows.append((t, s, len(self.windows[s]) - 1, True))
                 self.positions.append(1)
-                guesses = drafts[len(self.positions) - 1] if drafts else []
-                guesses = guesses[:self.block_size - len(self.windows[s])]
+                guesses = (drafts[i] if drafts else [])[:self.block_size - len(self.windows[s])]
                 for g in guesses:  # a slot's rows at consecutive columns share one call
                     self.windows[s].append(g)
                     rows.append((g, s, len(self.windows[s]) - 1, True))
-                self.drafted[len(self.positions) - 1] = len(guesses)
+                self.drafted[i] = len(guesses)
         self.prefills += len(prefills) + sum(p > 1 for p in self.positions)
         logits = self._native_rows(rows)
         return list(logits[:len(prefills)]), logits[len(prefills):] if slots else None

@@ -12,6 +12,7 @@ from typing import Any
 
 import uvicorn
 
+from minigpt_cli.engine import lookup
 from minigpt_cli.errors import UserError
 from minigpt_cli.serve.app import ServeOptions, create_app
 
@@ -56,11 +57,7 @@ def run_serve(*, checkpoint: str | None, host: str, port: int, options: ServeOpt
         raise UserError(f"--max-batch must be in 1..256, got {options.max_batch}")
     if options.max_prefill_tokens is not None and options.max_prefill_tokens < 0:
         raise UserError(f"--max-prefill-tokens must be >= 0, got {options.max_prefill_tokens}")
-    if options.prompt_lookup < 0:
-        raise UserError(f"--prompt-lookup must be 0 (off) or an n-gram size, got "
-                        f"{options.prompt_lookup}")
-    if options.draft_k < 1:
-        raise UserError(f"--draft-k must be at least 1, got {options.draft_k}")
+    lookup.check_options(options.prompt_lookup, options.draft_k)
     if options.max_queue < 0:
         raise UserError(f"--max-queue must be >= 0, got {options.max_queue}")
     if options.max_tokens < 1:
