@@ -98,9 +98,10 @@ class Timings:
     steps: int = 0
     prefills: int = 0
     engine: str = "torch"  # what ran the cached decode steps: native (C) or torch
-    drafted: int = 0  # prompt lookup: draft tokens verified ...
+    drafted: int = 0  # speculative decoding: draft tokens verified ...
     accepted: int = 0  # ... and kept (acceptance rate = accepted / drafted)
     verify_steps: int = 0  # steps that verified drafts
+    draft_steps: int = 0  # forward calls of the draft model (--draft)
 
 
 @dataclass
@@ -129,13 +130,16 @@ def generate(
     engine: str = "auto",
     prompt_lookup: int = 0,
     draft_k: int = 4,
+    draft: GPT | None = None,
 ) -> tuple[list[Completion], Timings]:
     """Generate for several prompts (token ids) on the engine; each stops on its own.
 
     `on_text(row, text)` receives printable text as soon as it is safe to print. With a
-    `seed`, prompt i samples from its own generator seeded `seed + i`.
+    `seed`, prompt i samples from its own generator seeded `seed + i`. `draft`: a draft
+    model for speculative decoding (engine/draft.py), proposing up to `draft_k` tokens.
     """
-    eng = Engine(model, enc, min(len(prompts), MAX_SLOTS), use_cache=use_cache, engine=engine)
+    eng = Engine(model, enc, min(len(prompts), MAX_SLOTS), use_cache=use_cache, engine=engine,
+                 draft=draft)
     rows: dict[int, int] = {}
     t0 = time.perf_counter()
     t_first: list[float] = []
@@ -174,7 +178,8 @@ def generate(
                       decode_tokens_per_s=(events - len(prompts)) / decode_s if decode_s > 0
                       else 0.0, drafted=sum(s.drafted for s in seqs),
                       accepted=sum(s.accepted for s in seqs),
-                      verify_steps=sum(s.verifies for s in seqs))
+                      verify_steps=sum(s.verifies for s in seqs),
+                      draft_steps=eng.drafter.steps if eng.drafter is not None else 0)
     return out, timings
 
 

@@ -116,3 +116,19 @@ def choose(processed: torch.Tensor, s: SamplerSettings, generator: torch.Generat
         return processed.argmax(dim=-1)
     probs = torch.softmax(processed, dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def accept_or_resample(p: torch.Tensor, q: torch.Tensor, token: int,
+                       generator: torch.Generator | None = None) -> int:
+    """Speculative sampling (Leviathan et al. 2023; Chen et al. 2023): `token` was drawn from
+    the draft's distribution q; keep it with probability min(1, p[token] / q[token]), else
+    draw from the normalised positive part of p - q. Whatever q is, the token returned is
+    distributed exactly as p, the target's distribution: so a draft model changes speed, never
+    what is sampled. p and q are probability vectors [V] after the same sampler filters."""
+    u = torch.rand((), generator=generator, device=p.device)
+    if float(u) * float(q[token]) < float(p[token]):  # u < p/q, with q[token] > 0
+        return token
+    residual = (p - q).clamp(min=0)
+    if not float(residual.sum()) > 0:  # p == q up to rounding: nothing to correct
+        residual = p
+    return int(torch.multinomial(residual, 1, generator=generator))

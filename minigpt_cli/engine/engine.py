@@ -19,13 +19,14 @@ from collections.abc import Callable
 import tiktoken
 import torch
 
+from minigpt_cli.engine.draft import Drafter
 from minigpt_cli.engine.lookup import propose
 from minigpt_cli.engine.runner import ModelRunner
 from minigpt_cli.engine.scheduler import Scheduler
 from minigpt_cli.engine.sequence import Sequence, TokenEvent
 from minigpt_cli.engine.text import TextStream
 from minigpt_cli.model import GPT
-from minigpt_cli.sampling import choose, process
+from minigpt_cli.sampling import accept_or_resample, choose, process
 
 log = logging.getLogger("minigpt.engine")
 
@@ -34,10 +35,13 @@ class Engine:
     def __init__(self, model: GPT, enc: tiktoken.Encoding, n_slots: int, *,
                  use_cache: bool = True, engine: str = "auto", max_queue: int | None = None,
                  prefill_budget: int | None = None,
-                 on_step: Callable[[int], None] | None = None) -> None:
+                 on_step: Callable[[int], None] | None = None,
+                 draft: GPT | None = None) -> None:
         self.model = model
         self.enc = enc
         self.runner = ModelRunner(model, n_slots, use_cache=use_cache, engine=engine)
+        # A draft model (speculative decoding) drafts for every request without prompt lookup.
+        self.drafter = Drafter(draft, n_slots, enc.eot_token, engine) if draft is not None else None
         self.scheduler = Scheduler(n_slots, max_queue)
         self.on_step = on_step  # called with the number of sequences each step decoded
         self.prefill_budget = prefill_budget  # prompt tokens admitted per step (None: all)
@@ -99,9 +103,7 @@ class Engine:
         decoding.sort(key=lambda s: s.slot)
         firsts: list[torch.Tensor] = []
         logits, positions = None, []
-        # Prompt lookup (C step only; the PyTorch step decodes one token a step).
-        drafts = [propose(s.prompt + s.tokens, s.lookup, s.draft_k)
-                  if s.lookup and self.runner.engine == "native" else [] for s in decoding]
+        drafts, dists = self._drafts(decoding)
         try:
             if starting or decoding:
                 firsts, logits = self.runner.step([(s.slot, s.prompt) for s in starting],
@@ -122,8 +124,9 @@ class Engine:
         at = 0  # decode rows: 1 + drafted[i] per sequence
         for i, seq in enumerate(decoding if logits is not None else []):
             k = self.runner.drafted[i]
+            q = dists[i][:k] if dists[i] is not None else None
             try:
-                self._verify(seq, logits[at:at + 1 + k], positions[i], drafts[i][:k])
+                self._verify(seq, logits[at:at + 1 + k], positions[i], drafts[i][:k], q)
             except Exception as exc:
                 self._fail(seq, exc)
             at += 1 + k
@@ -131,36 +134,87 @@ class Engine:
         if self.on_step is not None:
             self.on_step(len(decoding) + len(admitted))
 
-    def _verify(self, seq: Sequence, rows: torch.Tensor, positions: int, draft: list[int]
-                ) -> None:
-        """Choose seq's next token from rows[0]; while it equals the next draft token (already
-        in the window, its row computed), go on to that row. Every token is chosen as one
-        token a step would choose it, same settings, same generator draws in the same order,
-        so the output does not change; the wrong drafts leave the window."""
+    def _drafts(self, decoding: list[Sequence]
+                ) -> tuple[list[list[int]], list[torch.Tensor | None]]:
+        """Each decoding sequence's guesses for its next tokens, from prompt lookup or the
+        draft model, with the draft's distributions where it sampled them. None are made
+        past what a request may still generate, nor without the cache."""
+        room = [min(s.draft_k, s.max_tokens - len(s.tokens) - 1) if self.runner.use_cache
+                else 0 for s in decoding]
+        drafts = [propose(s.prompt + s.tokens, s.lookup, k) if s.lookup and k > 0 else []
+                  for s, k in zip(decoding, room, strict=True)]
+        dists: list[torch.Tensor | None] = [None] * len(decoding)
+        if self.drafter is not None:
+            mine = [i for i, s in enumerate(decoding) if not s.lookup]
+            try:
+                guesses, qs = self.drafter.propose([decoding[i] for i in mine],
+                                                   [max(0, room[i]) for i in mine])
+            except Exception:  # a failing draft model costs speed, not the requests
+                log.exception("the draft model failed: decoding without drafts this step")
+                for i in mine:
+                    decoding[i].draft_missing = None  # start its drafter slot afresh
+                return drafts, dists
+            for i, g, q in zip(mine, guesses, qs, strict=True):
+                drafts[i], dists[i] = g, q
+        return drafts, dists
+
+    def _verify(self, seq: Sequence, rows: torch.Tensor, positions: int, draft: list[int],
+                q: torch.Tensor | None = None) -> None:
+        """Choose seq's next token from rows[0]; while it is the next draft token (already in
+        the window, its row computed), go on to that row.
+
+        Prompt lookup and greedy drafts: every token is chosen as one token a step would
+        choose it, same settings, same generator draws in the same order, so the output does
+        not change. Sampled drafts from the draft model (`q`, their distributions): each is
+        kept or replaced by the acceptance rule, whose output is distributed as the target's.
+        The wrong drafts leave the window (and the drafter's)."""
         if draft:  # counted before the tokens go out: the last one reports the totals
             seq.drafted += len(draft)
             seq.verifies += 1
-        self._advance(seq, rows[0], positions)
-        kept = 0
-        while kept < len(draft) and not seq.finished and seq.next_input == draft[kept]:
-            kept += 1
-            seq.accepted += 1
-            self._advance(seq, rows[kept], 1)
-        if draft and not seq.finished:
-            self.runner.truncate(seq.slot, len(draft) - kept)
-
-    def _advance(self, seq: Sequence, logits: torch.Tensor, positions: int) -> None:
-        """Sample seq's next token from its logits row, report it, and finish it if done."""
-        if seq.finished:  # ended from another thread during this step (server shutdown)
+        fed = seq.next_input
+        taken: list[int] = []
+        for j in range(len(draft) + 1):
+            guess = draft[j] if j < len(draft) else None
+            proposal = (guess, q[j]) if q is not None and guess is not None else None
+            token = self._advance(seq, rows[j], positions if j == 0 else 1,
+                                  ahead=len(draft) - j, guess=guess, proposal=proposal)
+            taken.append(token)
+            if seq.finished or token != guess:
+                break
+        if seq.finished:
             return
+        kept = len(taken) - 1  # drafts the target kept; the last token taken is its own
+        if draft:
+            self.runner.truncate(seq.slot, len(draft) - kept)
+        if self.drafter is not None and seq.draft_missing is not None:
+            self.drafter.rollback(seq, [fed, *draft[:kept]])
+
+    def _advance(self, seq: Sequence, logits: torch.Tensor, positions: int, ahead: int = 0,
+                 guess: int | None = None,
+                 proposal: tuple[int, torch.Tensor] | None = None) -> int | None:
+        """Sample seq's next token from its logits row, report it, and finish it if done.
+
+        `ahead`: tokens at the window's end that come after this row (drafts still being
+        checked), left out of the repetition penalty's history. `guess`: a draft token,
+        counted as accepted if it is the token taken. `proposal`: (guess, its draft
+        distribution q) for the acceptance rule instead of a plain draw."""
+        if seq.finished:  # ended from another thread during this step (server shutdown)
+            return None
         s = seq.settings
         history = None
         if s.repetition_penalty != 1 and s.repeat_last_n > 0:
-            history = torch.tensor([self.runner.windows[seq.slot][-s.repeat_last_n:]],
+            window = self.runner.windows[seq.slot]
+            history = torch.tensor([window[:len(window) - ahead][-s.repeat_last_n:]],
                                    device=logits.device)
         row = logits[None].float()
         processed = process(row, s, history)
-        token = int(choose(processed, s, seq.generator)[0])
+        if proposal is not None and not s.greedy:
+            token = accept_or_resample(torch.softmax(processed[0], dim=-1), proposal[1],
+                                       proposal[0], seq.generator)
+        else:
+            token = int(choose(processed, s, seq.generator)[0])
+        if guess is not None and token == guess:
+            seq.accepted += 1
         event = TokenEvent(token=token, text="", index=len(seq.tokens), positions=positions)
         if seq.logprobs is not None:
             lp = torch.log_softmax(row[0], dim=-1)
@@ -192,6 +246,7 @@ class Engine:
         else:
             seq.next_input = token
         self._emit(seq, event)
+        return token
 
     def _prompt_logprobs(self, seq: Sequence, logits: torch.Tensor
                          ) -> list[tuple[float | None, list[tuple[int, float]]]]:

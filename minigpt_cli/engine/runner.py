@@ -104,14 +104,18 @@ class ModelRunner:
         of the same call as the decode rows (chunked prefill), so a new request's first token
         costs about one step, and the running requests do not wait for its prompt.
 
-        `drafts[i]` (C step only): guesses appended after tokens[i], one row each, as far as
-        the window has room; `self.drafted[i]` says how many went in. Slot i's rows are then
-        1 + drafted[i] consecutive decode rows, each the logits after its token; `truncate`
-        takes back the guesses that were wrong."""
+        `drafts[i]` (cached steps only): guesses appended after tokens[i], one row each, as
+        far as the window has room; `self.drafted[i]` says how many went in. Slot i's rows are
+        then 1 + drafted[i] consecutive decode rows, each the logits after its token;
+        `truncate` takes back the guesses that were wrong."""
         self.drafted = [0] * len(slots)
         if self.engine != "native":
             first = [self.prefill(s, p) for s, p in prefills]
-            return first, (self.decode(slots, tokens) if slots else None)
+            if not slots:
+                return first, None
+            if not self.use_cache or not drafts or not any(drafts):
+                return first, self.decode(slots, tokens)
+            return first, self._decode_drafts(slots, tokens, drafts)
         rows: list[tuple[int, int, int, bool]] = []  # token, slot, column (= position), want
         for s, p in prefills:
             self.windows[s] = list(p[-self.block_size:])
@@ -133,6 +137,33 @@ class ModelRunner:
         self.prefills += len(prefills) + sum(p > 1 for p in self.positions)
         logits = self._native_rows(rows)
         return list(logits[:len(prefills)]), logits[len(prefills):] if slots else None
+
+    def _decode_drafts(self, slots: list[int], tokens: list[int], drafts: list[list[int]]
+                       ) -> torch.Tensor:
+        """The PyTorch form of `step`'s drafts: slots without guesses share one decode step;
+        a slot with guesses runs its token and guesses as one forward over its cache slot,
+        positions len(window) - 1 onwards, like a prefill that starts mid-window."""
+        plain = [i for i, d in enumerate(drafts) if not d]
+        rows: list[torch.Tensor] = [torch.empty(0)] * len(slots)
+        positions = [1] * len(slots)
+        if plain:
+            out = self.decode([slots[i] for i in plain], [tokens[i] for i in plain])
+            for i, row, n in zip(plain, out, self.positions, strict=True):
+                rows[i], positions[i] = row[None], n
+        for i in (i for i, d in enumerate(drafts) if d):
+            s = slots[i]
+            if self._append([s], [tokens[i]])[0]:  # slid: re-fill, no room for guesses here
+                rows[i], positions[i] = self._fill(s)[None], len(self.windows[s])
+                continue
+            start = len(self.windows[s]) - 1
+            guesses = drafts[i][:self.block_size - len(self.windows[s])]
+            self.windows[s] += guesses
+            self.drafted[i] = len(guesses)
+            ids = torch.tensor([[tokens[i], *guesses]], device=self.device)
+            out, _ = self.model(ids, cache=self.cache.slot(s), start_pos=start, head_t=self.head_t)
+            rows[i] = out[0]
+        self.positions = positions
+        return torch.cat(rows)
 
     def truncate(self, slot: int, n: int) -> None:
         """Drop the last n tokens of a slot's window (rejected drafts); their cache columns

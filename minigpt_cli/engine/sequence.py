@@ -72,6 +72,8 @@ class Sequence:
     drafted: int = 0  # speculative decoding: draft tokens verified ...
     accepted: int = 0  # ... and kept
     verifies: int = 0  # steps that verified drafts
+    draft_missing: list[int] | None = None  # draft model: tokens its slot has yet to see
+    draft_fed: list[int] = field(default_factory=list)  # ... and fed this step
 
     @property
     def finished(self) -> bool:
