@@ -114,6 +114,11 @@ def generate(
                                                     "verified in the same step; the output "
                                                     "is unchanged (0 = off; C step).")] = 0,
     draft_k: Annotated[int, typer.Option(help="Most draft tokens verified per step.")] = 4,
+    draft: Annotated[str | None, typer.Option(help="Speculative decoding: a smaller run with "
+                                                   "the same tokenizer drafts --draft-k "
+                                                   "tokens a step; greedy output is "
+                                                   "unchanged, sampled output keeps the "
+                                                   "model's distribution.")] = None,
 ) -> None:
     """Generate text: prefill the prompt once, then one token per step through a KV cache."""
     options = dict(locals())  # every flag above, by name: run_generate's keyword arguments
@@ -191,6 +196,9 @@ def serve(
                                                     "for every request, as in generate "
                                                     "(0 = off).")] = 0,
     draft_k: Annotated[int, typer.Option(help="Most draft tokens verified per step.")] = 4,
+    draft: Annotated[str | None, typer.Option(help="Speculative decoding with this draft run "
+                                                   "for every request, as in generate.")
+                     ] = None,
 ) -> None:
     """Serve the model over OpenAI's HTTP API with continuous batching, and a web page at /."""
     from minigpt_cli.serve.app import ServeOptions
@@ -200,7 +208,7 @@ def serve(
                            engine=engine, max_body_bytes=max_body_bytes, max_tokens=max_tokens,
                            model_name=model_name,
                            max_prefill_tokens=max_prefill_tokens or None,
-                           prompt_lookup=prompt_lookup, draft_k=draft_k)
+                           prompt_lookup=prompt_lookup, draft_k=draft_k, draft=draft)
     run_serve(checkpoint=checkpoint, host=host, port=port, options=options, device=device,
               dtype=dtype, quantize=quantize)
 

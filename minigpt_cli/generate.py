@@ -275,3 +275,21 @@ def load_for_inference(checkpoint: str | None, device: str = "auto", dtype: str 
         meta["quantize"] = quantize_model(model).describe()
     model.to(device=dev, dtype=dt).eval()  # eval: dropout off, so equal inputs give equal outputs
     return model, enc, meta, path
+
+
+def load_draft(checkpoint: str, model: GPT, enc: tiktoken.Encoding, device: str = "auto",
+               dtype: str = "auto", quantize: str = "none") -> GPT:
+    """The draft model for speculative decoding (--draft): any run whose tokens are the
+    model's own, loaded the way the model was (device, dtype, --quantize)."""
+    from minigpt_cli.tokenizer import fingerprint
+
+    try:
+        draft, draft_enc, _, _ = load_for_inference(checkpoint, device, dtype, quantize)
+    except UserError as exc:
+        raise UserError(f"--draft: {exc}") from None
+    if (fingerprint(draft_enc, "") != fingerprint(enc, "")
+            or draft.config.vocab_size != model.config.vocab_size):
+        raise UserError(f"--draft {checkpoint} uses other tokens than the model "
+                        f"({draft_enc.n_vocab} against {enc.n_vocab}, or other merges): a "
+                        "draft must share the model's tokenizer")
+    return draft

@@ -28,6 +28,7 @@ from minigpt_cli.generate import (
     Timings,
     beam_search,
     generate,
+    load_draft,
     load_for_inference,
 )
 from minigpt_cli.sampling import SamplerSettings
@@ -45,7 +46,8 @@ def _stats_line(timings: Timings, completions: list[Completion]) -> str:
             f"first token {timings.time_to_first_token_s * 1e3:.0f} ms · "
             f"decode {timings.decode_tokens_per_s:,.0f} tok/s ({timings.engine}) · "
             f"total {timings.total_s:.2f} s"
-            + (f" · prompt lookup: {timings.accepted}/{timings.drafted} drafts kept, "
+            + (f" · {'draft model' if timings.draft_steps else 'prompt lookup'}: "
+               f"{timings.accepted}/{timings.drafted} drafts kept, "
                f"{(n - len(completions)) / max(1, timings.steps - 1):.2f} tokens a step"
                if timings.drafted else ""))
 
@@ -61,6 +63,7 @@ def run_generate(
     num_beams: int, stop: list[str] | None, num_samples: int, prompts_file: Path | None,
     cache: bool, stream: bool, json_out: bool, trace: bool, device: str, dtype: str,
     engine: str = "auto", quantize: str = "none", prompt_lookup: int = 0, draft_k: int = 4,
+    draft: str | None = None,
 ) -> None:
     settings = SamplerSettings(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                                repetition_penalty=repetition_penalty,
@@ -70,7 +73,7 @@ def run_generate(
         raise UserError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
     if num_beams < 1:
         raise UserError(f"--num-beams must be at least 1, got {num_beams}")
-    lookup.check_options(prompt_lookup, draft_k)
+    lookup.check_options(prompt_lookup, draft_k, draft)
     if num_samples < 1:
         raise UserError(f"--num-samples must be at least 1, got {num_samples}")
     if stop and not all(stop):
@@ -79,11 +82,14 @@ def run_generate(
     if num_beams > 1 and (num_samples > 1 or prompts_file or trace):
         raise UserError("--num-beams takes a single prompt: drop --num-samples/--prompts-file/"
                         "--trace")
+    if num_beams > 1 and (prompt_lookup or draft):
+        raise UserError("--num-beams does not speculate: drop --prompt-lookup/--draft")
     texts = _read_prompts(prompts_file) if prompts_file else [prompt] * num_samples
 
     out = Console(highlight=False, soft_wrap=True)
     err = Console(stderr=True, highlight=False, soft_wrap=True)
     model, enc, _, path = load_for_inference(checkpoint, device, dtype, quantize)
+    drafter = load_draft(draft, model, enc, device, dtype, quantize) if draft else None
     block = model.config.block_size
     prompts = []
     for text in texts:
@@ -96,6 +102,8 @@ def run_generate(
 
     # Check the engine before anything is printed, so a refusal is the only output.
     native.choose_engine(engine, model, cache)
+    if drafter is not None:
+        native.choose_engine(engine, drafter)
     single = len(prompts) == 1
     live = stream and single and not json_out and not trace and num_beams == 1
     if live:
@@ -123,7 +131,7 @@ def run_generate(
             model, enc, prompts, settings, max_new_tokens, use_cache=cache, seed=seed,
             engine=engine, stops=stop or [], on_text=on_text if live else None,
             on_step=on_step if trace and not json_out else None, prompt_lookup=prompt_lookup,
-            draft_k=draft_k)
+            draft_k=draft_k, draft=drafter)
 
     if json_out:
         timing = asdict(timings)

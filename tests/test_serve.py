@@ -297,3 +297,27 @@ def test_sigterm_ends_streams_with_an_error_event(run_dir: Path) -> None:
         assert s.proc.wait(15) in (0, -signal.SIGTERM)
         log = s.proc.stdout.read()  # type: ignore[union-attr]
         assert "Traceback" not in log and "Application shutdown complete" in log
+
+
+def test_draft_model_through_generate_and_serve(run_dir: Path) -> None:
+    """--draft on both commands: a run drafting for itself keeps greedy text as it is (in the
+    server, under load), and the drafts show in --json and /metrics."""
+    model, enc, _, _ = load_for_inference(str(run_dir), "cpu")
+    sizes = [40, 12, 55, 30, 8, 48]
+    plain = [generate(model, enc, [tok.encode(enc, p)], SamplerSettings(temperature=0), n
+                      )[0][0].text for p, n in zip(PROMPTS, sizes, strict=False)]
+    cli = subprocess.run([sys.executable, "-m", "minigpt_cli", "generate", "--checkpoint",
+                          str(run_dir), "--draft", str(run_dir), "--draft-k", "3", "--prompt",
+                          PROMPTS[0], "--max-new-tokens", str(sizes[0]), "--temperature", "0",
+                          "--json"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    out = json.loads(cli.stdout)
+    assert out["text"] == plain[0]
+    assert out["timings"]["draft_steps"] > 0 and out["timings"]["accepted"] > 0
+    with serving(run_dir, "--max-batch", "4", "--draft", str(run_dir), "--draft-k", "3") as s:
+        with ThreadPoolExecutor(6) as pool:
+            loaded = list(pool.map(lambda a: _complete(s, *a)["choices"][0]["text"],
+                                   zip(PROMPTS, sizes, strict=False)))
+        assert loaded == plain
+        assert s.metric("minigpt_spec_accepted_tokens_total") > 0
+        assert s.metric("minigpt_spec_draft_tokens_total") >= s.metric(
+            "minigpt_spec_accepted_tokens_total")

@@ -13,12 +13,16 @@ from __future__ import annotations
 from minigpt_cli.errors import UserError
 
 
-def check_options(n: int, k: int) -> None:
-    """--prompt-lookup N and --draft-k K, as generate and serve take them."""
+def check_options(n: int, k: int, draft: str | None = None) -> None:
+    """--prompt-lookup N, --draft-k K and --draft RUN, as generate and serve take them."""
     if n < 0:
         raise UserError(f"--prompt-lookup must be 0 (off) or an n-gram size, got {n}")
     if k < 1:
         raise UserError(f"--draft-k must be at least 1, got {k}")
+    if draft is not None and not draft:
+        raise UserError("--draft must name a run directory or a .safetensors file")
+    if n and draft:
+        raise UserError("--prompt-lookup and --draft are two ways to draft tokens: choose one")
 
 
 def propose(context: list[int], n: int, k: int) -> list[int]:

@@ -41,6 +41,7 @@ class ServeOptions:
     max_prefill_tokens: int | None = 16  # prompt tokens started per engine step
     prompt_lookup: int = 0  # speculative decoding by prompt lookup for every request (0: off)
     draft_k: int = 4
+    draft: str | None = None  # a draft run for speculative decoding (the loader loads it)
 
 
 class BodyLimit:
@@ -82,7 +83,7 @@ class _TooLarge(Exception):
     pass
 
 
-Loader = Callable[[], tuple[object, object, str]]  # -> (model, encoding, name)
+Loader = Callable[[], tuple[object, object, str, object]]  # -> (model, encoding, name, draft)
 
 
 def create_app(loader: Loader, options: ServeOptions,
@@ -96,10 +97,11 @@ def create_app(loader: Loader, options: ServeOptions,
 
         def load() -> None:
             try:
-                model, enc, name = loader()
+                model, enc, name, draft = loader()
                 engine = Engine(model, enc, options.max_batch, engine=options.engine,  # type: ignore[arg-type]
                                 max_queue=options.max_queue,
-                                prefill_budget=options.max_prefill_tokens)
+                                prefill_budget=options.max_prefill_tokens,
+                                draft=draft)  # type: ignore[arg-type]
                 w = Worker(engine)
                 w.start()
                 worker.append(w)

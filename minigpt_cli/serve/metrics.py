@@ -46,8 +46,8 @@ class Metrics:
         self.prompt = Counter("minigpt_prompt_tokens", "Prompt tokens prefilled", registry=r)
         self.finished = Counter("minigpt_request_success", "Finished requests by reason",
                                 ["finish_reason"], registry=r)
-        self.drafted = Counter("minigpt_spec_draft_tokens", "Prompt-lookup draft tokens "
-                               "verified", registry=r)
+        self.drafted = Counter("minigpt_spec_draft_tokens", "Draft tokens verified (prompt "
+                               "lookup or a draft model)", registry=r)
         self.accepted = Counter("minigpt_spec_accepted_tokens", "Draft tokens kept (acceptance "
                                 "rate = accepted / draft)", registry=r)
         self.verifies = Counter("minigpt_spec_verify_steps", "Steps that verified drafts "

@@ -43,7 +43,7 @@ def run_serve(*, checkpoint: str | None, host: str, port: int, options: ServeOpt
     """Check every option and load the model first, so a bad flag or checkpoint is a
     one-line error (exit 2) before anything listens; then serve until Ctrl-C or SIGTERM."""
     from minigpt_cli import native
-    from minigpt_cli.generate import load_for_inference
+    from minigpt_cli.generate import load_draft, load_for_inference
 
     if not host:
         raise UserError("--host must not be empty (an empty host would listen on every "
@@ -57,7 +57,7 @@ def run_serve(*, checkpoint: str | None, host: str, port: int, options: ServeOpt
         raise UserError(f"--max-batch must be in 1..256, got {options.max_batch}")
     if options.max_prefill_tokens is not None and options.max_prefill_tokens < 0:
         raise UserError(f"--max-prefill-tokens must be >= 0, got {options.max_prefill_tokens}")
-    lookup.check_options(options.prompt_lookup, options.draft_k)
+    lookup.check_options(options.prompt_lookup, options.draft_k, options.draft)
     if options.max_queue < 0:
         raise UserError(f"--max-queue must be >= 0, got {options.max_queue}")
     if options.max_tokens < 1:
@@ -70,7 +70,11 @@ def run_serve(*, checkpoint: str | None, host: str, port: int, options: ServeOpt
     # Every refusal that needs the model comes before the port check, so a case's own error
     # is what is reported, whatever else holds the port.
     model, enc, _, found = load_for_inference(checkpoint, device, dtype, quantize)
+    draft = (load_draft(options.draft, model, enc, device, dtype, quantize) if options.draft
+             else None)
     native.choose_engine(options.engine, model)
+    if draft is not None:
+        native.choose_engine(options.engine, draft)
     _check_port(host, port)
 
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
@@ -79,7 +83,7 @@ def run_serve(*, checkpoint: str | None, host: str, port: int, options: ServeOpt
     def stop(message: str) -> None:
         server[0].should_exit = True
 
-    app = create_app(lambda: (model, enc, found.parent.name), options, on_load_error=stop)
+    app = create_app(lambda: (model, enc, found.parent.name, draft), options, on_load_error=stop)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
                             timeout_graceful_shutdown=5)
     server.append(_Server(config, app))
