@@ -20,6 +20,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import tiktoken
 import torch
 from rich.console import Console
 from rich.markup import escape
@@ -221,15 +222,17 @@ def peak_memory(device: torch.device) -> dict:
 
 def build_bench_model(checkpoint: str | None, config: str | None, lengths: list[int],
                       prompt_len: int, device_name: str, dtype_name: str, console: Console
-                      ) -> tuple[GPT, torch.device, torch.dtype, str, list[int]]:
-    """A trained model (lengths cut to its context) or a random one of a config's shape."""
+                      ) -> tuple[GPT, torch.device, torch.dtype, str, list[int],
+                                 tiktoken.Encoding | None]:
+    """A trained model (lengths cut to its context) and its tokenizer, or a random one of a
+    config's shape (no tokenizer)."""
     device = resolve_device(device_name)
     dtype = resolve_dtype(dtype_name, device)
     longest = prompt_len + max(lengths)
     if checkpoint is not None:
         from minigpt_cli.generate import load_for_inference
 
-        model, _, _, path = load_for_inference(checkpoint, device_name, dtype_name)
+        model, enc, _, path = load_for_inference(checkpoint, device_name, dtype_name)
         room = model.config.block_size - prompt_len
         kept = [n for n in lengths if n <= room]
         if len(kept) < len(lengths):
@@ -238,7 +241,7 @@ def build_bench_model(checkpoint: str | None, config: str | None, lengths: list[
         if not kept:
             raise UserError(f"no length fits the model's block_size {model.config.block_size} "
                             f"with --prompt-len {prompt_len}: pass smaller --lengths")
-        return model, device, dtype, str(path), kept
+        return model, device, dtype, str(path), kept, enc
     from minigpt_cli.config import Config, load_config
 
     cfg = load_config(config) if config else Config()
@@ -251,14 +254,17 @@ def build_bench_model(checkpoint: str | None, config: str | None, lengths: list[
         shape["block_size"] = longest
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=vocab, **shape)).to(device=device, dtype=dtype).eval()
-    return model, device, dtype, f"random weights, shape of {config or 'defaults'}", lengths
+    return (model, device, dtype, f"random weights, shape of {config or 'defaults'}", lengths,
+            None)
 
 
 def run_bench(*, checkpoint: str | None, config: str | None, lengths: list[int], prompt_len: int,
               batch_size: int, repeats: int, device: str, dtype: str, json_path: Path | None,
               plot_path: Path | None, train: bool, console: Console, engine: str = "auto",
-              quantize: str = "none") -> int:
-    """Measure, print, write JSON/plot. Returns the exit code: 1 if any greedy output differs."""
+              quantize: str = "none", prompt_lookup: int = 0, draft: str | None = None,
+              draft_k: int = 4) -> int:
+    """Measure, print, write JSON/plot. Returns the exit code: 1 if any greedy output differs
+    (cached from uncached, or speculative from plain)."""
     if not lengths or min(lengths) < 1:
         raise UserError("--lengths needs positive integers, e.g. 64,128,256")
     for flag, value in (("--prompt-len", prompt_len), ("--batch-size", batch_size),
@@ -270,8 +276,20 @@ def run_bench(*, checkpoint: str | None, config: str | None, lengths: list[int],
     from minigpt_cli.quantize import check_mode
 
     check_mode(quantize)
-    model, dev, dt, source, lengths = build_bench_model(checkpoint, config, sorted(lengths),
-                                                        prompt_len, device, dtype, console)
+    from minigpt_cli.engine.lookup import check_options
+
+    check_options(prompt_lookup, draft_k, draft, both=True)
+    if (prompt_lookup or draft) and checkpoint is None:
+        raise UserError("--prompt-lookup/--draft time real text generation: pass --checkpoint "
+                        "(a run, with its tokenizer)")
+    model, dev, dt, source, lengths, enc = build_bench_model(
+        checkpoint, config, sorted(lengths), prompt_len, device, dtype, console)
+    draft_model = None
+    if draft:
+        from minigpt_cli.generate import load_draft
+
+        assert enc is not None
+        draft_model = load_draft(draft, model, enc, device, dtype)
     cfg = model.config
     gen = torch.Generator().manual_seed(0)
     prompts = torch.randint(0, cfg.vocab_size, (batch_size, prompt_len), generator=gen).to(dev)
@@ -299,6 +317,16 @@ def run_bench(*, checkpoint: str | None, config: str | None, lengths: list[int],
 
         report["memory_wall"] = memory_wall(model, prompts, lengths[0], repeats, dev, engine)
         print_wall(console, report["memory_wall"])
+    speculative_ok = True
+    if prompt_lookup or draft_model is not None:
+        from minigpt_cli.bench_speculative import print_speculative, speculative_rows
+
+        assert enc is not None
+        rows = speculative_rows(model, enc, prompts, lengths[-1], repeats, engine,
+                                prompt_lookup, draft_model, Path(draft or "").name, draft_k)
+        report["speculative"] = rows
+        print_speculative(console, rows)
+        speculative_ok = all(r["same_as_plain"] for r in rows)
     if train:
         report["train_vs_generate"] = measure_training(model, batch_size, dev, dt, engine)
         _print_train(console, report["train_vs_generate"])
@@ -314,7 +342,7 @@ def run_bench(*, checkpoint: str | None, config: str | None, lengths: list[int],
 
         plot(results, header, plot_path)
         console.print(f"wrote {plot_path}")
-    return 0 if all(r.ok for r in results) else 1
+    return 0 if all(r.ok for r in results) and speculative_ok else 1
 
 
 def _mb(b: int) -> str:

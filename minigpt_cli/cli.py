@@ -287,6 +287,13 @@ def bench(
                                                "int8 weights beside float32, with the bytes "
                                                "a step streams and the GB/s achieved.")
                         ] = "none",
+    prompt_lookup: Annotated[int, typer.Option(help="Also time greedy decoding with prompt "
+                                                    "lookup on N-grams against plain (needs "
+                                                    "--checkpoint).")] = 0,
+    draft: Annotated[str | None, typer.Option(help="Also time greedy decoding with this draft "
+                                                   "run against plain (needs --checkpoint).")
+                     ] = None,
+    draft_k: Annotated[int, typer.Option(help="Most draft tokens verified per step.")] = 4,
 ) -> None:
     """Measure generation with the KV cache on against off, and show why they differ."""
     from minigpt_cli.bench import run_bench
@@ -297,7 +304,8 @@ def bench(
                      prompt_len=prompt_len, batch_size=batch_size, repeats=repeats,
                      device=device, dtype=dtype, json_path=json_path, plot_path=plot_path,
                      train=train_too, console=Console(highlight=False), engine=engine,
-                     quantize=quantize)
+                     quantize=quantize, prompt_lookup=prompt_lookup, draft=draft,
+                     draft_k=draft_k)
     raise typer.Exit(code)
 
 

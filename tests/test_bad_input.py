@@ -141,6 +141,13 @@ CASES = [
     c("bench", "--plot", "no/such/dir/b.png", says="--plot"),
     c("bench", "--train=yes", says="--train"),
     c("bench", "--engine", "turbo", says="unknown engine"),
+    c("bench", "--prompt-lookup", "2", says="pass --checkpoint"),
+    c("bench", "--prompt-lookup", "-1", says="--prompt-lookup"),
+    c("bench", "--draft-k", "0", says="--draft-k"),
+    c("bench", "--checkpoint", "runs/tiny", "--lengths", "8", "--draft", "nowhere",
+      says="--draft: checkpoint"),
+    c("bench", "--checkpoint", "runs/tiny", "--lengths", "8", "--draft", "other",
+      says="other uses other tokens"),
     # eval
     c("eval", "--checkpoint", "nowhere", says="checkpoint not found"),
     c("eval", "--data", "missing.txt", says="--data 'missing.txt' not found"),

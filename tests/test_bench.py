@@ -25,9 +25,9 @@ def small_config(tmp_path: Path) -> Path:
     return path
 
 
-def _bench(config: Path, tmp_path: Path, **kw) -> tuple[int, dict]:
+def _bench(config: Path | None, tmp_path: Path, **kw) -> tuple[int, dict]:
     out = tmp_path / "bench.json"
-    args = {"checkpoint": None, "config": str(config), "lengths": [8, 160], "prompt_len": 4,
+    args = {"checkpoint": None, "config": config and str(config), "lengths": [8, 160], "prompt_len": 4,
             "batch_size": 1, "repeats": 1, "device": "cpu", "dtype": "float32",
             "json_path": out, "plot_path": None, "train": False,
             "console": Console(file=io.StringIO())}
@@ -125,3 +125,45 @@ def test_bench_memory_wall_rows(small_config: Path, tmp_path: Path) -> None:
         assert row["gb_per_s"] == pytest.approx(row["bytes_per_step"] / row["ms_per_step"]
                                                 / 1e6)
     assert f32["tokens_match_float32"] == 1.0 and 0 <= q8["tokens_match_float32"] <= 1
+
+
+def _random_run(out: Path, n_layer: int, n_embd: int) -> Path:
+    """A run directory holding a random byte-level model, as `minigpt train` would leave it."""
+    from minigpt_cli import checkpoint as ckpt
+    from minigpt_cli import tokenizer as tok
+    from minigpt_cli.model import GPT, GPTConfig
+
+    out.mkdir()
+    torch.manual_seed(n_layer)
+    model = GPT(GPTConfig(vocab_size=257, block_size=64, n_layer=n_layer, n_head=2,
+                          n_embd=n_embd))
+    ckpt.save_model(out / ckpt.MODEL_FILE, model, {
+        "model_config": vars(model.config),
+        "tokenizer": tok.describe(tok.byte_encoding(), "byte")})
+    return out
+
+
+def test_bench_speculative_rows(tmp_path: Path) -> None:
+    """--prompt-lookup and --draft add rows beside plain decoding: the same greedy tokens,
+    the model's and the draft's steps per token, and the weight bytes those steps stream."""
+    run = _random_run(tmp_path / "run", 2, 32)
+    draft = _random_run(tmp_path / "draft", 1, 16)
+    code, report = _bench(None, tmp_path, checkpoint=str(run), lengths=[24], prompt_lookup=2,
+                          draft=str(draft), draft_k=3)
+    assert code == 0
+    plain, lookup, drafted = report["speculative"]
+    assert [r["mode"] for r in report["speculative"]] == ["plain", "prompt lookup 2",
+                                                          "draft draft"]
+    assert all(r["same_as_plain"] for r in report["speculative"])
+    target = 4 * (2 * (32 * 96 + 32 * 32 + 32 * 128 + 128 * 32) + 32 * 257)
+    assert plain["steps_per_token"] == 1 and plain["acceptance"] is None
+    assert plain["weight_bytes_per_token"] == target
+    small = 4 * ((16 * 48 + 16 * 16 + 16 * 64 + 64 * 16) + 16 * 257)
+    assert drafted["draft_steps_per_token"] > 0 and 0 <= drafted["acceptance"] <= 1
+    assert drafted["weight_bytes_per_token"] == pytest.approx(
+        target * drafted["steps_per_token"] + small * drafted["draft_steps_per_token"])
+    for row in report["speculative"]:
+        assert row["gb_per_s"] == pytest.approx(row["weight_bytes_per_token"]
+                                                * row["tokens_per_s"] / 1e9)
+    with pytest.raises(UserError, match="--checkpoint"):
+        _bench(None, tmp_path, prompt_lookup=2)

@@ -13,15 +13,16 @@ from __future__ import annotations
 from minigpt_cli.errors import UserError
 
 
-def check_options(n: int, k: int, draft: str | None = None) -> None:
-    """--prompt-lookup N, --draft-k K and --draft RUN, as generate and serve take them."""
+def check_options(n: int, k: int, draft: str | None = None, both: bool = False) -> None:
+    """--prompt-lookup N, --draft-k K and --draft RUN, as generate, serve and bench take
+    them; only bench (`both`, rows side by side) takes lookup and a draft together."""
     if n < 0:
         raise UserError(f"--prompt-lookup must be 0 (off) or an n-gram size, got {n}")
     if k < 1:
         raise UserError(f"--draft-k must be at least 1, got {k}")
     if draft is not None and not draft:
         raise UserError("--draft must name a run directory or a .safetensors file")
-    if n and draft:
+    if n and draft and not both:
         raise UserError("--prompt-lookup and --draft are two ways to draft tokens: choose one")
 
 
