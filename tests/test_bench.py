@@ -27,7 +27,8 @@ def small_config(tmp_path: Path) -> Path:
 
 def _bench(config: Path | None, tmp_path: Path, **kw) -> tuple[int, dict]:
     out = tmp_path / "bench.json"
-    args = {"checkpoint": None, "config": config and str(config), "lengths": [8, 160], "prompt_len": 4,
+    args = {"checkpoint": None, "config": config and str(config), "lengths": [8, 160],
+            "prompt_len": 4,
             "batch_size": 1, "repeats": 1, "device": "cpu", "dtype": "float32",
             "json_path": out, "plot_path": None, "train": False,
             "console": Console(file=io.StringIO())}
@@ -151,7 +152,7 @@ def test_bench_speculative_rows(tmp_path: Path) -> None:
     code, report = _bench(None, tmp_path, checkpoint=str(run), lengths=[24], prompt_lookup=2,
                           draft=str(draft), draft_k=3)
     assert code == 0
-    plain, lookup, drafted = report["speculative"]
+    plain, _, drafted = report["speculative"]
     assert [r["mode"] for r in report["speculative"]] == ["plain", "prompt lookup 2",
                                                           "draft draft"]
     assert all(r["same_as_plain"] for r in report["speculative"])
