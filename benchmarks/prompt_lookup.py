@@ -2,9 +2,12 @@
 
 Greedy decoding through `generate` (the engine, the C step), each round running both modes on
 both prompts; prints decode tokens/s, the ratio, drafts kept and tokens per step. The outputs
-are checked equal (they must be: tests/test_speculative.py).
+are checked equal (they must be: tests/test_speculative.py). `--temperature T` samples
+instead (seeded, so still equal): text that does not fall into the loops greedy decoding of a
+small model does, the honest case for "open" text.
 
     python benchmarks/prompt_lookup.py --checkpoint RUN [--rounds 3] [--tokens 128] [--n 2] [--k 4]
+        [--temperature 0.8]
 """
 
 from __future__ import annotations
@@ -35,17 +38,19 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=2)
     ap.add_argument("--k", type=int, default=4)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--temperature", type=float, default=0.0)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     model, enc, _, _ = load_for_inference(args.checkpoint, "cpu", "float32")
-    greedy = SamplerSettings(temperature=0.0)
+    settings = SamplerSettings(temperature=args.temperature)
     ratios: dict[str, list[float]] = {name: [] for name in PROMPTS}
     for r in range(args.rounds):
         for name, text in PROMPTS.items():
             ids = [tok.encode(enc, text)]
-            plain, tp = generate(model, enc, ids, greedy, args.tokens, engine="native")
-            spec, ts = generate(model, enc, ids, greedy, args.tokens, engine="native",
-                                prompt_lookup=args.n, draft_k=args.k)
+            plain, tp = generate(model, enc, ids, settings, args.tokens, engine="native",
+                                 seed=r)
+            spec, ts = generate(model, enc, ids, settings, args.tokens, engine="native",
+                                prompt_lookup=args.n, draft_k=args.k, seed=r)
             assert spec[0].tokens == plain[0].tokens, "prompt lookup changed the output"
             ratio = ts.decode_tokens_per_s / tp.decode_tokens_per_s
             ratios[name].append(ratio)
