@@ -9,10 +9,13 @@ verify step plus k draft steps, so the speed-up over plain decoding is
 E * t_plain / (t_verify(k) + k * t_draft). The break-even a is where that is 1.
 
 Part 2, acceptance on a trained pair with one tokenizer (--target RUN --draft RUN): greedy
-generation on held-out text with and without the draft, interleaved per round, outputs
+generation of each prompt alone (batch 1) with and without the draft, interleaved, outputs
 checked equal, acceptance and tokens per verify step from the engine's own counters.
 
-    python benchmarks/draft_model.py [--rounds 3] [--target RUN --draft RUN] [--k 2,4]
+`--draft truncate:L` drafts with the target's own first L blocks (for a target nobody trained
+here, such as random GPT-2 weights).
+
+    python benchmarks/draft_model.py [--rounds 3] [--target RUN --draft RUN|truncate:L] [--k 2,4]
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import torch
 
 from minigpt_cli import tokenizer as tok
 from minigpt_cli.engine.runner import ModelRunner
-from minigpt_cli.generate import generate, load_draft, load_for_inference
+from minigpt_cli.generate import Timings, generate, load_draft, load_for_inference
 from minigpt_cli.model import GPT, GPTConfig
 from minigpt_cli.sampling import SamplerSettings
 
@@ -83,20 +86,40 @@ def costs(rounds: int, ks: list[int], draft_shape: tuple[int, int]) -> None:
         print(f"  {k:<3d} " + "  ".join(f"{g:5.2f}x" for g in gains) + f"  {hi:.2f}")
 
 
+def truncated(model: GPT, layers: int) -> GPT:
+    """The model's first `layers` blocks with its embeddings, final norm and head: a draft
+    that needs no training (LayerSkip-style early exit), for a model nobody trained here."""
+    cfg = GPTConfig(**{**vars(model.config), "n_layer": layers})
+    draft = GPT(cfg).eval()
+    state = {k: v for k, v in model.state_dict().items()
+             if not k.startswith("h.") or int(k.split(".")[1]) < layers}
+    draft.load_state_dict(state)
+    return draft
+
+
 def acceptance(target_run: str, draft_run: str, rounds: int, ks: list[int], tokens: int
                ) -> None:
     model, enc, _, _ = load_for_inference(target_run, "cpu", "float32")
-    draft = load_draft(draft_run, model, enc, "cpu", "float32")
+    if draft_run.startswith("truncate:"):
+        draft = truncated(model, int(draft_run.removeprefix("truncate:")))
+    else:
+        draft = load_draft(draft_run, model, enc, "cpu", "float32")
     greedy = SamplerSettings(temperature=0.0)
     ids = [tok.encode(enc, p) for p in PROMPTS]
     ratios: dict[int, list[float]] = {k: [] for k in ks}
     for r in range(rounds):
         generate(model, enc, ids[:1], greedy, 8, engine="native")  # warm-up
         for k in ks:
-            plain, tp = generate(model, enc, ids, greedy, tokens, engine="native")
-            spec, ts = generate(model, enc, ids, greedy, tokens, engine="native", draft=draft,
-                                draft_k=k)
-            assert [c.tokens for c in spec] == [c.tokens for c in plain], "output changed"
+            tp, ts = Timings(), Timings()
+            for one in ids:  # batch 1: where decoding is bound by the weights' bytes
+                plain, a = generate(model, enc, [one], greedy, tokens, engine="native")
+                spec, b = generate(model, enc, [one], greedy, tokens, engine="native",
+                                   draft=draft, draft_k=k)
+                assert spec[0].tokens == plain[0].tokens, "the draft changed the output"
+                for total, t in ((tp, a), (ts, b)):
+                    for name in ("total_s", "steps", "drafted", "accepted", "verify_steps",
+                                 "draft_steps"):
+                        setattr(total, name, getattr(total, name) + getattr(t, name))
             ratio = tp.total_s / ts.total_s
             ratios[k].append(ratio)
             print(f"round {r + 1} k={k}: plain {tp.total_s * 1e3:.0f} ms, draft "

@@ -32,39 +32,57 @@ class Drafter:
                 ) -> tuple[list[list[int]], list[torch.Tensor | None]]:
         """Up to ks[i] guesses for seqs[i], and their distributions q [k, V] (None when
         greedy: a greedy guess is the draft's argmax and is checked by equality)."""
-        new = [s for s, k in zip(seqs, ks, strict=True) if k and s.draft_missing is None]
-        for s in new:  # started now: the drafter has seen nothing of it yet
-            s.draft_missing = (s.prompt + s.tokens)[:-1]
-        if new:  # long contexts go in as one prefill each; the runner keeps the last block
-            self.runner.step([(s.slot, s.draft_missing) for s in new], [], [])
-            self.steps += 1
-            for s in new:
-                s.draft_missing = []
-        behind = [s for s, k in zip(seqs, ks, strict=True) if k and s.draft_missing]
-        while behind:  # at most one token each (the last guess of an all-accepted round)
-            self.runner.step([], [s.slot for s in behind], [s.draft_missing.pop(0) for s in behind])
-            self.steps += 1
-            behind = [s for s in behind if s.draft_missing]
         ks = list(ks)
+        live = [i for i, k in enumerate(ks) if k]
+        # A sequence new to the drafter is prefilled (its context but the last token); one
+        # it has seen gets the tokens it missed. Either way next_input goes in last, in the
+        # same call: what it missed and next_input are rows of one step.
+        new = [i for i in live if seqs[i].draft_missing is None]
+        prefills = [(seqs[i].slot, (seqs[i].prompt + seqs[i].tokens)[:-1]) for i in new]
+        todo = {i: [*(seqs[i].draft_missing or []), seqs[i].next_input] for i in live}
+        for i in live:
+            seqs[i].draft_missing = []
+        rows = self._feed(seqs, prefills, todo)
         guesses: list[list[int]] = [[] for _ in seqs]
         dists: list[list[torch.Tensor]] = [[] for _ in seqs]
-        feed = {i: s.next_input for i, s in enumerate(seqs) if ks[i]}
-        for j in range(max(ks, default=0)):
-            live = [i for i in feed if ks[i] > j]
-            _, logits = self.runner.step([], [seqs[i].slot for i in live], [feed[i] for i in live])
-            self.steps += 1
-            assert logits is not None
-            for i, row in zip(live, logits, strict=True):
+        while rows:
+            for i, row in rows.items():
                 token, q = self._sample(seqs[i], row)
                 guesses[i].append(token)
                 if q is not None:
                     dists[i].append(q)
-                feed[i] = token
-                if token == self.eot:
+                if token == self.eot:  # nothing follows end-of-text
                     ks[i] = len(guesses[i])
+            more = {i: [guesses[i][-1]] for i in rows if len(guesses[i]) < ks[i]}
+            rows = self._feed(seqs, [], more) if more else {}
         for i, s in enumerate(seqs):  # the drafter saw next_input and all guesses but the last
             s.draft_fed = [s.next_input, *guesses[i][:-1]] if guesses[i] else []
         return guesses, [torch.stack(d) if d else None for d in dists]
+
+    def _feed(self, seqs: list[Sequence], prefills: list[tuple[int, list[int]]],
+              todo: dict[int, list[int]]) -> dict[int, torch.Tensor]:
+        """Append todo[i] to seqs[i]'s drafter slot, all of a sequence's tokens as rows of
+        one step where its window has room (more steps where it has not); the logits after
+        each sequence's last token."""
+        out: dict[int, torch.Tensor] = {}
+        todo = {i: list(t) for i, t in todo.items()}
+        while todo:
+            order = list(todo)
+            _, logits = self.runner.step(prefills, [seqs[i].slot for i in order],
+                                         [todo[i][0] for i in order],
+                                         [todo[i][1:] for i in order])
+            self.steps += 1
+            prefills = []
+            assert logits is not None
+            at = 0
+            for n, i in enumerate(order):
+                fed = 1 + self.runner.drafted[n]
+                del todo[i][:fed]
+                if not todo[i]:
+                    out[i] = logits[at + fed - 1].clone()  # the C step reuses its buffer
+                    del todo[i]
+                at += fed
+        return out
 
     def _sample(self, seq: Sequence, logits: torch.Tensor) -> tuple[int, torch.Tensor | None]:
         s = seq.settings
