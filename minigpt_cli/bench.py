@@ -323,7 +323,7 @@ def run_bench(*, checkpoint: str | None, config: str | None, lengths: list[int],
 
         assert enc is not None
         rows = speculative_rows(model, enc, prompts, lengths[-1], repeats, engine,
-                                prompt_lookup, draft_model, Path(draft or "").name, draft_k)
+                                prompt_lookup, draft_model, draft or "", draft_k)
         report["speculative"] = rows
         print_speculative(console, rows)
         speculative_ok = all(r["same_as_plain"] for r in rows)

@@ -154,7 +154,7 @@ def test_bench_speculative_rows(tmp_path: Path) -> None:
     assert code == 0
     plain, _, drafted = report["speculative"]
     assert [r["mode"] for r in report["speculative"]] == ["plain", "prompt lookup 2",
-                                                          "draft draft"]
+                                                          f"draft {draft}"]
     assert all(r["same_as_plain"] for r in report["speculative"])
     target = 4 * (2 * (32 * 96 + 32 * 32 + 32 * 128 + 128 * 32) + 32 * 257)
     assert plain["steps_per_token"] == 1 and plain["acceptance"] is None
