@@ -102,6 +102,8 @@ class Timings:
     accepted: int = 0  # ... and kept (acceptance rate = accepted / drafted)
     verify_steps: int = 0  # steps that verified drafts
     draft_steps: int = 0  # forward calls of the draft model (--draft)
+    acceptance: float | None = None  # accepted / drafted (None: nothing drafted)
+    tokens_per_verify_step: float | None = None  # kept drafts + the model's own token
 
 
 @dataclass
@@ -180,6 +182,9 @@ def generate(
                       accepted=sum(s.accepted for s in seqs),
                       verify_steps=sum(s.verifies for s in seqs),
                       draft_steps=eng.drafter.steps if eng.drafter is not None else 0)
+    if timings.drafted:
+        timings.acceptance = timings.accepted / timings.drafted
+        timings.tokens_per_verify_step = 1 + timings.accepted / timings.verify_steps
     return out, timings
 
 

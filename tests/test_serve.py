@@ -312,7 +312,10 @@ def test_draft_model_through_generate_and_serve(run_dir: Path) -> None:
                           "--json"], capture_output=True, text=True, cwd=ROOT, timeout=120)
     out = json.loads(cli.stdout)
     assert out["text"] == plain[0]
-    assert out["timings"]["draft_steps"] > 0 and out["timings"]["accepted"] > 0
+    timings = out["timings"]
+    assert timings["draft_steps"] > 0 and timings["accepted"] > 0
+    assert timings["acceptance"] == timings["accepted"] / timings["drafted"]
+    assert timings["tokens_per_verify_step"] == 1 + timings["accepted"] / timings["verify_steps"]
     with serving(run_dir, "--max-batch", "4", "--draft", str(run_dir), "--draft-k", "3") as s:
         with ThreadPoolExecutor(6) as pool:
             loaded = list(pool.map(lambda a: _complete(s, *a)["choices"][0]["text"],
