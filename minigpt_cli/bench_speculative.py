@@ -38,7 +38,8 @@ class SpecRow:
 def weight_bytes(model: GPT) -> int:
     """Bytes one cached step streams: every matrix once, the tied head included; of the
     embeddings only a row each is read (negligible)."""
-    embeddings = {id(model.wte.weight), id(model.wpe.weight)}
+    embeddings = {id(model.wte.weight)} | ({id(model.wpe.weight)} if model.wpe is not None
+                                           else set())
     matrices = sum(p.numel() * p.element_size() for p in model.parameters()
                    if p.dim() == 2 and id(p) not in embeddings)
     return matrices + model.wte.weight.numel() * model.wte.weight.element_size()

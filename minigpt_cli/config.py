@@ -42,6 +42,12 @@ class ModelConfig:
     block_size: int = 128  # context length in tokens
     dropout: float = 0.1  # embedding, attention and residual dropout; only in model.train()
     bias: bool = True  # biases in Linear and LayerNorm, as GPT-2 has
+    # Architecture options (minigpt_cli/layers.py); the defaults are GPT-2's.
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+    position: Literal["learned", "rotary"] = "learned"
+    mlp: Literal["gelu", "swiglu", "relu2"] = "gelu"
+    qk_norm: bool = False  # RMSNorm on each head's queries and keys
+    rope_theta: float = 10000.0  # rotary only: the base of its wavelengths
 
 
 @dataclass
@@ -65,6 +71,9 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.99
     grad_clip: float = 1.0  # 0 turns clipping off
+    # adamw: AdamW on every weight. muon: Muon on the blocks' matrices (orthogonalised
+    # momentum), AdamW on embeddings, norms and biases; the same lr and decay serve both.
+    optimizer: Literal["adamw", "muon"] = "adamw"
     eval_interval: int = 200
     eval_steps: int = 20
     save_interval: int = 200
@@ -179,6 +188,9 @@ def validate(cfg: Config) -> None:
         (m.n_embd % max(m.n_head, 1) == 0,
          f"model.n_embd ({m.n_embd}) must be divisible by model.n_head ({m.n_head})"),
         (m.block_size >= 2, "model.block_size must be at least 2"),
+        (m.rope_theta > 0, "model.rope_theta must be > 0"),
+        (m.position != "rotary" or (m.n_embd // max(m.n_head, 1)) % 2 == 0,
+         "model.position rotary needs an even head width (n_embd / n_head)"),
         (0.0 <= m.dropout < 1.0, "model.dropout must be in [0, 1)"),
         (0.0 < d.val_fraction < 1.0, "data.val_fraction must be in (0, 1)"),
         (bool(d.source.strip()), "data.source must not be empty"),
@@ -193,6 +205,8 @@ def validate(cfg: Config) -> None:
         (t.weight_decay >= 0, "train.weight_decay must be >= 0"),
         (0 <= t.beta1 < 1 and 0 <= t.beta2 < 1, "train.beta1 and train.beta2 must be in [0, 1)"),
         (t.grad_clip >= 0, "train.grad_clip must be >= 0 (0 turns it off)"),
+        (t.optimizer != "muon" or t.parallel != "fsdp",
+         "train.optimizer muon needs whole matrices: use train.parallel ddp, not fsdp"),
         (t.eval_interval >= 1, "train.eval_interval must be at least 1"),
         (t.eval_steps >= 1, "train.eval_steps must be at least 1"),
         (t.save_interval >= 1, "train.save_interval must be at least 1"),

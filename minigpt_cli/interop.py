@@ -139,6 +139,10 @@ def export_hf(run: str | Path, out_dir: Path) -> Path:
     _check_out_dir(Path(out_dir))
     model, meta = ckpt.load_model(path)
     cfg: GPTConfig = model.config
+    if not cfg.is_gpt2:
+        raise UserError(f"{path} is not GPT-2's architecture ({cfg.norm}, {cfg.position} "
+                        f"positions, {cfg.mlp}{', qk_norm' if cfg.qk_norm else ''}): "
+                        "GPT2LMHeadModel cannot hold it")
     if not cfg.bias:
         raise UserError(f"{path} was trained with model.bias=false; GPT-2 always has biases, so "
                         "it cannot be exported to GPT2LMHeadModel")

@@ -14,6 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from minigpt_cli.layers import MLP, Linear, apply_rotary, norm, rotary_tables
+
+__all__ = ["GPT", "GPTConfig", "KVCache", "Linear", "RowsView"]
+
 
 @dataclass
 class GPTConfig:
@@ -24,10 +28,22 @@ class GPTConfig:
     n_embd: int = 128
     dropout: float = 0.0
     bias: bool = True
+    # Architecture options (layers.py); the defaults are GPT-2's.
+    norm: str = "layernorm"  # layernorm | rmsnorm
+    position: str = "learned"  # learned | rotary
+    mlp: str = "gelu"  # gelu | swiglu | relu2
+    qk_norm: bool = False  # RMSNorm on each head's queries and keys
+    rope_theta: float = 10000.0  # rotary: the longest wavelength's base
 
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
+
+    @property
+    def is_gpt2(self) -> bool:
+        """GPT-2's architecture exactly (what the fused C step and a GPT-2 export take)."""
+        return (self.norm, self.position, self.mlp, self.qk_norm) == (
+            "layernorm", "learned", "gelu", False)
 
 
 class KVCache:
@@ -108,27 +124,6 @@ class RowsView:
         return keys[self.slots, :, :self.span], values[self.slots, :, :self.span]
 
 
-class Linear(nn.Module):
-    """y = x @ W + b with W stored [in, out], GPT-2's own `Conv1D` layout.
-
-    Decoding multiplies each weight by a single vector, so it is bound by memory bandwidth; on
-    the CPU we measured, this layout streams 1.5-3x faster than nn.Linear's [out, in]
-    (benchmarks/decode_bandwidth.py, docs/benchmarks.md). It also makes GPT-2 checkpoints load
-    without transposes.
-    """
-
-    def __init__(self, n_in: int, n_out: int, bias: bool = True) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(n_in, n_out))
-        self.bias = nn.Parameter(torch.zeros(n_out)) if bias else None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, x.size(-1))
-        y = (torch.addmm(self.bias, flat, self.weight) if self.bias is not None
-             else flat @ self.weight)
-        return y.view(*x.shape[:-1], y.size(-1))
-
-
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: GPTConfig, layer: int) -> None:
         super().__init__()
@@ -138,12 +133,21 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.resid_dropout = nn.Dropout(cfg.dropout)
         self.attn_dropout = cfg.dropout
+        if cfg.qk_norm:
+            self.q_norm = nn.RMSNorm(cfg.head_dim, eps=1e-5)
+            self.k_norm = nn.RMSNorm(cfg.head_dim, eps=1e-5)
+        self.qk_norm = cfg.qk_norm
 
     def forward(self, x: torch.Tensor, cache: KVCache | RowsView | None, start_pos: int,
-                mask: torch.Tensor | None) -> torch.Tensor:
+                mask: torch.Tensor | None,
+                rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         B, T, C = x.shape
         qkv = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, heads, T, head_dim]
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:  # keys are cached rotated: their positions never change
+            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         if cache is not None:
             k, v = cache.update(self.layer, start_pos, k, v)
         # Without an explicit mask: causal when queries and keys are the same span (training,
@@ -157,29 +161,18 @@ class CausalSelfAttention(nn.Module):
         return self.resid_dropout(self.c_proj(y))
 
 
-class MLP(nn.Module):
-    def __init__(self, cfg: GPTConfig) -> None:
-        super().__init__()
-        self.c_fc = Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
-        self.c_proj = Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
-        self.dropout = nn.Dropout(cfg.dropout)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # tanh GELU is what GPT-2 was trained with; it keeps imported weights exact.
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
-
-
 class Block(nn.Module):
     def __init__(self, cfg: GPTConfig, layer: int) -> None:
         super().__init__()
-        self.ln_1 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.ln_1 = norm(cfg.norm, cfg.n_embd, cfg.bias)
         self.attn = CausalSelfAttention(cfg, layer)
-        self.ln_2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
-        self.mlp = MLP(cfg)
+        self.ln_2 = norm(cfg.norm, cfg.n_embd, cfg.bias)
+        self.mlp = MLP(cfg.mlp, cfg.n_embd, cfg.bias, cfg.dropout)
 
     def forward(self, x: torch.Tensor, cache: KVCache | RowsView | None, start_pos: int,
-                mask: torch.Tensor | None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), cache, start_pos, mask)
+                mask: torch.Tensor | None,
+                rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), cache, start_pos, mask, rope)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -203,10 +196,12 @@ class GPT(nn.Module):
         super().__init__()
         self.config = cfg
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
-        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
+        # Learned positions: a row per position. Rotary positions have no parameters.
+        self.wpe = (nn.Embedding(cfg.block_size, cfg.n_embd) if cfg.position == "learned"
+                    else None)
         self.drop = nn.Dropout(cfg.dropout)
         self.h = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
-        self.ln_f = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.ln_f = norm(cfg.norm, cfg.n_embd, cfg.bias)
         # The output head is tied to the token embedding, as in GPT-2 (see `head`).
         self.apply(self._init_weights)
         # GPT-2 scales residual projections by 1/sqrt(2 * n_layer) so depth doesn't blow up.
@@ -248,7 +243,7 @@ class GPT(nn.Module):
 
     def num_params(self, non_embedding: bool = True) -> int:
         n = sum(p.numel() for p in self.parameters())
-        return n - self.wpe.weight.numel() if non_embedding else n
+        return n - self.wpe.weight.numel() if non_embedding and self.wpe is not None else n
 
     def forward(
         self,
@@ -275,12 +270,18 @@ class GPT(nn.Module):
                              f"{self.config.block_size}")
         if pos_ids is None:
             pos_ids = torch.arange(start_pos, start_pos + T, device=idx.device)[None]
-        x = self.drop(self.wte(idx) + self.wpe(pos_ids))
+        x = self.wte(idx)
+        rope = None
+        if self.wpe is not None:
+            x = x + self.wpe(pos_ids)
+        else:
+            rope = rotary_tables(pos_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
+        x = self.drop(x)
         mask = cache.mask if isinstance(cache, RowsView) else None
         if key_valid is not None or (cache is not None and start_pos > 0 and T > 1):
             mask = attention_mask(T, start_pos, key_valid, idx.device)
         for block in self.h:
-            x = block(x, cache, start_pos, mask)
+            x = block(x, cache, start_pos, mask, rope)
         x = self.ln_f(x)
         if targets is not None:
             logits = self.head(x)

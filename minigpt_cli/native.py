@@ -122,6 +122,11 @@ def unsupported(model: GPT) -> str | None:
         return f"the native step is float32 only, the model is {dtype}"
     if model.training:
         return "the native step is for inference; the model is in training mode"
+    cfg = model.config
+    if not cfg.is_gpt2:
+        return (f"the native step runs GPT-2's architecture (layernorm, learned positions, "
+                f"gelu); this model has {cfg.norm}, {cfg.position} positions, {cfg.mlp}"
+                + (", qk_norm" if cfg.qk_norm else ""))
     lib = load_library()
     if isinstance(lib, str):
         return lib

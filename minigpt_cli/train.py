@@ -28,7 +28,7 @@ from torch import Tensor
 
 from minigpt_cli import checkpoint as ckpt
 from minigpt_cli import data as D
-from minigpt_cli import distributed, scheduled, sharding
+from minigpt_cli import distributed, optim, scheduled, sharding
 from minigpt_cli import tokenizer as tok
 from minigpt_cli.config import Config
 from minigpt_cli.device import resolve_device, resolve_dtype, synchronize
@@ -198,8 +198,7 @@ def _train(cfg: Config, resume: bool, console: Console, ranks: distributed.Ranks
     # DDP wraps the model; FSDP2 shards it in place, before the optimizer sees its parameters.
     fwd = distributed.wrap(model, ranks, t.parallel, dtype)
     sharded = sharding.is_sharded(model)
-    opt = torch.optim.AdamW(model.optimizer_groups(t.weight_decay), lr=t.lr,
-                            betas=(t.beta1, t.beta2), fused=device.type == "cuda" or None)
+    opt = optim.build(model, t, device)
     start_step = 0
     best_val = math.inf
     last = {"train_loss": math.nan, "val_loss": math.nan, "val_bpb": math.nan, "loss": math.nan}
