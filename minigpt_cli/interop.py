@@ -1,9 +1,11 @@
-"""GPT-2 weights to and from Hugging Face's layout, exactly, without transformers at run time.
+"""Weights to and from Hugging Face's layouts, exactly, without transformers at run time.
 
-minigpt names its modules as GPT-2 does (`wte`, `h.{i}.attn.c_attn`, ...) and stores linear
-weights [in, out] as GPT-2's `Conv1D` does, so the mapping is only the `transformer.` prefix.
-Only safetensors are read; pickle-based `.bin` files are refused. The tokenizer of an imported
-model is tiktoken's `gpt2`.
+GPT-2: minigpt names its modules as GPT-2 does (`wte`, `h.{i}.attn.c_attn`, ...) and stores
+linear weights [in, out] as GPT-2's `Conv1D` does, so the mapping is only the `transformer.`
+prefix. A model with rotary positions, RMSNorm and SwiGLU goes to and from LlamaForCausalLM
+(interop_llama.py). Only safetensors are read; pickle-based `.bin` files are refused. An
+imported model keeps the tokenizer minigpt's export recorded in config.json; a GPT-2 folder
+from elsewhere gets tiktoken's `gpt2`.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from minigpt_cli import checkpoint as ckpt
 from minigpt_cli import tokenizer as tok
 from minigpt_cli.config import Config, ModelConfig, TokenizerConfig
 from minigpt_cli.errors import UserError
+from minigpt_cli.interop_llama import from_llama, is_llama, llama_config, to_llama
+from minigpt_cli.interop_llama import read_config as read_llama_config
 from minigpt_cli.model import GPTConfig
 
 TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh")
@@ -31,7 +35,7 @@ def _check_out_dir(out_dir: Path) -> None:
         raise UserError(f"{out_dir} is a file, not a directory: name a new or empty folder")
 
 
-def _read_hf_config(hf_dir: Path) -> dict[str, Any]:
+def _read_hf_json(hf_dir: Path) -> dict[str, Any]:
     path = hf_dir / "config.json"
     if not hf_dir.is_dir():
         raise UserError(f"{hf_dir} is not a directory (expected a save_pretrained folder)")
@@ -41,10 +45,15 @@ def _read_hf_config(hf_dir: Path) -> dict[str, Any]:
         cfg = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise UserError(f"{path} is not valid JSON") from None
-    if not isinstance(cfg, dict) or cfg.get("model_type") != "gpt2":
+    if not isinstance(cfg, dict) or cfg.get("model_type") not in ("gpt2", "llama"):
         kind = cfg.get("model_type") if isinstance(cfg, dict) else None
-        raise UserError(f"{hf_dir} holds a '{kind}' model; only GPT-2 "
-                        "(model_type gpt2) maps onto minigpt's architecture")
+        raise UserError(f"{hf_dir} holds a '{kind}' model; GPT-2 (model_type gpt2) and Llama "
+                        "(model_type llama) map onto minigpt's architectures")
+    return cfg
+
+
+def _read_hf_config(hf_dir: Path, cfg: dict[str, Any]) -> dict[str, Any]:
+    path = hf_dir / "config.json"
     lacking = [k for k in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head")
                if not isinstance(cfg.get(k), int) or isinstance(cfg.get(k), bool) or cfg[k] < 1]
     if lacking:
@@ -99,31 +108,51 @@ def minigpt_to_hf(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {f"transformer.{name}": t for name, t in tensors.items()}
 
 
+def _hf_tokenizer(hf: dict[str, Any], hf_dir: Path) -> tuple[str, tiktoken.Encoding]:
+    """The tokenizer a folder's model was trained with: the one minigpt's export recorded
+    (its ranks file beside the weights), else GPT-2's own for a GPT-2."""
+    desc = hf.get("minigpt_tokenizer")
+    if isinstance(desc, dict) and isinstance(desc.get("kind"), str):
+        return desc["kind"], tok.load(desc, hf_dir)
+    if hf["model_type"] == "gpt2":
+        return "gpt2", tok.tiktoken_encoding("gpt2")
+    raise UserError(f"{hf_dir}: a Llama folder not written by minigpt's export-hf; its "
+                    "tokenizer (tokenizer.json) cannot be read by minigpt yet")
+
+
 def import_hf(hf_dir: Path, out_dir: Path) -> Path:
     """Write a minigpt run directory from a Hugging Face GPT-2 folder (tokenizer: gpt2)."""
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     _check_out_dir(out_dir)
     if (out_dir / ckpt.MODEL_FILE).exists() or (out_dir / ckpt.STATE_JSON).exists():
         raise UserError(f"{out_dir} already holds a run; choose an empty directory")
-    hf = _read_hf_config(hf_dir)
-    model_cfg = ModelConfig(n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"],
-                            block_size=hf["n_positions"], dropout=hf.get("resid_pdrop", 0.0),
-                            bias=True)
-    gpt_cfg = GPTConfig(vocab_size=hf["vocab_size"], **asdict(model_cfg))
+    hf = _read_hf_json(hf_dir)
     source = hf_dir / "model.safetensors"
-    model = ckpt.build_model(hf_to_minigpt(_read_hf_tensors(hf_dir)), asdict(gpt_cfg), source)
-    enc = tok.tiktoken_encoding("gpt2")
+    if hf["model_type"] == "llama":
+        fields = read_llama_config(hf, str(hf_dir / "config.json"))
+        tensors = from_llama(_read_hf_tensors(hf_dir), fields)
+        model_cfg = ModelConfig(**{k: v for k, v in fields.items() if k != "kv_heads"})
+    else:
+        hf = _read_hf_config(hf_dir, hf)
+        model_cfg = ModelConfig(n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"],
+                                block_size=hf["n_positions"],
+                                dropout=hf.get("resid_pdrop", 0.0), bias=True)
+        tensors = hf_to_minigpt(_read_hf_tensors(hf_dir))
+    gpt_cfg = GPTConfig(vocab_size=hf["vocab_size"], **asdict(model_cfg))
+    model = ckpt.build_model(tensors, asdict(gpt_cfg), source)
+    kind, enc = _hf_tokenizer(hf, hf_dir)
     if enc.n_vocab > gpt_cfg.vocab_size:
-        raise UserError(f"{hf_dir}: vocab_size {gpt_cfg.vocab_size} is smaller than the gpt2 "
-                        f"tokenizer's {enc.n_vocab}")
-    tok_desc = tok.describe(enc, "gpt2")
-    cfg = Config(out_dir=str(out_dir), tokenizer=TokenizerConfig(kind="gpt2"), model=model_cfg)
+        raise UserError(f"{hf_dir}: vocab_size {gpt_cfg.vocab_size} is smaller than the "
+                        f"{kind} tokenizer's {enc.n_vocab}")
+    tok_desc = tok.describe(enc, kind)
+    cfg = Config(out_dir=str(out_dir), tokenizer=TokenizerConfig(kind=kind), model=model_cfg)
     meta = {"model_config": asdict(gpt_cfg), "tokenizer": tok_desc, "step": 0, "val_loss": None,
             "config": cfg.to_dict(), "imported_from": str(hf_dir)}
     out_dir.mkdir(parents=True, exist_ok=True)
     ckpt.atomic_write_text(out_dir / ckpt.CONFIG_FILE, yaml.safe_dump(cfg.to_dict(),
                                                                        sort_keys=False))
     ckpt.save_model(out_dir / ckpt.MODEL_FILE, model, meta)
+    tok.copy_ranks_file(tok_desc, hf_dir, out_dir)
     # A step-0 resume point with a fresh optimizer: `minigpt train CONFIG --resume` fine-tunes.
     opt = torch.optim.AdamW(model.optimizer_groups(0.1), lr=1e-4)
     ckpt.save_train_state(out_dir, model, opt, {"step": 0, "best_val_loss": float("inf"),
@@ -139,28 +168,15 @@ def export_hf(run: str | Path, out_dir: Path) -> Path:
     _check_out_dir(Path(out_dir))
     model, meta = ckpt.load_model(path)
     cfg: GPTConfig = model.config
-    if not cfg.is_gpt2:
-        raise UserError(f"{path} is not GPT-2's architecture ({cfg.norm}, {cfg.position} "
-                        f"positions, {cfg.mlp}{', qk_norm' if cfg.qk_norm else ''}): "
-                        "GPT2LMHeadModel cannot hold it")
-    if not cfg.bias:
-        raise UserError(f"{path} was trained with model.bias=false; GPT-2 always has biases, so "
-                        "it cannot be exported to GPT2LMHeadModel")
     eot = meta["tokenizer"].get("eot_id", cfg.vocab_size - 1)
-    hf_config = {
-        "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
-        "vocab_size": cfg.vocab_size, "n_positions": cfg.block_size, "n_ctx": cfg.block_size,
-        "n_embd": cfg.n_embd,
-        "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_inner": None,
-        "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5,
-        "resid_pdrop": cfg.dropout, "embd_pdrop": cfg.dropout, "attn_pdrop": cfg.dropout,
-        "initializer_range": 0.02, "scale_attn_weights": True, "use_cache": True,
-        "bos_token_id": eot, "eos_token_id": eot, "tie_word_embeddings": True,
-        "minigpt_tokenizer": meta["tokenizer"],
-    }
+    if is_llama(cfg):
+        hf_config = {**llama_config(cfg, eot), "minigpt_tokenizer": meta["tokenizer"]}
+        tensors = to_llama(ckpt.model_tensors(model), cfg)
+    else:
+        hf_config = _gpt2_config(cfg, eot, path, meta)
+        tensors = minigpt_to_hf(ckpt.model_tensors(model))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tensors = minigpt_to_hf(ckpt.model_tensors(model))
     ckpt.atomic_write_text(out_dir / "config.json", json.dumps(hf_config, indent=2))
     from safetensors.torch import save
 
@@ -172,6 +188,29 @@ def export_hf(run: str | Path, out_dir: Path) -> Path:
         return out_dir
     write_hf_tokenizer(enc, out_dir, eot)
     return out_dir
+
+
+def _gpt2_config(cfg: GPTConfig, eot: int, path: Path, meta: dict[str, Any]) -> dict[str, Any]:
+    """config.json for GPT2LMHeadModel, or why this model is not one."""
+    if not cfg.is_gpt2:
+        raise UserError(f"{path} has neither GPT-2's architecture nor Llama's ({cfg.norm}, "
+                        f"{cfg.position} positions, {cfg.mlp}"
+                        f"{', qk_norm' if cfg.qk_norm else ''}): Hugging Face's "
+                        "GPT2LMHeadModel and LlamaForCausalLM cannot hold it")
+    if not cfg.bias:
+        raise UserError(f"{path} was trained with model.bias=false; GPT-2 always has biases, so "
+                        "it cannot be exported to GPT2LMHeadModel")
+    return {
+        "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
+        "vocab_size": cfg.vocab_size, "n_positions": cfg.block_size, "n_ctx": cfg.block_size,
+        "n_embd": cfg.n_embd,
+        "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_inner": None,
+        "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5,
+        "resid_pdrop": cfg.dropout, "embd_pdrop": cfg.dropout, "attn_pdrop": cfg.dropout,
+        "initializer_range": 0.02, "scale_attn_weights": True, "use_cache": True,
+        "bos_token_id": eot, "eos_token_id": eot, "tie_word_embeddings": True,
+        "minigpt_tokenizer": meta["tokenizer"],
+    }
 
 
 def write_hf_tokenizer(enc: tiktoken.Encoding, out_dir: Path, eot: int) -> bool:

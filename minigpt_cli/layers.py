@@ -46,9 +46,12 @@ def norm(kind: str, width: int, bias: bool) -> nn.Module:
     return nn.LayerNorm(width, bias=bias)
 
 
-def mlp_hidden(kind: str, width: int) -> int:
-    """GPT-2's 4x width; SwiGLU's three matrices get 8/3x (rounded up to a multiple of 32) so
-    the parameter count stays about the same."""
+def mlp_hidden(kind: str, width: int, hidden: int = 0) -> int:
+    """`hidden` when set (an imported model's own), else GPT-2's 4x width; SwiGLU's three
+    matrices get 8/3x (rounded up to a multiple of 32), so the parameter count stays about
+    the same."""
+    if hidden:
+        return hidden
     if kind == "swiglu":
         return -(-8 * width // 3 // 32) * 32
     return 4 * width
@@ -59,10 +62,11 @@ class MLP(nn.Module):
     weights stay exact), ReLU², or SwiGLU (c_fc makes the gate and the up projection at once:
     one matrix product, split after)."""
 
-    def __init__(self, kind: str, width: int, bias: bool, dropout: float) -> None:
+    def __init__(self, kind: str, width: int, bias: bool, dropout: float, hidden: int = 0
+                 ) -> None:
         super().__init__()
         self.kind = kind
-        hidden = mlp_hidden(kind, width)
+        hidden = mlp_hidden(kind, width, hidden)
         self.c_fc = Linear(width, 2 * hidden if kind == "swiglu" else hidden, bias=bias)
         self.c_proj = Linear(hidden, width, bias=bias)
         self.dropout = nn.Dropout(dropout)

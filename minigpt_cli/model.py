@@ -34,6 +34,7 @@ class GPTConfig:
     mlp: str = "gelu"  # gelu | swiglu | relu2
     qk_norm: bool = False  # RMSNorm on each head's queries and keys
     rope_theta: float = 10000.0  # rotary: the longest wavelength's base
+    mlp_hidden: int = 0  # the MLP's inner width; 0: the rule in layers.mlp_hidden
 
     @property
     def head_dim(self) -> int:
@@ -43,7 +44,7 @@ class GPTConfig:
     def is_gpt2(self) -> bool:
         """GPT-2's architecture exactly (what the fused C step and a GPT-2 export take)."""
         return (self.norm, self.position, self.mlp, self.qk_norm) == (
-            "layernorm", "learned", "gelu", False)
+            "layernorm", "learned", "gelu", False) and self.mlp_hidden in (0, 4 * self.n_embd)
 
 
 class KVCache:
@@ -167,7 +168,7 @@ class Block(nn.Module):
         self.ln_1 = norm(cfg.norm, cfg.n_embd, cfg.bias)
         self.attn = CausalSelfAttention(cfg, layer)
         self.ln_2 = norm(cfg.norm, cfg.n_embd, cfg.bias)
-        self.mlp = MLP(cfg.mlp, cfg.n_embd, cfg.bias, cfg.dropout)
+        self.mlp = MLP(cfg.mlp, cfg.n_embd, cfg.bias, cfg.dropout, cfg.mlp_hidden)
 
     def forward(self, x: torch.Tensor, cache: KVCache | RowsView | None, start_pos: int,
                 mask: torch.Tensor | None,

@@ -144,7 +144,7 @@ def _saved(tmp_path: Path) -> Path:
     (lambda d: (d / "model.safetensors").unlink(), "no model.safetensors"),
     (lambda d: ((d / "model.safetensors").unlink(), (d / "pytorch_model.bin").write_bytes(b"x")),
      "pickle"),
-    (lambda d: _edit_config(d, model_type="llama"), "only GPT-2"),
+    (lambda d: _edit_config(d, model_type="mistral"), "holds a .mistral. model"),
     (lambda d: _edit_config(d, activation_function="relu"), "activation_function"),
     (lambda d: _edit_config(d, n_embd=64), "shape"),
     (lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:500]),
