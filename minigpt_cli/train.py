@@ -31,7 +31,7 @@ from minigpt_cli import data as D
 from minigpt_cli import distributed, optim, scheduled, sharding
 from minigpt_cli import tokenizer as tok
 from minigpt_cli.config import Config
-from minigpt_cli.device import resolve_device, resolve_dtype, synchronize
+from minigpt_cli.device import DTYPES, resolve_device, synchronize, train_dtype
 from minigpt_cli.errors import UserError
 from minigpt_cli.model import GPT, GPTConfig
 from minigpt_cli.step import accumulate_gradients, clip_gradients, evaluate, lr_at
@@ -171,7 +171,10 @@ def _train(cfg: Config, resume: bool, console: Console, ranks: distributed.Ranks
     device = resolve_device(cfg.device)
     if device.type == "cuda" and ranks.enabled:
         device = torch.device("cuda", ranks.local_rank)
-    dtype = resolve_dtype(cfg.dtype, device)
+    dtype, dtype_why = train_dtype(cfg.dtype, device)
+    if state is not None and cfg.dtype == "auto" and state.get("dtype") in DTYPES:
+        # A resume keeps the precision its run chose: the same steps, to the bit.
+        dtype, dtype_why = DTYPES[state["dtype"]], "auto: what this run started with"
     torch.manual_seed(cfg.seed)
 
     # Data and tokenizer: a resumed run reuses its own saved tokenizer.
@@ -260,6 +263,7 @@ def _train(cfg: Config, resume: bool, console: Console, ranks: distributed.Ranks
     def save(step: int, val_loss: float | None) -> None:
         full = weights()
         info = {"step": step, "best_val_loss": best_val, "seed": cfg.seed, "val_loss": val_loss,
+                "dtype": str(dtype).removeprefix("torch."),
                 # Batches are a pure function of (seed, step): the next step is the data position.
                 "data": {"sampler": "random-windows", "next_step": step}}
         # The resume state is the commit point, so it goes first: a crash before it leaves the
@@ -294,7 +298,7 @@ def _train(cfg: Config, resume: bool, console: Console, ranks: distributed.Ranks
             yield x, y
 
     console.print(f"[bold]training[/] {model.num_params() / 1e6:.2f}M params on {device} "
-                  f"({str(dtype).removeprefix('torch.')}), vocab {enc.n_vocab}, "
+                  f"({str(dtype).removeprefix('torch.')}: {dtype_why}), vocab {enc.n_vocab}, "
                   f"{len(tokens.train):,} train / {len(tokens.val):,} val tokens")
     console.print(f"global batch {t.batch_size} x {T} tokens x {t.grad_accum_steps} "
                   f"micro-batches = {tokens_per_step:,} tokens per step"

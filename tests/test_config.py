@@ -69,3 +69,25 @@ def test_missing_and_malformed_files(tmp_path: Path) -> None:
     listy.write_text("- 1\n- 2\n")
     with pytest.raises(UserError, match="mapping"):
         load_config(listy)
+
+
+def test_auto_dtype_on_cpu_is_measured(monkeypatch: pytest.MonkeyPatch) -> None:
+    """dtype auto trains in bf16 on a CPU only when it has native bf16 *and* a bf16 product
+    measured faster; each choice says why."""
+    import torch
+
+    from minigpt_cli import device as dev
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(dev, "cpu_bf16_flags", lambda: [])
+    assert dev.train_dtype("auto", cpu) == (torch.float32, "auto: this CPU has no native bf16 "
+                                            "(no avx512_bf16 or amx_bf16)")
+    monkeypatch.setattr(dev, "cpu_bf16_flags", lambda: ["avx512_bf16"])
+    speeds = {torch.float32: 3.0, torch.bfloat16: 2.0}
+    monkeypatch.setattr(dev, "_product_seconds", lambda dtype: speeds[dtype])
+    dtype, why = dev.train_dtype("auto", cpu)
+    assert dtype == torch.bfloat16 and "1.5x" in why
+    speeds[torch.bfloat16] = 2.8
+    dtype, why = dev.train_dtype("auto", cpu)
+    assert dtype == torch.float32 and "only 1.1x" in why
+    assert dev.train_dtype("bfloat16", cpu) == (torch.bfloat16, "as configured")
