@@ -31,11 +31,12 @@ from pathlib import Path
 import torch
 
 from minigpt_cli.errors import UserError
+from minigpt_cli.layers import MLPS, mlp_hidden
 from minigpt_cli.model import GPT, KVCache
 from minigpt_cli.quantize import GROUP
 
 SOURCE = Path(__file__).with_name("native") / "decode_step.c"
-ABI_VERSION = 4
+ABI_VERSION = 5
 ENGINES = ("auto", "native", "torch")
 # -march=native is safe because the library is built on the machine that runs it (the cache
 # key includes the CPU). No -ffast-math: NaNs and infinities must behave as in PyTorch. FMA
@@ -106,7 +107,7 @@ def load_library() -> ctypes.CDLL | str:
     if lib.minigpt_abi_version() != ABI_VERSION:
         return f"{path} has an unexpected ABI version; delete it to rebuild"
     lib.minigpt_decode_step.restype = ctypes.c_int
-    lib.minigpt_decode_step.argtypes = [ctypes.c_void_p] * 14
+    lib.minigpt_decode_step.argtypes = [ctypes.c_void_p] * 15
     lib.minigpt_product.restype = ctypes.c_int
     lib.minigpt_product.argtypes = [ctypes.c_int] * 3 + [ctypes.c_void_p] * 7 + [ctypes.c_int]
     return lib
@@ -122,11 +123,6 @@ def unsupported(model: GPT) -> str | None:
         return f"the native step is float32 only, the model is {dtype}"
     if model.training:
         return "the native step is for inference; the model is in training mode"
-    cfg = model.config
-    if not cfg.is_gpt2:
-        return (f"the native step runs GPT-2's architecture (layernorm, learned positions, "
-                f"gelu); this model has {cfg.norm}, {cfg.position} positions, {cfg.mlp}"
-                + (", qk_norm" if cfg.qk_norm else ""))
     lib = load_library()
     if isinstance(lib, str):
         return lib
@@ -175,13 +171,17 @@ class NativeStep:
         self.max_rows = max_rows = lib.minigpt_max_batch()
         # Hold a reference to every tensor whose address we hand to C, so none is freed.
         head_t = model.head_copy()
-        globals_ = [model.wte.weight, model.wpe.weight, head_t, model.ln_f.weight, model.ln_f.bias]
+        wpe = model.wpe.weight if model.wpe is not None else None
+        globals_ = [model.wte.weight, wpe, head_t, model.ln_f.weight,
+                    getattr(model.ln_f, "bias", None)]  # RMSNorm has no shift
         per_layer = []
         for block in model.h:
             a, m = block.attn, block.mlp
-            per_layer += [block.ln_1.weight, block.ln_1.bias, a.c_attn.weight, a.c_attn.bias,
-                          a.c_proj.weight, a.c_proj.bias, block.ln_2.weight, block.ln_2.bias,
-                          m.c_fc.weight, m.c_fc.bias, m.c_proj.weight, m.c_proj.bias]
+            qn, kn = (a.q_norm.weight, a.k_norm.weight) if cfg.qk_norm else (None, None)
+            per_layer += [block.ln_1.weight, getattr(block.ln_1, "bias", None), a.c_attn.weight,
+                          a.c_attn.bias, a.c_proj.weight, a.c_proj.bias, block.ln_2.weight,
+                          getattr(block.ln_2, "bias", None), m.c_fc.weight, m.c_fc.bias,
+                          m.c_proj.weight, m.c_proj.bias, qn, kn]
         self._tensors = [t.detach().contiguous() if t is not None else None
                          for t in globals_ + per_layer]
         self._ptrs = (ctypes.c_void_p * len(self._tensors))(
@@ -212,12 +212,16 @@ class NativeStep:
         # PyTorch's thread count: the step shares OpenMP's thread pool with PyTorch (one
         # libgomp per process), so this never oversubscribes the cores PyTorch was given.
         self.threads = torch.get_num_threads()
-        self._dims = (ctypes.c_int64 * 8)(cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.vocab_size,
-                                           0, 0, 0, self.threads)
+        width = mlp_hidden(cfg.mlp, cfg.n_embd, cfg.mlp_hidden)
+        self._dims = (ctypes.c_int64 * 13)(
+            cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.vocab_size, 0, 0, 0, self.threads,
+            cfg.norm == "rmsnorm", cfg.position == "rotary", MLPS.index(cfg.mlp), cfg.qk_norm,
+            width)
+        self._theta = ctypes.c_float(cfg.rope_theta)
         self._rows = [(ctypes.c_int64 * max_rows)() for _ in range(4)]  # token, pos, slot, col
         self._want = (ctypes.c_uint8 * max_rows)()
         self.logits = torch.empty(max_rows, cfg.vocab_size)
-        self._scratch = torch.empty(10 * max_rows * cfg.n_embd)
+        self._scratch = torch.empty(max_rows * (6 * cfg.n_embd + 3 * width))
 
     def __call__(self, tokens: list[int], positions: list[int], slots: list[int],
                  cols: list[int], cache: KVCache, want: list[bool] | None = None
@@ -244,7 +248,8 @@ class NativeStep:
             for i, w in enumerate(want):
                 self._want[i] = bool(w)
         rc = self.lib.minigpt_decode_step(
-            self._dims, self._ptrs, self._pptrs, self._qptrs, self._sptrs, *self._rows,
+            self._dims, ctypes.byref(self._theta), self._ptrs, self._pptrs, self._qptrs,
+            self._sptrs, *self._rows,
             None if want is None else self._want,
             cache.k.data_ptr(), cache.v.data_ptr(), self.logits.data_ptr(),
             self._scratch.data_ptr())

@@ -60,6 +60,26 @@ def test_native_step_matches_torch(bias: bool) -> None:
     assert _lockstep(model, [[1, 2, 3, 4, 5]], 30) < 1e-4
 
 
+ARCHITECTURES = {
+    "llama": {"norm": "rmsnorm", "position": "rotary", "mlp": "swiglu", "bias": False},
+    "qk_norm+relu2": {"qk_norm": True, "mlp": "relu2", "position": "rotary", "rope_theta": 50.0},
+    "rmsnorm+learned": {"norm": "rmsnorm", "mlp_hidden": 72},
+}
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES.values(), ids=ARCHITECTURES.keys())
+def test_native_step_matches_torch_for_every_architecture(arch: dict) -> None:
+    """The C step computes the layers.py options too (RMSNorm, rotary positions, SwiGLU and
+    ReLU², query/key norm, any MLP width), across slides and several rows in one call."""
+    model = _model(block_size=16, **arch)
+    assert _lockstep(model, [[7], [1, 2, 3, 4, 5, 6, 7, 8, 9], [200, 100, 50]], 40) < 1e-4
+    int8 = _model(block_size=16, **arch)
+    from minigpt_cli.quantize import quantize_model
+
+    quantize_model(int8)
+    assert _lockstep(int8, [[3, 1, 4, 1, 5]], 20) < 1e-4
+
+
 def test_native_step_matches_torch_with_padding_and_overflow() -> None:
     model = _model(block_size=16)
     prompts = [[7], [1, 2, 3, 4, 5, 6, 7, 8, 9], [200, 100, 50]]

@@ -9,8 +9,10 @@
  * it streams memory in one sequential run, and with many rows (a server's running requests, a
  * prompt's tokens) each weight read feeds them all (benchmarks/batched_step.py).
  *
- * The math is exactly the model's (minigpt_cli/model.py): pre-LayerNorm blocks, tanh GELU,
- * scaled dot-product attention over the key/value cache, tied output head. Activations are
+ * The math is exactly the model's (minigpt_cli/model.py): pre-norm blocks, scaled dot-product
+ * attention over the key/value cache, tied output head; GPT-2's LayerNorm, learned positions
+ * and tanh-GELU MLP, or the options of minigpt_cli/layers.py (RMSNorm, rotary positions,
+ * SwiGLU or ReLU² MLP, RMSNorm on queries and keys) as the dims say. Activations are
  * float32; each matrix is float32 or int8 with a float scale per GROUP input rows and output
  * column (minigpt_cli/quantize.py), read as int8 and widened in registers (see qstrip).
  * The cache is minigpt's KVCache layout, [layers, slots, heads, cache_len, head_dim]; each row
@@ -31,13 +33,17 @@
 #define MAX_BATCH 64
 #define LN_EPS 1e-5f
 
-/* Per-layer weight pointers, in this order (bias and LayerNorm-shift entries may be NULL). */
+/* Per-layer weight pointers, in this order (bias, LayerNorm-shift and query/key-norm entries
+ * may be NULL). */
 enum { LN1_W, LN1_B, ATTN_W, ATTN_B, APROJ_W, APROJ_B, LN2_W, LN2_B, FC_W, FC_B, MPROJ_W,
-       MPROJ_B, PER_LAYER };
+       MPROJ_B, QN_W, KN_W, PER_LAYER };
+/* The architecture, dims[8..12]: norm (0 LayerNorm, 1 RMSNorm), rotary (0 learned positions,
+ * 1 rotary), MLP (0 GELU, 1 SwiGLU, 2 ReLU²), query/key norm (0/1), the MLP's inner width. */
+enum { MLP_GELU, MLP_SWIGLU, MLP_RELU2 };
 /* Model-level pointers come first. */
 enum { WTE, WPE, HEAD_T, LNF_W, LNF_B, GLOBALS };
 
-int minigpt_abi_version(void) { return 4; }
+int minigpt_abi_version(void) { return 5; }
 int minigpt_max_batch(void) { return MAX_BATCH; }
 
 /* e^x for float32, written so the softmax and GELU loops vectorize (libm's expf is an opaque
@@ -69,10 +75,15 @@ static inline float gelu_tanh(float v) {
     return 0.5f * v * (1.f + t);
 }
 
-/* What a matrix-vector product does with its result: store it, store GELU of it (the MLP's
- * first layer), or add it to the destination (the residual stream after a projection).
- * Fusing these into the product's last pass saves a sweep and a thread barrier each. */
-enum { STORE, STORE_GELU, ADD };
+/* x * sigmoid(x), SwiGLU's gate. */
+#pragma omp declare simd
+static inline float silu(float v) { return v / (1.f + exp_f32(-v)); }
+
+/* What a matrix-vector product does with its result: store it, store GELU or ReLU² of it
+ * (the MLP's first layer), or add it to the destination (the residual stream after a
+ * projection). Fusing these into the product's last pass saves a sweep and a thread barrier
+ * each. */
+enum { STORE, STORE_GELU, STORE_RELU2, ADD };
 
 /* Register blocking. An output strip is STRIP = CV x VL columns; for a block of RB rows the
  * strip's RB x CV accumulators live in vector registers while W's rows stream past once: each
@@ -290,6 +301,9 @@ static void finish_strip(int B, int n_out, const float *acc, float *y, int j, in
         } else if (op == STORE_GELU) {
 #pragma omp simd
             for (int c = 0; c < w; c++) out[c] = gelu_tanh(a[c]);
+        } else if (op == STORE_RELU2) {
+#pragma omp simd
+            for (int c = 0; c < w; c++) out[c] = a[c] > 0.f ? a[c] * a[c] : 0.f;
         } else {
             memcpy(out, a, (size_t)w * sizeof(float));
         }
@@ -360,15 +374,18 @@ static void matvec(int B, int n_in, int n_out, const float *x, const float *P, c
     }
 }
 
+/* LayerNorm (rms == 0) or RMSNorm (rms != 0: no centring, no shift) of B rows of width C. */
 static void layer_norm(int B, int C, const float *x, const float *g, const float *beta,
-                       float *out) {
+                       float *out, int rms) {
     for (int b = 0; b < B; b++) {
         const float *xr = x + (size_t)b * C;
         float *o = out + (size_t)b * C;
         float mean = 0.f, var = 0.f;
+        if (!rms) {
 #pragma omp simd reduction(+ : mean)
-        for (int c = 0; c < C; c++) mean += xr[c];
-        mean /= (float)C;
+            for (int c = 0; c < C; c++) mean += xr[c];
+            mean /= (float)C;
+        }
 #pragma omp simd reduction(+ : var)
         for (int c = 0; c < C; c++) var += (xr[c] - mean) * (xr[c] - mean);
         const float rstd = 1.f / sqrtf(var / (float)C + LN_EPS);
@@ -384,6 +401,39 @@ static void layer_norm(int B, int C, const float *x, const float *g, const float
  * a row's result never depends on which other rows share the step, so a sequence decodes the
  * same alone or in any batch (the engine's batched == alone guarantee). Two rows may even
  * share a slot at consecutive columns (a prompt chunk): the write pass finishes first. */
+/* Rotate each pair (i, i + D/2) of v [D] by pos * theta^(-2i/D): rotary positions, in the
+ * "rotate half" layout minigpt_cli/layers.py uses, angles in float32 as there. */
+static void rotate(float *v, int D, int64_t pos, float theta) {
+    const int half = D / 2;
+    for (int i = 0; i < half; i++) {
+        const float ang = (float)pos * powf(theta, -(float)(2 * i) / (float)D);
+        const float c = cosf(ang), s = sinf(ang), a = v[i], b = v[i + half];
+        v[i] = a * c - b * s;
+        v[i + half] = b * c + a * s;
+    }
+}
+
+/* Each row's new query and key for every head, as the model shapes them before attention:
+ * RMSNorm per head (qn, kn: NULL without query/key norm), then rotation to its position
+ * (theta 0: learned positions, no rotation). In place in qkv. */
+static void shape_qk(int B, int H, int D, const int64_t *pos, float *qkv, const float *qn,
+                     const float *kn, float theta) {
+    const int C = H * D;
+#pragma omp for schedule(static)
+    for (int bh = 0; bh < B * H; bh++) {
+        const int b = bh / H, h = bh % H;
+        float *q = qkv + (size_t)b * 3 * C + (size_t)h * D, *k = q + C;
+        if (qn) {
+            layer_norm(1, D, q, qn, NULL, q, 1);
+            layer_norm(1, D, k, kn, NULL, k, 1);
+        }
+        if (theta > 0.f) {
+            rotate(q, D, pos[b], theta);
+            rotate(k, D, pos[b], theta);
+        }
+    }
+}
+
 static void attention(int B, int H, int D, int S, const int64_t *slot, const int64_t *col,
                       const float *qkv, float *kc, float *vc, float *out) {
     const int C = H * D;
@@ -430,7 +480,9 @@ static void attention(int B, int H, int D, int S, const int64_t *slot, const int
     }
 }
 
-/* dims: n_layer, n_head, n_embd, vocab, rows, cache_len, n_slots, threads.
+/* dims: n_layer, n_head, n_embd, vocab, rows, cache_len, n_slots, threads, then the
+ * architecture (norm, rotary, mlp, qk_norm, mlp width: see the enum above); theta: the rotary
+ * base (read only when rotary).
  * w: weight pointers (GLOBALS, then PER_LAYER per layer); pw: the same list with each matrix
  * (HEAD_T and the four per-layer products) packed by strips, see matvec; qw, qs: NULL, or the
  * same list with an int8 matrix's packed strips and scales where pw has NULL.
@@ -438,23 +490,29 @@ static void attention(int B, int H, int D, int S, const int64_t *slot, const int
  * its key and value at column col[b] of cache slot slot[b]; kc, vc: the cache,
  * [layers, n_slots, heads, cache_len, head_dim]; want: [rows], nonzero where a row's logits are
  * needed, or NULL for all; logits: [rows wanted, vocab], in row order;
- * scratch: 10 * rows * n_embd floats. Returns 0, or -1 on bad arguments. */
-int minigpt_decode_step(const int64_t *dims, const float *const *w, const float *const *pw,
-                        const int8_t *const *qw, const float *const *qs, const int64_t *tokens,
-                        const int64_t *pos, const int64_t *slot, const int64_t *col,
-                        const uint8_t *want, float *kc, float *vc, float *logits,
-                        float *scratch) {
+ * scratch: rows * (6 * n_embd + 3 * mlp width) floats. Returns 0, or -1 on bad arguments. */
+int minigpt_decode_step(const int64_t *dims, const float *theta, const float *const *w,
+                        const float *const *pw, const int8_t *const *qw,
+                        const float *const *qs, const int64_t *tokens, const int64_t *pos,
+                        const int64_t *slot, const int64_t *col, const uint8_t *want, float *kc,
+                        float *vc, float *logits, float *scratch) {
     const int L = (int)dims[0], H = (int)dims[1], C = (int)dims[2], V = (int)dims[3];
     const int B = (int)dims[4], S = (int)dims[5], NS = (int)dims[6], nt = (int)dims[7];
-    if (B < 1 || B > MAX_BATCH || C % H || nt < 1) return -1;
+    const int rms = (int)dims[8], rotary = (int)dims[9], mlp = (int)dims[10];
+    const int qk_norm = (int)dims[11], F = (int)dims[12];
+    if (B < 1 || B > MAX_BATCH || C % H || nt < 1 || F < 1 || mlp < 0 || mlp > MLP_RELU2 ||
+        (rotary && ((C / H) % 2 || !(*theta > 0.f))))
+        return -1;
     for (int b = 0; b < B; b++)
         if (slot[b] < 0 || slot[b] >= NS || col[b] < 0 || col[b] >= S) return -1;
     const int D = C / H;
+    const float rope = rotary ? *theta : 0.f;
     static const int8_t *const NONE8[PER_LAYER] = {0};
     static const float *const NONE32[PER_LAYER] = {0};
     int nw = 0; /* rows whose logits are wanted; shared by the threads below */
     float *x = scratch, *h = x + B * C, *att = h + B * C, *qkv = att + B * C;
-    float *f = qkv + 3 * B * C; /* 4 * B * C */
+    float *f = qkv + 3 * B * C; /* the MLP's first product: B * F, or B * 2F for SwiGLU */
+    float *g = f + 2 * (size_t)B * F; /* SwiGLU's gated product, B * F */
 
     /* One parallel region for the whole step: every `omp for` below shares out its loop and
      * ends in a barrier, and `single` does the small serial parts. Forking threads once per
@@ -464,10 +522,11 @@ int minigpt_decode_step(const int64_t *dims, const float *const *w, const float 
 #pragma omp single
         for (int b = 0; b < B; b++) {
             const float *te = w[WTE] + (size_t)tokens[b] * C;
-            const float *pe = w[WPE] + (size_t)pos[b] * C;
-            for (int c = 0; c < C; c++) x[b * C + c] = te[c] + pe[c];
+            const float *pe = rotary ? NULL : w[WPE] + (size_t)pos[b] * C;
+            for (int c = 0; c < C; c++) x[b * C + c] = pe ? te[c] + pe[c] : te[c];
             if (L > 0)
-                layer_norm(1, C, x + b * C, w[GLOBALS + LN1_W], w[GLOBALS + LN1_B], h + b * C);
+                layer_norm(1, C, x + b * C, w[GLOBALS + LN1_W], w[GLOBALS + LN1_B], h + b * C,
+                           rms);
         }
         for (int l = 0; l < L; l++) {
             const float *const *p = w + GLOBALS + (size_t)l * PER_LAYER;
@@ -478,23 +537,37 @@ int minigpt_decode_step(const int64_t *dims, const float *const *w, const float 
             const size_t layer_off = (size_t)l * NS * H * S * D;
             matvec(B, C, 3 * C, h, q[ATTN_W], q8[ATTN_W], sc[ATTN_W], p[ATTN_W], p[ATTN_B], qkv,
                    STORE);
+            if (qk_norm || rotary)
+                shape_qk(B, H, D, pos, qkv, qk_norm ? p[QN_W] : NULL, p[KN_W], rope);
             attention(B, H, D, S, slot, col, qkv, kc + layer_off, vc + layer_off, att);
             matvec(B, C, C, att, q[APROJ_W], q8[APROJ_W], sc[APROJ_W], p[APROJ_W], p[APROJ_B], x,
                    ADD);
 #pragma omp single
-            layer_norm(B, C, x, p[LN2_W], p[LN2_B], h);
-            matvec(B, C, 4 * C, h, q[FC_W], q8[FC_W], sc[FC_W], p[FC_W], p[FC_B], f, STORE_GELU);
-            matvec(B, 4 * C, C, f, q[MPROJ_W], q8[MPROJ_W], sc[MPROJ_W], p[MPROJ_W], p[MPROJ_B], x,
+            layer_norm(B, C, x, p[LN2_W], p[LN2_B], h, rms);
+            if (mlp == MLP_SWIGLU) { /* gate and up in one product, then silu(gate) * up */
+                matvec(B, C, 2 * F, h, q[FC_W], q8[FC_W], sc[FC_W], p[FC_W], p[FC_B], f, STORE);
+#pragma omp for schedule(static)
+                for (int b = 0; b < B; b++) {
+                    const float *gate = f + (size_t)b * 2 * F, *up = gate + F;
+                    float *o = g + (size_t)b * F;
+#pragma omp simd
+                    for (int j = 0; j < F; j++) o[j] = silu(gate[j]) * up[j];
+                }
+            } else {
+                matvec(B, C, F, h, q[FC_W], q8[FC_W], sc[FC_W], p[FC_W], p[FC_B], g,
+                       mlp == MLP_RELU2 ? STORE_RELU2 : STORE_GELU);
+            }
+            matvec(B, F, C, g, q[MPROJ_W], q8[MPROJ_W], sc[MPROJ_W], p[MPROJ_W], p[MPROJ_B], x,
                    ADD);
-            /* The next layer's first LayerNorm, or the final one. */
-            const float *g = l + 1 < L ? p[PER_LAYER + LN1_W] : w[LNF_W];
+            /* The next layer's first norm, or the final one. */
+            const float *gain = l + 1 < L ? p[PER_LAYER + LN1_W] : w[LNF_W];
             const float *beta = l + 1 < L ? p[PER_LAYER + LN1_B] : w[LNF_B];
 #pragma omp single
-            layer_norm(B, C, x, g, beta, h);
+            layer_norm(B, C, x, gain, beta, h, rms);
         }
         if (L == 0) {
 #pragma omp single
-            layer_norm(B, C, x, w[LNF_W], w[LNF_B], h);
+            layer_norm(B, C, x, w[LNF_W], w[LNF_B], h, rms);
         }
         /* Logits only for the rows that want them (a prompt's last token, every decode row):
          * the head is a third of a small model's weights, and a prompt's earlier rows only
