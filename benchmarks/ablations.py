@@ -73,12 +73,14 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     base = load_config(args.base)
-    vocab = base.tokenizer.vocab_size if base.tokenizer.kind == "bpe" else 50257
     rows = []
     for name in args.variants.split(","):
         sets = [*args.set, *VARIANTS[name]] + ([f"data.source={args.source}"] if args.source
                                                else [])
-        per_step = step_seconds(load_config(args.base, sets), vocab)
+        variant = load_config(args.base, sets)
+        vocab = {"bpe": variant.tokenizer.vocab_size, "byte": 257}.get(variant.tokenizer.kind,
+                                                                      50257)
+        per_step = step_seconds(variant, vocab)
         steps = max(10, int(args.budget / per_step))
         warmup = max(1, steps * base.train.warmup_steps // base.train.max_steps)
         out = Path(args.out) / name
