@@ -51,6 +51,10 @@ def test_set_overrides_are_typed() -> None:
     ({}, ["tokenizer.kind=wordpiece"], "tokenizer.kind"),
     ({}, ["nonsense"], "--set expects key.sub=value"),
     ({"model": 3}, [], "model: expected a mapping"),
+    ({}, ["model.norm=batchnorm"], "model.norm"),
+    ({}, ["model.position=rotary", "model.n_embd=36", "model.n_head=4"], "even head width"),
+    ({}, ["model.mlp_hidden=-1"], "model.mlp_hidden"),
+    ({}, ["train.optimizer=muon", "train.parallel=fsdp"], "use train.parallel ddp"),
 ])
 def test_bad_values_name_the_key(raw: dict, overrides: list, fragment: str) -> None:
     with pytest.raises(UserError, match=None) as e:

@@ -161,14 +161,24 @@ def test_clipping_bounds_the_global_norm() -> None:
         assert torch.equal(g, c)
 
 
+LLAMA = {"norm": "rmsnorm", "position": "rotary", "mlp": "swiglu", "bias": False}
+
+
 @pytest.mark.parametrize("accum_clip", [
     {}, {"grad_accum_steps": 3, "grad_clip": 0.05},
-    {"grad_accum_steps": 2, "scheduled_sampling": {"max_prob": 0.5, "ramp_steps": 8}}],
-    ids=["plain", "accumulation-and-clipping", "scheduled-sampling"])
+    {"grad_accum_steps": 2, "scheduled_sampling": {"max_prob": 0.5, "ramp_steps": 8}},
+    {"optimizer": "muon"}],
+    ids=["plain", "accumulation-and-clipping", "scheduled-sampling", "llama-muon"])
 def test_ctrl_c_then_resume_equals_uninterrupted(tmp_path: Path, corpus_file: Path,
                                                  data_dir: Path, monkeypatch,
                                                  accum_clip: dict) -> None:
-    straight = config_from_dict(tiny_raw(corpus_file, tmp_path / "a", **accum_clip))
+    def raw(out: Path) -> dict:  # Muon runs on the Llama architecture, the recipe's pair
+        r = tiny_raw(corpus_file, out, **accum_clip)
+        if accum_clip.get("optimizer") == "muon":
+            r["model"].update(LLAMA)
+        return r
+
+    straight = config_from_dict(raw(tmp_path / "a"))
     train(straight)
     if "grad_clip" in accum_clip:  # the clip was active: every logged norm is above it
         norms = [json.loads(x).get("grad_norm") for x in
@@ -190,10 +200,10 @@ def test_ctrl_c_then_resume_equals_uninterrupted(tmp_path: Path, corpus_file: Pa
 
     monkeypatch.setattr(train_module.D, "train_batch", batch_then_interrupt)
     with pytest.raises(Interrupted, match="step 11"):
-        train(config_from_dict(tiny_raw(corpus_file, tmp_path / "b", **accum_clip)))
+        train(config_from_dict(raw(tmp_path / "b")))
     monkeypatch.setattr(train_module.D, "train_batch", real_batch)
     assert ckpt.read_state_json(tmp_path / "b")["step"] == 11
-    train(config_from_dict(tiny_raw(corpus_file, tmp_path / "b", **accum_clip)), resume=True)
+    train(config_from_dict(raw(tmp_path / "b")), resume=True)
     a, b = _final_weights(tmp_path / "a"), _final_weights(tmp_path / "b")
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
