@@ -147,9 +147,6 @@ def run_generate(
                 out.print(Rule(f"sample {i + 1}" if prompts_file is None else f"prompt {i + 1}"))
             _show_prompt(out, c.prompt if prompts_file else texts[i])
             out.print(Text(c.text, style="bold" if out.is_terminal else ""))
-    # The text's last newline may still sit in stdout's buffer (a pipe is block-buffered):
-    # flushed first, so a shell showing both streams shows the stats on a line of their own.
-    sys.stdout.flush()
     err.print(f"[dim]{_stats_line(timings, completions)}[/]")
 
 

@@ -62,6 +62,19 @@ def test_generate_streams_text(trained: Path) -> None:
     assert "tok/s" in err  # the stats line, on stderr
 
 
+def test_stats_line_starts_on_its_own_line(trained: Path) -> None:
+    """Both streams into one pipe, as a shell shows them: the text ends with a newline before
+    the stats line. (#10's `...for all the60 tokens` was a display that shows stdout without
+    its last newline and then stderr; in a shell the line break is there.)"""
+    p = subprocess.run([sys.executable, "-m", "minigpt_cli", "generate", "--prompt", "ROMEO:",
+                        "--max-new-tokens", "20", "--seed", "1"], cwd=trained,
+                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=120,
+                       env={**os.environ, "MINIGPT_DATA_DIR": str(trained / "data")})
+    assert p.returncode == 0, p.stdout
+    stats = [ln for ln in p.stdout.splitlines() if "tok/s" in ln]
+    assert len(stats) == 1 and stats[0].startswith("20 tokens · finish"), p.stdout
+
+
 def test_generate_json_greedy_cache_matches_no_cache(trained: Path) -> None:
     outs = []
     for flags in (["--cache"], ["--no-cache"], ["--engine", "torch"]):
