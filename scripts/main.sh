@@ -3,7 +3,7 @@
 # Run it again and it resumes (or, if finished, goes straight to the sample).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
+bash scripts/setup.sh run
 .venv/bin/minigpt prepare shakespeare
 if [ -f runs/tiny/train_state.json ]; then
   .venv/bin/minigpt train configs/tiny.yaml --resume
