@@ -3,8 +3,9 @@
 Each variant is a base config plus `--set` overrides. Its step time is measured first (the
 same model, optimizer and clipping `minigpt train` runs, on random tokens of the config's
 shape, 2 threads), and its step count is set so that the steps take `--budget` seconds; the
-schedule (warmup, cosine) scales with it. Then `minigpt train` runs it for real and the final
-val bits/byte and the real wall time are reported. Variants run one after another, never
+schedule (warmup, cosine) scales with it. Then `minigpt train` runs it for real, and `minigpt
+eval` scores the whole validation split (the same text for every variant, whatever its batch
+size); that figure and the real wall time are reported. Variants run one after another, never
 side by side: two at once would share the two cores.
 
     python benchmarks/ablations.py --budget 200 [--base configs/tiny.yaml] [--source FILE]
@@ -95,8 +96,7 @@ def main() -> None:
         if done.returncode != 0:
             print(f"{name}: failed\n{done.stderr[-2000:]}")
             continue
-        evals = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-        bpb = [r["val_bpb"] for r in evals if "val_bpb" in r][-1]
+        bpb = whole_val_bpb(out, variant.model.block_size)
         rows.append((name, per_step, steps, wall, bpb))
         print(f"{name:12s} {per_step * 1e3:6.0f} ms/step  {steps:5d} steps  {wall:6.1f} s  "
               f"val {bpb:.4f} bpb", flush=True)
@@ -106,6 +106,19 @@ def main() -> None:
     for name, per_step, steps, wall, bpb in rows:
         delta = f"{bpb - ref:+.4f}" if ref is not None else ""
         print(f"| {name} | {per_step * 1e3:.0f} | {steps} | {wall:.0f} | {bpb:.4f} | {delta} |")
+
+
+def whole_val_bpb(run: Path, context: int) -> float:
+    """`minigpt eval` on the run's whole validation split, windows side by side (stride = the
+    context, as training's evaluation scores them): the same text for every variant, whatever
+    batch size its training evaluated with."""
+    report = run / "eval.json"
+    done = subprocess.run([sys.executable, "-m", "minigpt_cli", "eval", "--checkpoint", str(run),
+                           "--stride", str(context), "--json", str(report)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"eval of {run} failed: {done.stderr[-500:]}")
+    return json.loads(report.read_text())["bits_per_byte"]
 
 
 if __name__ == "__main__":
