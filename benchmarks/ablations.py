@@ -8,8 +8,8 @@ eval` scores the whole validation split (the same text for every variant, whatev
 size); that figure and the real wall time are reported. Variants run one after another, never
 side by side: two at once would share the two cores.
 
-    python benchmarks/ablations.py --budget 200 [--base configs/tiny.yaml] [--source FILE]
-        [--variants baseline,muon,...] [--out /tmp/ablations]
+    python benchmarks/ablations.py --budget 120 [--base configs/tiny-gpt2.yaml] [--source FILE]
+        [--variants baseline,llama,...] [--set key=value ...] [--out /tmp/ablations]
 """
 
 from __future__ import annotations
@@ -39,6 +39,10 @@ VARIANTS: dict[str, list[str]] = {
     "muon": ["train.optimizer=muon"],
     "llama": LLAMA,
     "llama+muon": [*LLAMA, "train.optimizer=muon"],
+    "llama+muon+lr": [*LLAMA, "train.optimizer=muon", "train.lr=1e-2", "train.min_lr=1e-3"],
+    # tiny.yaml's recipe: all of the above, at batch 8
+    "recipe": [*LLAMA, "train.optimizer=muon", "train.lr=1e-2", "train.min_lr=1e-3",
+               "train.batch_size=8"],
 }
 
 
@@ -65,7 +69,7 @@ def step_seconds(cfg: Config, vocab: int, steps: int = 8) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--budget", type=float, default=200.0, help="seconds of training steps")
-    ap.add_argument("--base", default="configs/tiny.yaml")
+    ap.add_argument("--base", default="configs/tiny-gpt2.yaml")
     ap.add_argument("--source", help="data.source for every variant (default: the base's)")
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--set", action="append", default=[], help="extra override, every variant")
