@@ -208,3 +208,23 @@ def test_draft_model_under_load_equals_alone() -> None:
     loaded = Engine(target, enc, 4, draft=draft).run(seqs())
     assert [s.tokens for s in loaded] == alone
     assert sum(s.drafted for s in loaded) > 0
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_drafter_guesses_are_the_draft_models_own_greedy_text(engine: str) -> None:
+    """The drafter's k greedy guesses for a context are what the draft model alone generates
+    greedily from that context, also when the context overflows the draft's window (its
+    prefill keeps the last block, then every guess slides it)."""
+    from minigpt_cli.engine import Sequence
+    from minigpt_cli.engine.draft import Drafter
+
+    enc = tok.byte_encoding()
+    draft = _model(16, seed=12, n_layer=1, n_embd=16)
+    greedy = SamplerSettings(temperature=0.0)
+    for context in (tok.encode(enc, "abc"), tok.encode(enc, "the cat sat on the mat. the cat")):
+        alone, _ = generate(draft, enc, [context], greedy, 6, engine=engine)
+        drafter = Drafter(draft, 2, enc.eot_token, engine)
+        seq = Sequence(prompt=context[:-1], settings=greedy, max_tokens=50)
+        seq.slot, seq.tokens, seq.next_input = 1, context[-1:], context[-1]
+        guesses, dists = drafter.propose([seq], [6])
+        assert guesses == [alone[0].tokens] and dists == [None]

@@ -34,15 +34,22 @@ class Drafter:
         greedy: a greedy guess is the draft's argmax and is checked by equality)."""
         ks = list(ks)
         live = [i for i, k in enumerate(ks) if k]
-        # A sequence new to the drafter is prefilled (its context but the last token); one
-        # it has seen gets the tokens it missed. Either way next_input goes in last, in the
-        # same call: what it missed and next_input are rows of one step.
+        # A sequence new to the drafter is prefilled with its whole context (next_input is
+        # its last token); one it has seen gets the tokens it missed and next_input, as rows
+        # of one step. (Not both for one slot in one call: a full window would slide
+        # mid-call, and its rows would overwrite cache columns other rows of it read.)
         new = [i for i in live if seqs[i].draft_missing is None]
-        prefills = [(seqs[i].slot, (seqs[i].prompt + seqs[i].tokens)[:-1]) for i in new]
-        todo = {i: [*(seqs[i].draft_missing or []), seqs[i].next_input] for i in live}
+        rows: dict[int, torch.Tensor] = {}
+        if new:
+            firsts, _ = self.runner.step(
+                [(seqs[i].slot, seqs[i].prompt + seqs[i].tokens) for i in new], [], [])
+            self.steps += 1
+            rows = {i: row.clone() for i, row in zip(new, firsts, strict=True)}
+        todo = {i: [*(seqs[i].draft_missing or []), seqs[i].next_input] for i in live
+                if i not in rows}
         for i in live:
             seqs[i].draft_missing = []
-        rows = self._feed(seqs, prefills, todo)
+        rows.update(self._feed(seqs, todo))
         guesses: list[list[int]] = [[] for _ in seqs]
         dists: list[list[torch.Tensor]] = [[] for _ in seqs]
         while rows:
@@ -54,13 +61,13 @@ class Drafter:
                 if token == self.eot:  # nothing follows end-of-text
                     ks[i] = len(guesses[i])
             more = {i: [guesses[i][-1]] for i in rows if len(guesses[i]) < ks[i]}
-            rows = self._feed(seqs, [], more) if more else {}
+            rows = self._feed(seqs, more) if more else {}
         for i, s in enumerate(seqs):  # the drafter saw next_input and all guesses but the last
             s.draft_fed = [s.next_input, *guesses[i][:-1]] if guesses[i] else []
         return guesses, [torch.stack(d) if d else None for d in dists]
 
-    def _feed(self, seqs: list[Sequence], prefills: list[tuple[int, list[int]]],
-              todo: dict[int, list[int]]) -> dict[int, torch.Tensor]:
+    def _feed(self, seqs: list[Sequence], todo: dict[int, list[int]]
+              ) -> dict[int, torch.Tensor]:
         """Append todo[i] to seqs[i]'s drafter slot, all of a sequence's tokens as rows of
         one step where its window has room (more steps where it has not); the logits after
         each sequence's last token."""
@@ -68,11 +75,10 @@ class Drafter:
         todo = {i: list(t) for i, t in todo.items()}
         while todo:
             order = list(todo)
-            _, logits = self.runner.step(prefills, [seqs[i].slot for i in order],
+            _, logits = self.runner.step([], [seqs[i].slot for i in order],
                                          [todo[i][0] for i in order],
                                          [todo[i][1:] for i in order])
             self.steps += 1
-            prefills = []
             assert logits is not None
             at = 0
             for n, i in enumerate(order):
