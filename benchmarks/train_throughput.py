@@ -12,7 +12,9 @@ and configs/tiny.yaml's (context 256, vocabulary 2,048, batch 16), dropout 0 as 
 
     python benchmarks/train_throughput.py [--steps 20] [--rounds 3] [--shape nanogpt|tiny|both]
 
-`--dropout-cost` prices dropout 0.1 on tiny.yaml's step instead (minigpt only).
+`--dropout-cost` prices dropout 0.1 on tiny.yaml's step instead (minigpt only); `--compile`
+sets minigpt's eager step against the same step under torch.compile (what `compile: true`
+does), the first, compiling call timed apart.
 """
 
 from __future__ import annotations
@@ -30,14 +32,16 @@ SHAPES = {"nanogpt": {"vocab": 65, "block": 64, "batch": 12},
           "tiny": {"vocab": 2048, "block": 256, "batch": 16}}
 
 
-def minigpt_step(vocab: int, block: int, dropout: float = 0.0) -> Callable:
+def minigpt_step(vocab: int, block: int, dropout: float = 0.0, compiled: bool = False
+                 ) -> Callable:
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=vocab, block_size=block, n_layer=4, n_head=4, n_embd=128,
                           dropout=dropout)).train()
     opt = torch.optim.AdamW(model.optimizer_groups(0.1), lr=1e-3, betas=(0.9, 0.99))
+    forward = torch.compile(model) if compiled else model  # what `compile: true` does
 
     def step(x: torch.Tensor, y: torch.Tensor) -> None:
-        _, loss = model(x, y)
+        _, loss = forward(x, y)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -87,14 +91,38 @@ def interleaved(steps: dict[str, Callable], shape: dict, n: int) -> dict[str, fl
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def _batch(shape: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    x = torch.randint(0, shape["vocab"], (shape["batch"], shape["block"] + 1))
+    return x[:, :-1], x[:, 1:]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--shape", choices=["nanogpt", "tiny", "both"], default="both")
     ap.add_argument("--dropout-cost", action="store_true")
+    ap.add_argument("--compile", action="store_true",
+                    help="minigpt eager against minigpt under torch.compile instead")
     args = ap.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    if args.compile:
+        for name in (["nanogpt", "tiny"] if args.shape == "both" else [args.shape]):
+            s = SHAPES[name]
+            gains = []
+            for r in range(args.rounds):
+                steps = {c: minigpt_step(s["vocab"], s["block"], compiled=c)
+                         for c in (False, True)}
+                start = time.perf_counter()
+                steps[True](*_batch(s))  # compiling happens here, timed apart
+                first = time.perf_counter() - start
+                ms = interleaved(steps, s, args.steps)
+                gains.append(ms[False] / ms[True])
+                print(f"{name} round {r + 1}: eager {ms[False] * 1e3:.1f} ms, compiled "
+                      f"{ms[True] * 1e3:.1f} ms ({gains[-1]:.2f}×; first call {first:.0f} s)")
+            print(f"{name}: compiled is {statistics.median(gains):.2f}× eager "
+                  f"[{min(gains):.2f}–{max(gains):.2f}]")
+        return
     if args.dropout_cost:
         s = SHAPES["tiny"]
         ms = interleaved({p: minigpt_step(s["vocab"], s["block"], p) for p in (0.0, 0.1)},
