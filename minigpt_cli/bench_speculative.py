@@ -74,12 +74,9 @@ def speculative_rows(model: GPT, enc: tiktoken.Encoding, prompts: torch.Tensor, 
         speed = statistics.median(
             sum(len(c.tokens) for c in cs) / t.total_s for cs, t in runs[name])
         per_token = (target_bytes * timings.steps + draft_bytes * timings.draft_steps) / tokens
-        verified = timings.drafted > 0
         out.append(asdict(SpecRow(
             mode=name, tokens_per_s=speed, steps_per_token=timings.steps / tokens,
-            acceptance=timings.accepted / timings.drafted if verified else None,
-            tokens_per_verify=(1 + timings.accepted / timings.verify_steps) if verified
-            else None,
+            acceptance=timings.acceptance, tokens_per_verify=timings.tokens_per_verify_step,
             draft_steps_per_token=timings.draft_steps / tokens,
             weight_bytes_per_token=per_token, gb_per_s=per_token * speed / 1e9,
             same_as_plain=[c.tokens for c in completions] == plain_tokens)))

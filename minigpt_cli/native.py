@@ -221,7 +221,7 @@ class NativeStep:
         self._rows = [(ctypes.c_int64 * max_rows)() for _ in range(4)]  # token, pos, slot, col
         self._want = (ctypes.c_uint8 * max_rows)()
         self.logits = torch.empty(max_rows, cfg.vocab_size)
-        self._scratch = torch.empty(max_rows * (6 * cfg.n_embd + 3 * width))
+        self._scratch = torch.empty(max_rows * (7 * cfg.n_embd + 3 * width))
 
     def __call__(self, tokens: list[int], positions: list[int], slots: list[int],
                  cols: list[int], cache: KVCache, want: list[bool] | None = None

@@ -95,6 +95,16 @@ def min_p_filter(logits: torch.Tensor, min_p: float) -> torch.Tensor:
     return logits.masked_fill(probs < threshold, float("-inf"))
 
 
+def recent(context: list[int], s: SamplerSettings, device: torch.device, ahead: int = 0
+           ) -> torch.Tensor | None:
+    """The repetition penalty's history [1, repeat_last_n]: the context's last tokens but the
+    `ahead` at its very end (drafts not yet checked); None when the penalty is off."""
+    if s.repetition_penalty == 1 or s.repeat_last_n <= 0:
+        return None
+    end = len(context) - ahead
+    return torch.tensor([context[max(0, end - s.repeat_last_n):end]], device=device)
+
+
 def process(logits: torch.Tensor, s: SamplerSettings, history: torch.Tensor | None = None
             ) -> torch.Tensor:
     """Every filter in the documented order; returns logits with dropped tokens at -inf."""

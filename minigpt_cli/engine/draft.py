@@ -17,7 +17,7 @@ import torch
 from minigpt_cli.engine.runner import ModelRunner
 from minigpt_cli.engine.sequence import Sequence
 from minigpt_cli.model import GPT
-from minigpt_cli.sampling import choose, process
+from minigpt_cli.sampling import choose, process, recent
 
 
 class Drafter:
@@ -92,10 +92,7 @@ class Drafter:
 
     def _sample(self, seq: Sequence, logits: torch.Tensor) -> tuple[int, torch.Tensor | None]:
         s = seq.settings
-        history = None
-        if s.repetition_penalty != 1 and s.repeat_last_n > 0:
-            history = torch.tensor([self.runner.windows[seq.slot][-s.repeat_last_n:]],
-                                   device=logits.device)
+        history = recent(self.runner.windows[seq.slot], s, logits.device)
         processed = process(logits[None].float(), s, history)
         token = int(choose(processed, s, seq.generator)[0])
         return token, None if s.greedy else torch.softmax(processed[0], dim=-1)

@@ -26,7 +26,7 @@ from minigpt_cli.engine.scheduler import Scheduler
 from minigpt_cli.engine.sequence import Sequence, TokenEvent
 from minigpt_cli.engine.text import TextStream
 from minigpt_cli.model import GPT
-from minigpt_cli.sampling import accept_or_resample, choose, process
+from minigpt_cli.sampling import accept_or_resample, choose, process, recent
 
 log = logging.getLogger("minigpt.engine")
 
@@ -171,19 +171,17 @@ class Engine:
         if draft:  # counted before the tokens go out: the last one reports the totals
             seq.drafted += len(draft)
             seq.verifies += 1
-        fed = seq.next_input
-        taken: list[int] = []
+        fed, kept = seq.next_input, 0  # kept: drafts the target took as its own choice
         for j in range(len(draft) + 1):
             guess = draft[j] if j < len(draft) else None
             proposal = (guess, q[j]) if q is not None and guess is not None else None
             token = self._advance(seq, rows[j], positions if j == 0 else 1,
                                   ahead=len(draft) - j, guess=guess, proposal=proposal)
-            taken.append(token)
             if seq.finished or token != guess:
                 break
+            kept += 1
         if seq.finished:
             return
-        kept = len(taken) - 1  # drafts the target kept; the last token taken is its own
         if draft:
             self.runner.truncate(seq.slot, len(draft) - kept)
         if self.drafter is not None and seq.draft_missing is not None:
@@ -201,12 +199,8 @@ class Engine:
         if seq.finished:  # ended from another thread during this step (server shutdown)
             return None
         s = seq.settings
-        history = None
-        if s.repetition_penalty != 1 and s.repeat_last_n > 0:
-            window = self.runner.windows[seq.slot]
-            history = torch.tensor([window[:len(window) - ahead][-s.repeat_last_n:]],
-                                   device=logits.device)
         row = logits[None].float()
+        history = recent(self.runner.windows[seq.slot], s, logits.device, ahead)
         processed = process(row, s, history)
         if proposal is not None and not s.greedy:
             token = accept_or_resample(torch.softmax(processed[0], dim=-1), proposal[1],

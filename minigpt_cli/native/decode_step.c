@@ -401,23 +401,32 @@ static void layer_norm(int B, int C, const float *x, const float *g, const float
  * a row's result never depends on which other rows share the step, so a sequence decodes the
  * same alone or in any batch (the engine's batched == alone guarantee). Two rows may even
  * share a slot at consecutive columns (a prompt chunk): the write pass finishes first. */
-/* Rotate each pair (i, i + D/2) of v [D] by pos * theta^(-2i/D): rotary positions, in the
- * "rotate half" layout minigpt_cli/layers.py uses, angles in float32 as there. */
-static void rotate(float *v, int D, int64_t pos, float theta) {
+/* cos and sin of pos * theta^(-2i/D), i < D/2, for one row: its rotary angles, in float32
+ * as minigpt_cli/layers.py computes them. Made once per step, used by every head and layer. */
+static void rotary_row(int D, int64_t pos, float theta, float *c, float *s) {
+    for (int i = 0; i < D / 2; i++) {
+        const float ang = (float)pos * powf(theta, -(float)(2 * i) / (float)D);
+        c[i] = cosf(ang);
+        s[i] = sinf(ang);
+    }
+}
+
+/* Rotate each pair (i, i + D/2) of v [D] by its angle: the "rotate half" layout layers.py
+ * uses. */
+static void rotate(float *v, int D, const float *c, const float *s) {
     const int half = D / 2;
     for (int i = 0; i < half; i++) {
-        const float ang = (float)pos * powf(theta, -(float)(2 * i) / (float)D);
-        const float c = cosf(ang), s = sinf(ang), a = v[i], b = v[i + half];
-        v[i] = a * c - b * s;
-        v[i + half] = b * c + a * s;
+        const float a = v[i], b = v[i + half];
+        v[i] = a * c[i] - b * s[i];
+        v[i + half] = b * c[i] + a * s[i];
     }
 }
 
 /* Each row's new query and key for every head, as the model shapes them before attention:
  * RMSNorm per head (qn, kn: NULL without query/key norm), then rotation to its position
- * (theta 0: learned positions, no rotation). In place in qkv. */
-static void shape_qk(int B, int H, int D, const int64_t *pos, float *qkv, const float *qn,
-                     const float *kn, float theta) {
+ * (rc, rs: the rows' rotary tables, B x D/2 each; NULL for learned positions). In place. */
+static void shape_qk(int B, int H, int D, float *qkv, const float *qn, const float *kn,
+                     const float *rc, const float *rs) {
     const int C = H * D;
 #pragma omp for schedule(static)
     for (int bh = 0; bh < B * H; bh++) {
@@ -427,9 +436,10 @@ static void shape_qk(int B, int H, int D, const int64_t *pos, float *qkv, const 
             layer_norm(1, D, q, qn, NULL, q, 1);
             layer_norm(1, D, k, kn, NULL, k, 1);
         }
-        if (theta > 0.f) {
-            rotate(q, D, pos[b], theta);
-            rotate(k, D, pos[b], theta);
+        if (rc) {
+            const size_t at = (size_t)b * (D / 2);
+            rotate(q, D, rc + at, rs + at);
+            rotate(k, D, rc + at, rs + at);
         }
     }
 }
@@ -490,7 +500,7 @@ static void attention(int B, int H, int D, int S, const int64_t *slot, const int
  * its key and value at column col[b] of cache slot slot[b]; kc, vc: the cache,
  * [layers, n_slots, heads, cache_len, head_dim]; want: [rows], nonzero where a row's logits are
  * needed, or NULL for all; logits: [rows wanted, vocab], in row order;
- * scratch: rows * (6 * n_embd + 3 * mlp width) floats. Returns 0, or -1 on bad arguments. */
+ * scratch: rows * (7 * n_embd + 3 * mlp width) floats. Returns 0, or -1 on bad arguments. */
 int minigpt_decode_step(const int64_t *dims, const float *theta, const float *const *w,
                         const float *const *pw, const int8_t *const *qw,
                         const float *const *qs, const int64_t *tokens, const int64_t *pos,
@@ -513,6 +523,7 @@ int minigpt_decode_step(const int64_t *dims, const float *theta, const float *co
     float *x = scratch, *h = x + B * C, *att = h + B * C, *qkv = att + B * C;
     float *f = qkv + 3 * B * C; /* the MLP's first product: B * F, or B * 2F for SwiGLU */
     float *g = f + 2 * (size_t)B * F; /* SwiGLU's gated product, B * F */
+    float *rc = rotary ? g + (size_t)B * F : NULL, *rs = rc ? rc + (size_t)B * (D / 2) : NULL;
 
     /* One parallel region for the whole step: every `omp for` below shares out its loop and
      * ends in a barrier, and `single` does the small serial parts. Forking threads once per
@@ -524,6 +535,10 @@ int minigpt_decode_step(const int64_t *dims, const float *theta, const float *co
             const float *te = w[WTE] + (size_t)tokens[b] * C;
             const float *pe = rotary ? NULL : w[WPE] + (size_t)pos[b] * C;
             for (int c = 0; c < C; c++) x[b * C + c] = pe ? te[c] + pe[c] : te[c];
+            if (rc) {
+                const size_t at = (size_t)b * (D / 2);
+                rotary_row(D, pos[b], rope, rc + at, rs + at);
+            }
             if (L > 0)
                 layer_norm(1, C, x + b * C, w[GLOBALS + LN1_W], w[GLOBALS + LN1_B], h + b * C,
                            rms);
@@ -538,7 +553,7 @@ int minigpt_decode_step(const int64_t *dims, const float *theta, const float *co
             matvec(B, C, 3 * C, h, q[ATTN_W], q8[ATTN_W], sc[ATTN_W], p[ATTN_W], p[ATTN_B], qkv,
                    STORE);
             if (qk_norm || rotary)
-                shape_qk(B, H, D, pos, qkv, qk_norm ? p[QN_W] : NULL, p[KN_W], rope);
+                shape_qk(B, H, D, qkv, qk_norm ? p[QN_W] : NULL, p[KN_W], rc, rs);
             attention(B, H, D, S, slot, col, qkv, kc + layer_off, vc + layer_off, att);
             matvec(B, C, C, att, q[APROJ_W], q8[APROJ_W], sc[APROJ_W], p[APROJ_W], p[APROJ_B], x,
                    ADD);
