@@ -104,13 +104,27 @@ def load_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise UserError(f"checkpoint {path} is corrupt or truncated ({str(e).splitlines()[0]}); "
                         "use another checkpoint or retrain") from None
+    return tensors, _decode_meta(raw_meta)
+
+
+def _decode_meta(raw_meta: dict[str, str]) -> dict[str, Any]:
     meta: dict[str, Any] = {}
     for k, v in raw_meta.items():
         try:
             meta[k] = json.loads(v)
         except json.JSONDecodeError:
             meta[k] = v
-    return tensors, meta
+    return meta
+
+
+def read_meta(path: Path) -> dict[str, Any]:
+    """A safetensors file's JSON metadata alone, without reading its tensors; {} when the
+    file is missing or unreadable (callers fall back to what they knew before)."""
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return _decode_meta(f.metadata() or {})
+    except (SafetensorError, OSError, ValueError, RuntimeError):
+        return {}
 
 
 def rng_state() -> dict[str, Any]:

@@ -4,8 +4,9 @@ GPT-2: minigpt names its modules as GPT-2 does (`wte`, `h.{i}.attn.c_attn`, ...)
 linear weights [in, out] as GPT-2's `Conv1D` does, so the mapping is only the `transformer.`
 prefix. A model with rotary positions, RMSNorm and SwiGLU goes to and from LlamaForCausalLM
 (interop_llama.py). Only safetensors are read; pickle-based `.bin` files are refused. An
-imported model keeps the tokenizer minigpt's export recorded in config.json; a GPT-2 folder
-from elsewhere gets tiktoken's `gpt2`.
+imported model keeps the tokenizer minigpt's export recorded in config.json; a folder from
+elsewhere brings its byte-level BPE tokenizer.json (hf_tokenizer.py), and a GPT-2 folder
+without one gets tiktoken's `gpt2`.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 import yaml
 
 from minigpt_cli import checkpoint as ckpt
+from minigpt_cli import hf_tokenizer
 from minigpt_cli import tokenizer as tok
 from minigpt_cli.config import Config, ModelConfig, TokenizerConfig
 from minigpt_cli.errors import UserError
@@ -110,14 +112,17 @@ def minigpt_to_hf(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def _hf_tokenizer(hf: dict[str, Any], hf_dir: Path) -> tuple[str, tiktoken.Encoding]:
     """The tokenizer a folder's model was trained with: the one minigpt's export recorded
-    (its ranks file beside the weights), else GPT-2's own for a GPT-2."""
+    (its ranks file beside the weights), else the folder's byte-level BPE `tokenizer.json`
+    (hf_tokenizer.py), else GPT-2's own for a GPT-2."""
     desc = hf.get("minigpt_tokenizer")
     if isinstance(desc, dict) and isinstance(desc.get("kind"), str):
         return desc["kind"], tok.load(desc, hf_dir)
+    if (hf_dir / "tokenizer.json").is_file():
+        return "bpe", hf_tokenizer.read(hf_dir / "tokenizer.json")
     if hf["model_type"] == "gpt2":
         return "gpt2", tok.tiktoken_encoding("gpt2")
-    raise UserError(f"{hf_dir}: a Llama folder not written by minigpt's export-hf; its "
-                    "tokenizer (tokenizer.json) cannot be read by minigpt yet")
+    raise UserError(f"{hf_dir}: a Llama folder with no tokenizer.json and no tokenizer "
+                    "recorded by minigpt's export-hf")
 
 
 def import_hf(hf_dir: Path, out_dir: Path) -> Path:
@@ -152,7 +157,8 @@ def import_hf(hf_dir: Path, out_dir: Path) -> Path:
     ckpt.atomic_write_text(out_dir / ckpt.CONFIG_FILE, yaml.safe_dump(cfg.to_dict(),
                                                                        sort_keys=False))
     ckpt.save_model(out_dir / ckpt.MODEL_FILE, model, meta)
-    tok.copy_ranks_file(tok_desc, hf_dir, out_dir)
+    if kind == "bpe":  # minigpt's own ranks file, or the one made from tokenizer.json
+        tok.save_ranks(enc, out_dir / tok.TOKENIZER_FILE)
     # A step-0 resume point with a fresh optimizer: `minigpt train CONFIG --resume` fine-tunes.
     opt = torch.optim.AdamW(model.optimizer_groups(0.1), lr=1e-4)
     ckpt.save_train_state(out_dir, model, opt, {"step": 0, "best_val_loss": float("inf"),

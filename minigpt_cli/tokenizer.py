@@ -120,9 +120,15 @@ def _load_ranks(path: Path) -> dict[bytes, int]:
     return ranks
 
 
-def load_bpe_file(path: Path, pattern: str = SPLIT_PATTERN) -> tiktoken.Encoding:
-    """A trained BPE from its ranks file; <|endoftext|> takes the id after the last merge."""
-    return _encoding("bpe", _load_ranks(path), pattern)
+def load_bpe_file(path: Path, pattern: str = SPLIT_PATTERN,
+                  special_tokens: dict[str, int] | None = None) -> tiktoken.Encoding:
+    """A BPE from its ranks file. minigpt's own put <|endoftext|> after the last merge; one
+    imported from a tokenizer.json keeps its special tokens' ids (`special_tokens`)."""
+    ranks = _load_ranks(path)
+    if special_tokens is None:
+        return _encoding("bpe", ranks, pattern)
+    return tiktoken.Encoding(name="bpe", pat_str=pattern, mergeable_ranks=ranks,
+                             special_tokens=special_tokens)
 
 
 def build(kind: str, texts: Iterable[str] | None = None, vocab_size: int = 4096
@@ -143,7 +149,9 @@ def load(desc: dict[str, Any], run_dir: Path) -> tiktoken.Encoding:
     """Rebuild the encoding a checkpoint was trained with, from its description."""
     kind = desc.get("kind")
     if kind == "bpe":
-        enc = load_bpe_file(run_dir / desc.get("file", TOKENIZER_FILE), desc["pattern"])
+        specials = desc.get("special_tokens")
+        enc = load_bpe_file(run_dir / desc.get("file", TOKENIZER_FILE), desc["pattern"],
+                            specials if isinstance(specials, dict) else None)
     elif kind in ("byte", *TIKTOKEN_KINDS):
         enc = build(kind)
     else:
