@@ -23,7 +23,9 @@ from minigpt_cli.interop import import_hf
 from minigpt_cli.sampling import SamplerSettings
 from minigpt_cli.train import train
 
-WORDS = ["the", "quick", "brown", "fox", "don't", "it's", "we'll", "2024", "3.14159", "x=1+2", "café", "naïve", "日本語", "🙂", "\t", "tabs", "", "double", "", "spaces\n\nnew", "lines", "def", "f(x):\n", "", "", "", "return", "x**2", "#", "ok"]
+WORDS = ["the", "quick", "brown", "fox", "don't", "it's", "we'll", "2024", "3.14159", "x=1+2",
+         "café", "naïve", "日本語", "🙂", "tabs\tdouble", "", "spaces\n\nnew", "lines", "def",
+         "f(x):\n", "", "", "", "return", "x**2", "#", "ok"]
 GPT4_SPLIT = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"""
               r"""| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""")
 PRE_TOKENIZERS = {
