@@ -188,6 +188,10 @@ def serve(
     max_prefill_tokens: Annotated[int, typer.Option(help="Prompt tokens started per engine "
                                                          "step; a burst is spread over steps "
                                                          "(0 = no limit).")] = 16,
+    prefill_first: Annotated[bool, typer.Option(help="A step that starts prompts runs them "
+                                                     "alone (sooner first tokens); else they "
+                                                     "share the step with decoding rows.")
+                             ] = False,
     engine: Annotated[str, typer.Option(help=ENGINE_HELP)] = "auto",
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | mps")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto | float32 | bfloat16 | float16")] = "auto",
@@ -208,6 +212,7 @@ def serve(
                            engine=engine, max_body_bytes=max_body_bytes, max_tokens=max_tokens,
                            model_name=model_name,
                            max_prefill_tokens=max_prefill_tokens or None,
+                           prefill_first=prefill_first,
                            prompt_lookup=prompt_lookup, draft_k=draft_k, draft=draft)
     run_serve(checkpoint=checkpoint, host=host, port=port, options=options, device=device,
               dtype=dtype, quantize=quantize)

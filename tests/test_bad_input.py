@@ -180,6 +180,7 @@ ANY_VALUE = {
     ("generate", "--cache"): "a flag",
     ("generate", "--stream"): "a flag",
     ("generate", "--trace"): "a flag",
+    ("serve", "--prefill-first"): "a flag",
 }
 
 

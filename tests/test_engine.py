@@ -205,3 +205,30 @@ def test_a_budget_does_not_change_results(model: GPT, enc) -> None:
         return [q.tokens for q in seqs]
 
     assert run(4) == run(None)
+
+
+def test_prefill_first_runs_prompts_alone_with_the_same_results(model: GPT, enc) -> None:
+    """With prefill_first, a step that starts prompts carries no decoding rows; the tokens
+    are the same as mixed steps give (each row's result never depends on its step-mates)."""
+    sizes = [12, 3, 20, 7]
+
+    def run(first: bool) -> tuple[list[list[int]], list[tuple[int, int]]]:
+        seqs = [Sequence(prompt=tok.encode(enc, p), settings=GREEDY, max_tokens=n)
+                for p, n in zip(PROMPTS * 2, sizes, strict=False)]
+        engine = Engine(model, enc, 2, prefill_budget=8, prefill_first=first)
+        steps, inner = [], engine.runner.step
+
+        def spy(prompts, slots, inputs, drafts=None):
+            steps.append((len(prompts), len(slots)))
+            return inner(prompts, slots, inputs, drafts)
+
+        engine.runner.step = spy  # type: ignore[method-assign]
+        engine.run(seqs)
+        return [q.tokens for q in seqs], steps
+
+    mixed, mixed_steps = run(False)
+    alone, alone_steps = run(True)
+    assert alone == mixed and all(len(t) == n for t, n in zip(alone, sizes, strict=True))
+    assert any(p and d for p, d in mixed_steps)  # mixed steps happen without the policy
+    assert all(not (p and d) for p, d in alone_steps)
+    assert sum(p for p, _ in alone_steps) == len(sizes)

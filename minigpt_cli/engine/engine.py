@@ -34,7 +34,7 @@ log = logging.getLogger("minigpt.engine")
 class Engine:
     def __init__(self, model: GPT, enc: tiktoken.Encoding, n_slots: int, *,
                  use_cache: bool = True, engine: str = "auto", max_queue: int | None = None,
-                 prefill_budget: int | None = None,
+                 prefill_budget: int | None = None, prefill_first: bool = False,
                  on_step: Callable[[int], None] | None = None,
                  draft: GPT | None = None) -> None:
         self.model = model
@@ -45,6 +45,9 @@ class Engine:
         self.scheduler = Scheduler(n_slots, max_queue)
         self.on_step = on_step  # called with the number of sequences each step decoded
         self.prefill_budget = prefill_budget  # prompt tokens admitted per step (None: all)
+        # A step that starts prompts runs them alone, the decoding rows one step later: their
+        # first tokens come sooner, the others' next one a prefill later (docs §6).
+        self.prefill_first = prefill_first
         self.steps = 0
         self._lock = threading.Lock()  # guards the scheduler's queues against other threads
         self._wake = threading.Condition(self._lock)
@@ -88,7 +91,8 @@ class Engine:
                 self._finish(seq, "cancelled")
             admitted = self.scheduler.admit(self.prefill_budget)
             decoding = [s for s in self.scheduler.running.values()
-                        if s not in admitted and s.next_input is not None]
+                        if s not in admitted and s.next_input is not None
+                        and not (self.prefill_first and admitted)]
         for seq in cancelled:
             self._notify_end(seq)
         scored = [s for s in admitted if s.echo_logprobs]  # echo + logprobs: score the prompt

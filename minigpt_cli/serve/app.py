@@ -39,6 +39,7 @@ class ServeOptions:
     max_tokens: int = 4096
     model_name: str | None = None
     max_prefill_tokens: int | None = 16  # prompt tokens started per engine step
+    prefill_first: bool = False  # a step that starts prompts runs them alone
     prompt_lookup: int = 0  # speculative decoding by prompt lookup for every request (0: off)
     draft_k: int = 4
     draft: str | None = None  # a draft run for speculative decoding (the loader loads it)
@@ -101,6 +102,7 @@ def create_app(loader: Loader, options: ServeOptions,
                 engine = Engine(model, enc, options.max_batch, engine=options.engine,  # type: ignore[arg-type]
                                 max_queue=options.max_queue,
                                 prefill_budget=options.max_prefill_tokens,
+                                prefill_first=options.prefill_first,
                                 draft=draft)  # type: ignore[arg-type]
                 w = Worker(engine)
                 w.start()
