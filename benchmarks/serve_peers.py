@@ -50,11 +50,12 @@ def servers(args: argparse.Namespace) -> dict[str, tuple[list[str], str, str | N
     """name -> (command with {port}, readiness path, model name to send)."""
     py = sys.executable
     n = str(args.streams)
+    mine = [py, "-m", "minigpt_cli", "serve", "--checkpoint", args.run, "--port", "{port}"]
     out = {
-        f"minigpt --max-batch {n}": ([py, "-m", "minigpt_cli", "serve", "--checkpoint", args.run,
-                                     "--port", "{port}", "--max-batch", n], "/health", None),
-        "minigpt --max-batch 1": ([py, "-m", "minigpt_cli", "serve", "--checkpoint", args.run,
-                                   "--port", "{port}", "--max-batch", "1"], "/health", None),
+        f"minigpt --max-batch {n}": ([*mine, "--max-batch", n], "/health", None),
+        f"minigpt --max-batch {n} --prefill-first": ([*mine, "--max-batch", n,
+                                                      "--prefill-first"], "/health", None),
+        "minigpt --max-batch 1": ([*mine, "--max-batch", "1"], "/health", None),
     }
     if args.llama_server:
         out[f"llama-server -np {n}"] = (

@@ -26,6 +26,9 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 #if defined(__AVX2__) || defined(__AVX512F__)
 #include <immintrin.h>
 #endif
@@ -100,6 +103,21 @@ enum { STORE, STORE_GELU, STORE_RELU2, ADD };
 #endif
 #define CV 2
 #define STRIP (VL * CV)
+#ifndef PF_MODE
+#define PF_MODE 0
+#endif
+#ifndef PF_LOC
+#define PF_LOC 3
+#endif
+/* Fetch ahead two lines of the range at pf: line (i * m) >> 16 at iteration i (m = 0: none). */
+#define PF_LINES(pf, i, m)                                                                       \
+    do {                                                                                       \
+        if (m) {                                                                               \
+            const float *l_ = (pf) + (size_t)(((unsigned)(i) * (m)) >> 16) * STRIP;            \
+            __builtin_prefetch(l_, 0, PF_LOC);                                                 \
+            __builtin_prefetch(l_ + STRIP, 0, PF_LOC);                                         \
+        }                                                                                      \
+    } while (0)
 typedef float vf __attribute__((vector_size(VL * sizeof(float))));
 
 static inline vf vload(const float *p) {
@@ -116,13 +134,14 @@ static inline vf vload(const float *p) {
  * batched == alone guarantee. */
 #define DEFINE_STRIP(RB)                                                                        \
     static void strip_##RB(int n_in, const float *x, const float *P, const float *bias,       \
-                           float *out) {                                                      \
+                           float *out, const float *pf, unsigned pf_m) {                      \
         vf a[RB][CV];                                                                         \
         for (int c = 0; c < CV; c++) {                                                        \
             const vf b0 = bias ? vload(bias + c * VL) : (vf){0};                              \
             for (int r = 0; r < RB; r++) a[r][c] = b0;                                        \
         }                                                                                     \
         for (int i = 0; i < n_in; i++, P += STRIP) {                                          \
+            PF_LINES(pf, i, pf_m);                                                            \
             const vf w0 = vload(P), w1 = vload(P + VL);                                       \
             for (int r = 0; r < RB; r++) {                                                    \
                 const float xr = x[(size_t)r * n_in + i];                                     \
@@ -251,7 +270,8 @@ static const qstrip_fn QSTRIPS[MAX_RB + 1] = {
 #endif
 };
 
-typedef void (*strip_fn)(int, const float *, const float *, const float *, float *);
+typedef void (*strip_fn)(int, const float *, const float *, const float *, float *,
+                         const float *, unsigned);
 static const strip_fn STRIPS[MAX_RB + 1] = {
     NULL, strip_1, strip_2, strip_3, strip_4, strip_5, strip_6,
 #if MAX_RB > 6
@@ -267,13 +287,15 @@ int minigpt_group(void) { return GROUP; }
  * two strips it has four (two rows: eight). Same operations per weight as DEFINE_STRIP. */
 #define DEFINE_WIDE(RB)                                                                         \
     static void wide_##RB(int n_in, const float *x, const float *P0, const float *P1,         \
-                          const float *bias, float *out0, float *out1) {                      \
+                          const float *bias, float *out0, float *out1, const float *pf,       \
+                          unsigned pf_m) {                                                    \
         vf a[RB][4];                                                                          \
         for (int c = 0; c < 4; c++) {                                                         \
             const vf b0 = bias ? vload(bias + c * VL) : (vf){0};                              \
             for (int r = 0; r < RB; r++) a[r][c] = b0;                                        \
         }                                                                                     \
         for (int i = 0; i < n_in; i++, P0 += STRIP, P1 += STRIP) {                            \
+            PF_LINES(pf, i, pf_m);                                                            \
             const vf w0 = vload(P0), w1 = vload(P0 + VL), w2 = vload(P1), w3 = vload(P1 + VL); \
             for (int r = 0; r < RB; r++) {                                                    \
                 const float xr = x[(size_t)r * n_in + i];                                     \
@@ -310,22 +332,36 @@ static void finish_strip(int B, int n_out, const float *acc, float *y, int j, in
     }
 }
 
+/* This thread's share [lo, hi) of n units: contiguous, as `schedule(static)` gives, but known
+ * to the thread, so it can fetch ahead the unit it does next and none that it does not. */
+static void share(int n, int *lo, int *hi) {
+    *lo = 0, *hi = n;
+#ifdef _OPENMP
+    const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+    const int per = n / nt, extra = n % nt;
+    *lo = t * per + (t < extra ? t : extra);
+    *hi = *lo + per + (t < extra);
+#endif
+}
+
 /* y[b, :] (op)= x[b, :] @ W + bias for b < B. W is [n_in, n_out] row-major; P holds its whole
  * strips packed strip-major, [n_out / STRIP][n_in][STRIP] (native.py packs it once), so each
  * strip's weights are one contiguous run. An int8 matrix passes its strips as Q (the same
  * layout, one byte a weight) and their scales as S ([n_out / STRIP][groups][STRIP]) instead
- * of P; its W then holds the dequantized values, read only for the tail columns. Runs inside the step's parallel region: `omp for`
- * hands each thread pairs of neighbouring strips, and each pair is done for every row (blocks
- * of MAX_RB rows per strip; one or two leftover rows across both strips) while its weights are
- * in cache, so W streams from memory once per step however many rows there are. The last few
- * columns (n_out % STRIP) are read from W one at a time. */
+ * of P; its W then holds the dequantized values, read only for the tail columns. Runs inside
+ * the step's parallel region: each thread takes a contiguous share of the pairs of
+ * neighbouring strips, and each pair is done for every row (blocks of MAX_RB rows per strip;
+ * one or two leftover rows across both strips) while its weights are in cache, so W streams
+ * from memory once per step however many rows there are. The last few columns
+ * (n_out % STRIP) are read from W one at a time. */
 static void matvec(int B, int n_in, int n_out, const float *x, const float *P, const int8_t *Q,
                    const float *S, const float *W, const float *bias, float *y, int op) {
     const int groups = (n_in + GROUP - 1) / GROUP;
     const int full = n_out / STRIP, tail = n_out - full * STRIP;
     const int pairs = (full + 1) / 2;
-#pragma omp for schedule(static)
-    for (int u = 0; u < pairs + (tail > 0); u++) {
+    int lo, hi;
+    share(pairs + (tail > 0), &lo, &hi);
+    for (int u = lo; u < hi; u++) {
         float acc[2][MAX_BATCH * STRIP];
         if (u == pairs) { /* the tail */
             const int j = full * STRIP;
@@ -340,6 +376,18 @@ static void matvec(int B, int n_in, int n_out, const float *x, const float *P, c
             continue;
         }
         const int s0 = 2 * u, ns = s0 + 1 < full ? 2 : 1;
+        /* The pair this thread does next (static schedule: its iterations are consecutive),
+         * 2 * n_in lines in one run, is fetched while this one is computed, spread evenly
+         * over this pair's passes so memory streams during every one of them. */
+        const int nx = u + 1 < hi && s0 + 2 + 1 < full ? s0 + 2 : s0;
+        const int blocks = (B - (ns == 2 && B % MAX_RB > 0 && B % MAX_RB <= 2 ? B % MAX_RB : 0)
+                            + MAX_RB - 1) / MAX_RB;
+        const int wide_pass = ns == 2 && B % MAX_RB > 0 && B % MAX_RB <= 2;
+        const int passes = ns * blocks + wide_pass;
+        const unsigned pf_m = !Q && (PF_MODE == 5 || (PF_MODE == 6 && blocks > 0))
+                                  ? (unsigned)((2u << 16) / (unsigned)passes) : 0u;
+        const float *next = P ? P + (size_t)nx * n_in * STRIP : NULL;
+        int pass = 0;
         const int rest = B % MAX_RB, wide = ns == 2 && rest > 0 && rest <= 2 ? rest : 0;
         for (int k = 0; k < ns; k++) {
             const int j = (s0 + k) * STRIP;
@@ -353,7 +401,8 @@ static void matvec(int B, int n_in, int n_out, const float *x, const float *P, c
                                 S + (size_t)(s0 + k) * groups * STRIP, bs, acc[k] + b * STRIP);
                 else
                     STRIPS[rb](n_in, x + (size_t)b * n_in, P + (size_t)(s0 + k) * n_in * STRIP,
-                               bs, acc[k] + b * STRIP);
+                               bs, acc[k] + b * STRIP,
+                               next + (size_t)(pass++ * 2 * n_in / passes) * STRIP, pf_m);
             }
         }
         if (wide && Q) {
@@ -368,10 +417,13 @@ static void matvec(int B, int n_in, int n_out, const float *x, const float *P, c
             const float *p0 = P + (size_t)s0 * n_in * STRIP, *p1 = p0 + (size_t)n_in * STRIP;
             (wide == 1 ? wide_1 : wide_2)(n_in, x + (size_t)b * n_in, p0, p1,
                                           bias ? bias + j : NULL, acc[0] + b * STRIP,
-                                          acc[1] + b * STRIP);
+                                          acc[1] + b * STRIP,
+                                          next + (size_t)(pass * 2 * n_in / passes) * STRIP,
+                                          pf_m);
         }
         for (int k = 0; k < ns; k++) finish_strip(B, n_out, acc[k], y, (s0 + k) * STRIP, STRIP, op);
     }
+#pragma omp barrier
 }
 
 /* LayerNorm (rms == 0) or RMSNorm (rms != 0: no centring, no shift) of B rows of width C. */
