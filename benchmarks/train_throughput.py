@@ -14,7 +14,9 @@ and configs/tiny.yaml's (context 256, vocabulary 2,048, batch 16), dropout 0 as 
 
 `--dropout-cost` prices dropout 0.1 on tiny.yaml's step instead (minigpt only); `--compile`
 sets minigpt's eager step against the same step under torch.compile (what `compile: true`
-does), the first, compiling call timed apart.
+does), the first, compiling call timed apart. `--profile` splits minigpt's eager step by
+operator kind (torch.profiler, self CPU time): what torch.compile can fuse on a CPU (the
+elementwise rest) against what it hands to the same kernels (products, attention).
 """
 
 from __future__ import annotations
@@ -91,6 +93,42 @@ def interleaved(steps: dict[str, Callable], shape: dict, n: int) -> dict[str, fl
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+KINDS = (("products", ("mm", "addmm", "bmm", "linear", "matmul", "mkldnn")),
+         ("attention", ("scaled_dot_product", "flash_attention")),
+         ("optimizer", ("adam", "_foreach", "vector_norm", "optimizer")))
+
+
+def profile(shape: dict, steps: int) -> None:
+    """Self CPU time of minigpt's eager step by operator kind, over `steps` steps."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    step = minigpt_step(shape["vocab"], shape["block"])
+    for _ in range(5):
+        step(*_batch(shape))
+    batches = [_batch(shape) for _ in range(steps)]
+    start = time.perf_counter()
+    for x, y in batches:
+        step(x, y)
+    wall = (time.perf_counter() - start) / steps  # without the profiler's own cost
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        for x, y in batches:
+            step(x, y)
+    totals: dict[str, float] = {}
+    for event in prof.key_averages():
+        name = event.key.lower()
+        kind = next((k for k, keys in KINDS if any(w in name for w in keys)), "elementwise")
+        totals[kind] = totals.get(kind, 0.0) + event.self_cpu_time_total / 1e6 / steps
+    print(f"  {wall * 1e3:.1f} ms a step; inside operators, per step (self CPU time):")
+    for kind, t in sorted(totals.items(), key=lambda kv: -kv[1]):
+        print(f"  {kind:12s} {t * 1e3:7.2f} ms  {t / wall:6.1%} of the step")
+    print(f"  between operators (Python, dispatch) {wall - sum(totals.values()):+.4f} s")
+    # torch.compile fuses elementwise work and drops dispatch; products and attention run the
+    # same CPU kernels, and the optimizer step is not compiled at all.
+    floor = sum(t for k, t in totals.items() if k != "elementwise")
+    print(f"  compiling can make this step at most {wall / floor:.2f}x faster")
+
+
 def _batch(shape: dict) -> tuple[torch.Tensor, torch.Tensor]:
     x = torch.randint(0, shape["vocab"], (shape["batch"], shape["block"] + 1))
     return x[:, :-1], x[:, 1:]
@@ -104,8 +142,15 @@ def main() -> None:
     ap.add_argument("--dropout-cost", action="store_true")
     ap.add_argument("--compile", action="store_true",
                     help="minigpt eager against minigpt under torch.compile instead")
+    ap.add_argument("--profile", action="store_true",
+                    help="minigpt's eager step split by operator kind instead")
     args = ap.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    if args.profile:
+        for name in (["nanogpt", "tiny"] if args.shape == "both" else [args.shape]):
+            print(f"{name}:")
+            profile(SHAPES[name], args.steps)
+        return
     if args.compile:
         for name in (["nanogpt", "tiny"] if args.shape == "both" else [args.shape]):
             s = SHAPES[name]
