@@ -237,7 +237,15 @@ def write_hf_tokenizer(enc: tiktoken.Encoding, out_dir: Path, eot: int) -> bool:
                                  for t, r in enc._mergeable_ranks.items()))
         converted = TikTokenConverter(vocab_file=str(ranks), pattern=enc._pat_str,
                                       extra_special_tokens=enc._special_tokens).converted()
-    ckpt.atomic_write_text(out_dir / "tokenizer.json", converted.to_str())
+    # The converter numbers special tokens after the ranks; an imported tokenizer's keep their
+    # own ids (SmolLM's <|endoftext|> is 0). `tokenizers` looks an added token up in the
+    # model's vocabulary first, so the id goes there too.
+    spec = json.loads(converted.to_str())
+    for added in spec.get("added_tokens", []):
+        if added.get("content") in enc._special_tokens:
+            added["id"] = spec["model"]["vocab"][added["content"]] = \
+                enc._special_tokens[added["content"]]
+    ckpt.atomic_write_text(out_dir / "tokenizer.json", json.dumps(spec, ensure_ascii=False))
     name = enc.decode_single_token_bytes(eot).decode("utf-8", errors="replace")
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": name,
               "eos_token": name, "unk_token": name, "model_max_length": 1 << 30,

@@ -19,7 +19,7 @@ from minigpt_cli import tokenizer as tok
 from minigpt_cli.config import config_from_dict
 from minigpt_cli.errors import UserError
 from minigpt_cli.generate import generate, load_for_inference
-from minigpt_cli.interop import import_hf
+from minigpt_cli.interop import export_hf, import_hf
 from minigpt_cli.sampling import SamplerSettings
 from minigpt_cli.train import train
 
@@ -140,3 +140,12 @@ def test_a_llama_folder_with_its_tokenizer_imports_generates_and_fine_tunes(
     assert meta["tokenizer"]["special_tokens"] == {tok.EOT: 0, "<|im_start|>": 1}
     again = tok.load(meta["tokenizer"], run)
     assert tok.encode(again, text) == ref.encode(text).ids
+
+    # Exported again, the folder's tokenizer.json gives AutoTokenizer the same ids, specials
+    # at their own ids (the converter alone would number them after the merges).
+    from transformers import AutoTokenizer
+
+    export_hf(run, tmp_path / "out")
+    auto = AutoTokenizer.from_pretrained(tmp_path / "out")
+    for probe in (text, f"{tok.EOT}a  1 22<|im_start|>"):
+        assert auto(probe)["input_ids"] == ref.encode(probe).ids
