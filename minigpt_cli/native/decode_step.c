@@ -103,19 +103,14 @@ enum { STORE, STORE_GELU, STORE_RELU2, ADD };
 #endif
 #define CV 2
 #define STRIP (VL * CV)
-#ifndef PF_MODE
-#define PF_MODE 0
-#endif
-#ifndef PF_LOC
-#define PF_LOC 3
-#endif
-/* Fetch ahead two lines of the range at pf: line (i * m) >> 16 at iteration i (m = 0: none). */
+/* Fetch ahead two lines of the range at pf: line (i * m) >> 16 at iteration i (m = 0: none).
+ * Into L1 (locality 3); matvec says what the range is and why. */
 #define PF_LINES(pf, i, m)                                                                       \
     do {                                                                                       \
         if (m) {                                                                               \
             const float *l_ = (pf) + (size_t)(((unsigned)(i) * (m)) >> 16) * STRIP;            \
-            __builtin_prefetch(l_, 0, PF_LOC);                                                 \
-            __builtin_prefetch(l_ + STRIP, 0, PF_LOC);                                         \
+            __builtin_prefetch(l_, 0, 3);                                                 \
+            __builtin_prefetch(l_ + STRIP, 0, 3);                                         \
         }                                                                                      \
     } while (0)
 typedef float vf __attribute__((vector_size(VL * sizeof(float))));
@@ -376,16 +371,18 @@ static void matvec(int B, int n_in, int n_out, const float *x, const float *P, c
             continue;
         }
         const int s0 = 2 * u, ns = s0 + 1 < full ? 2 : 1;
-        /* The pair this thread does next (static schedule: its iterations are consecutive),
-         * 2 * n_in lines in one run, is fetched while this one is computed, spread evenly
-         * over this pair's passes so memory streams during every one of them. */
+        /* With a block of rows (3 or more), the pair this thread does next (2 * n_in lines
+         * in one run) is fetched while this one is computed, spread evenly over this pair's
+         * passes: memory then streams during every pass, the ones reading the pair from
+         * cache included, instead of only during the first. 8 rows of GPT-2 124M: a step
+         * 1.23-1.34x faster (docs/benchmarks.md §6). With one or two rows the step is bound
+         * by memory anyway and the hardware's own prefetcher does better alone. */
         const int nx = u + 1 < hi && s0 + 2 + 1 < full ? s0 + 2 : s0;
         const int blocks = (B - (ns == 2 && B % MAX_RB > 0 && B % MAX_RB <= 2 ? B % MAX_RB : 0)
                             + MAX_RB - 1) / MAX_RB;
         const int wide_pass = ns == 2 && B % MAX_RB > 0 && B % MAX_RB <= 2;
         const int passes = ns * blocks + wide_pass;
-        const unsigned pf_m = !Q && (PF_MODE == 5 || (PF_MODE == 6 && blocks > 0))
-                                  ? (unsigned)((2u << 16) / (unsigned)passes) : 0u;
+        const unsigned pf_m = !Q && blocks > 0 ? (unsigned)((2u << 16) / (unsigned)passes) : 0u;
         const float *next = P ? P + (size_t)nx * n_in * STRIP : NULL;
         int pass = 0;
         const int rest = B % MAX_RB, wide = ns == 2 && rest > 0 && rest <= 2 ? rest : 0;
