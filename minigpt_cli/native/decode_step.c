@@ -105,13 +105,13 @@ enum { STORE, STORE_GELU, STORE_RELU2, ADD };
 #define STRIP (VL * CV)
 /* Fetch ahead two lines of the range at pf: line (i * m) >> 16 at iteration i (m = 0: none).
  * Into L1 (locality 3); matvec says what the range is and why. */
-#define PF_LINES(pf, i, m)                                                                       \
-    do {                                                                                       \
-        if (m) {                                                                               \
-            const float *l_ = (pf) + (size_t)(((unsigned)(i) * (m)) >> 16) * STRIP;            \
-            __builtin_prefetch(l_, 0, 3);                                                 \
-            __builtin_prefetch(l_ + STRIP, 0, 3);                                         \
-        }                                                                                      \
+#define PF_LINES(pf, i, m)                                                                      \
+    do {                                                                                      \
+        if (m) {                                                                              \
+            const float *l_ = (pf) + (size_t)(((unsigned)(i) * (m)) >> 16) * STRIP;           \
+            __builtin_prefetch(l_, 0, 3);                                                     \
+            __builtin_prefetch(l_ + STRIP, 0, 3);                                             \
+        }                                                                                     \
     } while (0)
 typedef float vf __attribute__((vector_size(VL * sizeof(float))));
 
@@ -375,17 +375,14 @@ static void matvec(int B, int n_in, int n_out, const float *x, const float *P, c
          * in one run) is fetched while this one is computed, spread evenly over this pair's
          * passes: memory then streams during every pass, the ones reading the pair from
          * cache included, instead of only during the first. 8 rows of GPT-2 124M: a step
-         * 1.23-1.34x faster (docs/benchmarks.md §6). With one or two rows the step is bound
+         * 1.2-1.4x faster (docs/benchmarks.md §6). With one or two rows the step is bound
          * by memory anyway and the hardware's own prefetcher does better alone. */
+        const int rest = B % MAX_RB, wide = ns == 2 && rest > 0 && rest <= 2 ? rest : 0;
         const int nx = u + 1 < hi && s0 + 2 + 1 < full ? s0 + 2 : s0;
-        const int blocks = (B - (ns == 2 && B % MAX_RB > 0 && B % MAX_RB <= 2 ? B % MAX_RB : 0)
-                            + MAX_RB - 1) / MAX_RB;
-        const int wide_pass = ns == 2 && B % MAX_RB > 0 && B % MAX_RB <= 2;
-        const int passes = ns * blocks + wide_pass;
+        const int blocks = (B - wide + MAX_RB - 1) / MAX_RB, passes = ns * blocks + (wide > 0);
         const unsigned pf_m = !Q && blocks > 0 ? (unsigned)((2u << 16) / (unsigned)passes) : 0u;
         const float *next = P ? P + (size_t)nx * n_in * STRIP : NULL;
         int pass = 0;
-        const int rest = B % MAX_RB, wide = ns == 2 && rest > 0 && rest <= 2 ? rest : 0;
         for (int k = 0; k < ns; k++) {
             const int j = (s0 + k) * STRIP;
             const float *bs = bias ? bias + j : NULL;
