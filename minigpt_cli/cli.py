@@ -189,8 +189,8 @@ def serve(
                                                          "step; a burst is spread over steps "
                                                          "(0 = no limit).")] = 16,
     prefill_first: Annotated[bool, typer.Option(help="A step that starts prompts runs them "
-                                                     "alone (sooner first tokens); else they "
-                                                     "share the step with decoding rows.")
+                                                     "alone, decoding rows one step later; "
+                                                     "else they share the step.")
                              ] = False,
     engine: Annotated[str, typer.Option(help=ENGINE_HELP)] = "auto",
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | mps")] = "auto",

@@ -45,8 +45,8 @@ class Engine:
         self.scheduler = Scheduler(n_slots, max_queue)
         self.on_step = on_step  # called with the number of sequences each step decoded
         self.prefill_budget = prefill_budget  # prompt tokens admitted per step (None: all)
-        # A step that starts prompts runs them alone, the decoding rows one step later: their
-        # first tokens come sooner, the others' next one a prefill later (docs §6).
+        # A step that starts prompts runs them alone, the decoding rows one step later. Meant
+        # for sooner first tokens; with arrivals in bursts it measured the opposite (docs §6).
         self.prefill_first = prefill_first
         self.steps = 0
         self._lock = threading.Lock()  # guards the scheduler's queues against other threads
