@@ -250,11 +250,7 @@ def load_train_state(run_dir: Path) -> tuple[dict[str, Any], dict[str, torch.Ten
 
 def saved_step(path: Path) -> int | None:
     """The step a weights file says it holds, from its header alone; None if unreadable."""
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            return json.loads((f.metadata() or {}).get("step", "null"))
-    except (SafetensorError, OSError, ValueError, RuntimeError):
-        return None
+    return read_meta(path).get("step")
 
 
 def clean_stale_state_files(run_dir: Path) -> None:

@@ -90,9 +90,9 @@ class Engine:
             for seq in cancelled:
                 self._finish(seq, "cancelled")
             admitted = self.scheduler.admit(self.prefill_budget)
-            decoding = [s for s in self.scheduler.running.values()
-                        if s not in admitted and s.next_input is not None
-                        and not (self.prefill_first and admitted)]
+            decoding = [] if self.prefill_first and admitted else [
+                s for s in self.scheduler.running.values()
+                if s not in admitted and s.next_input is not None]
         for seq in cancelled:
             self._notify_end(seq)
         scored = [s for s in admitted if s.echo_logprobs]  # echo + logprobs: score the prompt
