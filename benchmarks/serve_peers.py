@@ -55,6 +55,8 @@ def servers(args: argparse.Namespace) -> dict[str, tuple[list[str], str, str | N
         f"minigpt --max-batch {n}": ([*mine, "--max-batch", n], "/health", None),
         f"minigpt --max-batch {n} --prefill-first": ([*mine, "--max-batch", n,
                                                       "--prefill-first"], "/health", None),
+        f"minigpt --max-batch {n} --no-prefix-cache": ([*mine, "--max-batch", n,
+                                                        "--no-prefix-cache"], "/health", None),
         "minigpt --max-batch 1": ([*mine, "--max-batch", "1"], "/health", None),
     }
     if args.llama_server:

@@ -192,6 +192,9 @@ def serve(
                                                      "alone, decoding rows one step later; "
                                                      "else they share the step.")
                              ] = False,
+    prefix_cache: Annotated[bool, typer.Option(help="A prompt that begins with what a free "
+                                                    "slot's cache holds computes only the "
+                                                    "rest (fused C step; exact).")] = True,
     engine: Annotated[str, typer.Option(help=ENGINE_HELP)] = "auto",
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | mps")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto | float32 | bfloat16 | float16")] = "auto",
@@ -212,7 +215,7 @@ def serve(
                            engine=engine, max_body_bytes=max_body_bytes, max_tokens=max_tokens,
                            model_name=model_name,
                            max_prefill_tokens=max_prefill_tokens or None,
-                           prefill_first=prefill_first,
+                           prefill_first=prefill_first, prefix_cache=prefix_cache,
                            prompt_lookup=prompt_lookup, draft_k=draft_k, draft=draft)
     run_serve(checkpoint=checkpoint, host=host, port=port, options=options, device=device,
               dtype=dtype, quantize=quantize)

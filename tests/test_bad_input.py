@@ -181,6 +181,7 @@ ANY_VALUE = {
     ("generate", "--stream"): "a flag",
     ("generate", "--trace"): "a flag",
     ("serve", "--prefill-first"): "a flag",
+    ("serve", "--prefix-cache"): "a flag",
 }
 
 

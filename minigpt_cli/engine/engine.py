@@ -35,6 +35,7 @@ class Engine:
     def __init__(self, model: GPT, enc: tiktoken.Encoding, n_slots: int, *,
                  use_cache: bool = True, engine: str = "auto", max_queue: int | None = None,
                  prefill_budget: int | None = None, prefill_first: bool = False,
+                 prefix_cache: bool = True,
                  on_step: Callable[[int], None] | None = None,
                  draft: GPT | None = None) -> None:
         self.model = model
@@ -43,6 +44,9 @@ class Engine:
         # A draft model (speculative decoding) drafts for every request without prompt lookup.
         self.drafter = Drafter(draft, n_slots, enc.eot_token, engine) if draft is not None else None
         self.scheduler = Scheduler(n_slots, max_queue)
+        # A new prompt goes to the free slot whose cache holds most of its beginning, and
+        # computes only the rest (runner.held: exact, on the fused C step only).
+        self.runner.reuse_prefix = prefix_cache
         self.on_step = on_step  # called with the number of sequences each step decoded
         self.prefill_budget = prefill_budget  # prompt tokens admitted per step (None: all)
         # A step that starts prompts runs them alone, the decoding rows one step later. Meant
@@ -89,7 +93,8 @@ class Engine:
                          if s.cancelled]
             for seq in cancelled:
                 self._finish(seq, "cancelled")
-            admitted = self.scheduler.admit(self.prefill_budget)
+            reuse = self.runner.held if self.runner.reuse_prefix else None
+            admitted = self.scheduler.admit(self.prefill_budget, reuse)
             decoding = [] if self.prefill_first and admitted else [
                 s for s in self.scheduler.running.values()
                 if s not in admitted and s.next_input is not None]
@@ -118,8 +123,7 @@ class Engine:
             for seq in starting + decoding:
                 self._fail(seq, exc)
             starting, decoding, firsts = [], [], []
-        ready = [(seq, row, len(self.runner.windows[seq.slot]))
-                 for seq, row in zip(starting, firsts, strict=True)]
+        ready = list(zip(starting, firsts, self.runner.filled if firsts else [], strict=True))
         for seq, row, n in ready:
             try:
                 self._advance(seq, row, n)

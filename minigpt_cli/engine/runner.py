@@ -44,7 +44,26 @@ class ModelRunner:
         # pays for the copy; a session on the fused C step makes it only if it needs it.
         self._head_t = model.head_copy() if self.engine == "torch" else None
         self.positions: list[int] = []  # per row of the last call: positions computed
+        self.filled: list[int] = []  # per prompt of the last `step`: positions computed
+        # Prefix reuse (the engine turns it on): a prompt that starts with what a free slot's
+        # cache already holds computes only the rest. Only on the fused C step, where a row's
+        # keys and values do not depend on which call or which other rows computed them, so
+        # reusing them changes no output bit; a PyTorch prefill over a whole prompt may round
+        # differently from the steps that cached a slot's tokens one by one.
+        self.reuse_prefix = False
         self.prefills = 0  # forward passes over a whole window (a prompt, or a slide)
+
+    def held(self, slot: int, prompt: list[int]) -> int:
+        """How many of the prompt's first tokens slot's cache holds already, usable as they
+        are: the common prefix of its window and the prompt's, short of the prompt's last
+        token, whose logits the first sampled token needs. 0 when reuse is off."""
+        if not self.reuse_prefix or self.engine != "native":
+            return 0
+        window, new = self.windows[slot], prompt[-self.block_size:]
+        n, limit = 0, min(len(window), len(new) - 1)
+        while n < limit and window[n] == new[n]:
+            n += 1
+        return n
 
     @property
     def n_slots(self) -> int:
@@ -113,15 +132,19 @@ class ModelRunner:
         self.drafted = [0] * len(slots)
         if self.engine != "native":
             first = [self.prefill(s, p) for s, p in prefills]
+            self.filled = [len(self.windows[s]) for s, _ in prefills]
             if not slots:
                 return first, None
             if not self.use_cache or not drafts or not any(drafts):
                 return first, self.decode(slots, tokens)
             return first, self._decode_drafts(slots, tokens, drafts)
         rows: list[tuple[int, int, int, bool]] = []  # token, slot, column (= position), want
+        self.filled = []
         for s, p in prefills:
+            held = self.held(s, p)
             self.windows[s] = list(p[-self.block_size:])
-            rows += self._window_rows(s)
+            rows += self._window_rows(s)[held:]
+            self.filled.append(len(self.windows[s]) - held)
         self.positions = []
         moved_all = self._append(slots, tokens)
         for i, (s, t, moved) in enumerate(zip(slots, tokens, moved_all, strict=True)):
@@ -137,7 +160,12 @@ class ModelRunner:
                     rows.append((g, s, len(self.windows[s]) - 1, True))
                 self.drafted[i] = len(guesses)
         self.prefills += len(prefills) + sum(p > 1 for p in self.positions)
-        logits = self._native_rows(rows)
+        try:
+            logits = self._native_rows(rows)
+        except Exception:  # the windows say more than the cache holds: let nothing reuse it
+            for s in {row[1] for row in rows}:
+                self.windows[s] = []
+            raise
         return list(logits[:len(prefills)]), logits[len(prefills):] if slots else None
 
     def _decode_drafts(self, slots: list[int], tokens: list[int], drafts: list[list[int]]

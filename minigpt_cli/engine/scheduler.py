@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import heapq
 from collections import deque
+from collections.abc import Callable
 
 from minigpt_cli.engine.sequence import Sequence, Status
 
@@ -32,20 +33,33 @@ class Scheduler:
                             f"(the queue holds {self.max_queue})")
         self.waiting.extend(seqs)
 
-    def admit(self, budget: int | None = None) -> list[Sequence]:
+    def admit(self, budget: int | None = None,
+              held: Callable[[int, list[int]], int] | None = None) -> list[Sequence]:
         """Move waiting sequences into free slots, oldest first. With a `budget`, stop once
         the admitted prompts would exceed that many tokens (the first always goes in): a
         burst of arrivals is prefilled over several steps, so the first requests start
-        sooner and running requests never wait on one huge step."""
+        sooner and running requests never wait on one huge step.
+
+        `held(slot, prompt)`: how many of the prompt's first tokens a free slot's cache
+        already holds (prefix reuse). A sequence then goes to the free slot that holds most
+        (the lowest among equals), and only the tokens left to compute count against the
+        budget."""
         admitted: list[Sequence] = []
         tokens = 0
         while self.waiting and self._free:
             seq = self.waiting[0]
-            if budget is not None and admitted and tokens + len(seq.prompt) > budget:
+            slot, reused = self._free[0], 0
+            if held is not None:
+                reused, slot = max((held(s, seq.prompt), -s) for s in self._free)
+                slot = -slot
+            cost = len(seq.prompt) - reused
+            if budget is not None and admitted and tokens + cost > budget:
                 break
-            tokens += len(seq.prompt)
+            tokens += cost
             self.waiting.popleft()
-            seq.slot = heapq.heappop(self._free)
+            self._free.remove(slot)
+            heapq.heapify(self._free)
+            seq.slot = slot
             seq.status = Status.RUNNING
             self.running[seq.slot] = seq
             admitted.append(seq)

@@ -40,6 +40,7 @@ class ServeOptions:
     model_name: str | None = None
     max_prefill_tokens: int | None = 16  # prompt tokens started per engine step
     prefill_first: bool = False  # a step that starts prompts runs them alone
+    prefix_cache: bool = True  # a prompt reuses what a free slot's cache holds of it
     prompt_lookup: int = 0  # speculative decoding by prompt lookup for every request (0: off)
     draft_k: int = 4
     draft: str | None = None  # a draft run for speculative decoding (the loader loads it)
@@ -103,6 +104,7 @@ def create_app(loader: Loader, options: ServeOptions,
                                 max_queue=options.max_queue,
                                 prefill_budget=options.max_prefill_tokens,
                                 prefill_first=options.prefill_first,
+                                prefix_cache=options.prefix_cache,
                                 draft=draft)  # type: ignore[arg-type]
                 w = Worker(engine)
                 w.start()

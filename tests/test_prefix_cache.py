@@ -1,0 +1,127 @@
+"""Prefix reuse: a new prompt that begins with what a free slot's cache already holds computes
+only the rest, and nothing it produces changes.
+
+Oracle: each request's tokens (greedy and seeded) equal its tokens from a fresh engine with
+reuse off; and reuse must really happen, counted in rows the step computed.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from minigpt_cli import tokenizer as tok
+from minigpt_cli.engine import Engine, Scheduler, Sequence, TokenEvent
+from minigpt_cli.model import GPT, GPTConfig
+from minigpt_cli.sampling import SamplerSettings
+
+GREEDY = SamplerSettings(temperature=0.0)
+SAMPLED = SamplerSettings(temperature=1.0, top_p=0.9, top_k=40)
+
+
+@pytest.fixture
+def model() -> GPT:
+    torch.manual_seed(7)
+    m = GPT(GPTConfig(vocab_size=257, block_size=32, n_layer=2, n_head=2, n_embd=32))
+    with torch.no_grad():
+        m.wte.weight.mul_(20)  # peaked logits: greedy choices are not near-ties
+    return m.eval()
+
+
+@pytest.fixture
+def enc():
+    return tok.byte_encoding()
+
+
+def _watch(seq: Sequence, firsts: dict[int, int]) -> Sequence:
+    """Record in firsts[seq.id] the positions its first token's step computed for it."""
+    def on_event(s: Sequence, ev: TokenEvent) -> None:
+        if ev.index == 0 and ev.token >= 0:
+            firsts.setdefault(s.id, ev.positions)
+
+    seq.on_event = on_event
+    return seq
+
+
+def _run(model: GPT, enc, prompts: list[str], settings: SamplerSettings, slots: int,
+         prefix_cache: bool) -> tuple[list[Sequence], list[int]]:
+    """Every prompt through `slots` slots; (sequences, positions of each first token)."""
+    firsts: dict[int, int] = {}
+    seqs = [_watch(Sequence(prompt=tok.encode(enc, p), settings=settings, max_tokens=6,
+                            seed=30 + i), firsts) for i, p in enumerate(prompts)]
+    engine = Engine(model, enc, slots, engine="native", prefix_cache=prefix_cache)
+    engine.run(seqs)
+    return seqs, [firsts[s.id] for s in seqs]
+
+
+@pytest.mark.parametrize("settings", [GREEDY, SAMPLED], ids=["greedy", "seeded"])
+def test_reused_prefix_gives_the_same_tokens_and_computes_only_the_rest(
+        model: GPT, enc, settings: SamplerSettings) -> None:
+    stem = "quick brown fox"
+    prompts = [stem + " over", stem + " high", stem, "Zebra " + stem, "Zebra " + stem]
+    reused, computed = _run(model, enc, prompts, settings, 1, prefix_cache=True)
+    fresh, whole = _run(model, enc, prompts, settings, 1, prefix_cache=False)
+    assert [s.tokens for s in reused] == [s.tokens for s in fresh]
+    assert all(len(s.tokens) == 6 for s in reused)
+    assert whole == [len(p) for p in prompts]  # byte tokens: one per character
+    # "quick brown fox over" is computed whole; "... high" shares "quick brown fox " (16);
+    # the bare stem is all cached but its last token, whose logits are needed; "Zebra" shares
+    # nothing; the same prompt again shares all but its last token.
+    assert computed == [20, 4, 1, 21, 1]
+
+
+def test_a_prompt_goes_to_the_free_slot_holding_most_of_it(model: GPT, enc) -> None:
+    """Two slots hold two different texts; a prompt that starts like the second one's goes to
+    that slot (not the lowest free one) and equals its result from a fresh engine."""
+    first = ["alpha beta gamma", "one two three four"]
+    engine = Engine(model, enc, 2, engine="native")
+    seqs = [Sequence(prompt=tok.encode(enc, p), settings=GREEDY, max_tokens=4) for p in first]
+    engine.run(seqs)
+    assert sorted(s.slot for s in seqs) == [0, 1]
+    firsts: dict[int, int] = {}
+    later = _watch(Sequence(prompt=tok.encode(enc, "one two three five"), settings=GREEDY,
+                            max_tokens=5), firsts)
+    engine.run([later])
+    assert later.slot == next(s.slot for s in seqs if s.prompt == tok.encode(enc, first[1]))
+    assert firsts[later.id] == len("ive")  # "one two three f" is held
+    fresh = Sequence(prompt=list(later.prompt), settings=GREEDY, max_tokens=5)
+    Engine(model, enc, 1, engine="native", prefix_cache=False).run([fresh])
+    assert later.tokens == fresh.tokens
+
+
+def test_the_budget_counts_only_the_tokens_left_to_compute() -> None:
+    held = {0: 2, 1: 5, 2: 5}
+    sched = Scheduler(3)
+    a, b = (Sequence(prompt=[1] * 8, settings=GREEDY, max_tokens=1) for _ in range(2))
+    sched.add(a, b)
+    assert sched.admit(4, lambda s, p: held[s]) == [a]  # costs 3; b's 3 more would pass 4
+    assert a.slot == 1  # holds 5, as slot 2 does: the lower one
+    assert sched.admit(4, lambda s, p: held[s]) == [b] and b.slot == 2
+    plain = Scheduler(3)
+    plain.add(Sequence(prompt=[1] * 8, settings=GREEDY, max_tokens=1))
+    assert [s.slot for s in plain.admit(4)] == [0]
+
+
+def test_a_failed_step_leaves_nothing_to_reuse(model: GPT, enc,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """When the C step fails, the slot's window claims tokens its cache never got: the window
+    is emptied, so the next prompt there is computed whole and comes out right."""
+    engine = Engine(model, enc, 1, engine="native")
+    broken = Sequence(prompt=tok.encode(enc, "hello world"), settings=GREEDY, max_tokens=3)
+    real = engine.runner._native_rows
+
+    def fail(rows):
+        raise RuntimeError("the step failed")
+
+    monkeypatch.setattr(engine.runner, "_native_rows", fail)
+    engine.run([broken])
+    assert broken.finish_reason == "error" and engine.runner.windows[0] == []
+    monkeypatch.setattr(engine.runner, "_native_rows", real)
+    firsts: dict[int, int] = {}
+    again = _watch(Sequence(prompt=tok.encode(enc, "hello world"), settings=GREEDY,
+                            max_tokens=3), firsts)
+    engine.run([again])
+    assert firsts[again.id] == len("hello world")
+    fresh = Sequence(prompt=list(again.prompt), settings=GREEDY, max_tokens=3)
+    Engine(model, enc, 1, engine="native", prefix_cache=False).run([fresh])
+    assert again.tokens == fresh.tokens
