@@ -56,6 +56,14 @@ def pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(q * len(values)))]
 
 
+def numbered(prompt: str, n: int) -> str:
+    """Request n's prompt: `prompt` with n in place of "{n}", or after it. A different text
+    each time, so no server answers from a cache of whole prompts; with the number last the
+    prompts share their beginning, which a server's prefix cache may reuse (llama-server's
+    and minigpt's do), and with it first they share nothing."""
+    return prompt.replace("{n}", str(n)) if "{n}" in prompt else f"{prompt} {n}"
+
+
 def run_level(port: int, concurrency: int, requests: int, tokens: int, prompt: str,
               model: str | None) -> dict:
     results: list[dict] = []
@@ -68,8 +76,7 @@ def run_level(port: int, concurrency: int, requests: int, tokens: int, prompt: s
                 n = next(todo, None)
             if n is None:
                 return
-            # A different prompt each time: no server may answer from a prompt cache.
-            out = one_request(port, f"{prompt} {n}", tokens, model)
+            out = one_request(port, numbered(prompt, n), tokens, model)
             with lock:
                 results.append(out)
 
@@ -100,7 +107,8 @@ def main() -> None:
     ap.add_argument("--concurrency", default="1,2,4,8,16")
     ap.add_argument("--requests-per-client", type=int, default=4)
     ap.add_argument("--tokens", type=int, default=48)
-    ap.add_argument("--prompt", default="ROMEO:")
+    ap.add_argument("--prompt", default="ROMEO:",
+                    help='request n sends this with n after it, or in place of "{n}"')
     ap.add_argument("--model", default=None)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()

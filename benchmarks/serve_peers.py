@@ -3,7 +3,10 @@ the same weights, under the same load, in the same run.
 
 Every round starts each server in turn on 127.0.0.1, warms it up, and measures one stream
 alone and N concurrent streams (benchmarks/serve_load.py: greedy, fixed output length, a
-different prompt per request so no prompt cache helps), then stops it. Rounds interleave the
+different prompt per request), then stops it. By default the prompts differ only in a number
+at their end, so a prefix cache (llama-server's, minigpt's) skips most of each; `--prompt
+"{n} The quick brown fox jumps over the lazy dog"` puts the number first and leaves nothing to
+reuse. Rounds interleave the
 servers so machine noise falls on all of them; the table reports the median and the range.
 
     python benchmarks/serve_peers.py --run RUN --hf HF_DIR --gguf MODEL.gguf \\
@@ -112,6 +115,8 @@ def main() -> None:
     ap.add_argument("--requests-per-client", type=int, default=3)
     ap.add_argument("--only", default=None, help="comma-separated server names to run")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--prompt", default="The quick brown fox jumps over the lazy dog",
+                    help='request n sends this with n after it, or in place of "{n}"')
     args = ap.parse_args()
     table = servers(args)
     if args.only:
@@ -119,7 +124,7 @@ def main() -> None:
         table = {k: v for k, v in table.items() if any(k.startswith(x) for x in keep)}
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(args.threads)}
     results: dict[str, list[dict]] = {name: [] for name in table}
-    prompt = "The quick brown fox jumps over the lazy dog"
+    prompt = args.prompt
     for r in range(args.rounds):
         for name, (cmd, ready, model) in table.items():
             alone, loaded = measure(name, cmd, ready, model, env, args, prompt)
