@@ -53,7 +53,8 @@ def servers(args: argparse.Namespace) -> dict[str, tuple[list[str], str, str | N
     """name -> (command with {port}, readiness path, model name to send)."""
     py = sys.executable
     n = str(args.streams)
-    mine = [py, "-m", "minigpt_cli", "serve", "--checkpoint", args.run, "--port", "{port}"]
+    mine = [py, "-m", "minigpt_cli", "serve", "--checkpoint", args.run, "--port", "{port}",
+            "--quantize", args.quantize]
     out = {
         f"minigpt --max-batch {n}": ([*mine, "--max-batch", n], "/health", None),
         f"minigpt --max-batch {n} --prefill-first": ([*mine, "--max-batch", n,
@@ -115,6 +116,8 @@ def main() -> None:
     ap.add_argument("--requests-per-client", type=int, default=3)
     ap.add_argument("--only", default=None, help="comma-separated server names to run")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--quantize", default="none",
+                    help="minigpt's --quantize (int8 beside a Q8_0 GGUF for llama-server)")
     ap.add_argument("--prompt", default="The quick brown fox jumps over the lazy dog",
                     help='request n sends this with n after it, or in place of "{n}"')
     args = ap.parse_args()

@@ -76,3 +76,21 @@ def tiny_model() -> GPT:
     model = GPT(GPTConfig(vocab_size=257, block_size=32, n_layer=2, n_head=2, n_embd=32,
                           dropout=0.0))
     return model.eval()
+
+
+@pytest.fixture
+def model() -> GPT:
+    """The engine tests' model: byte vocabulary, 32-token window, peaked logits, so greedy
+    choices are not near-ties."""
+    torch.manual_seed(5)
+    m = GPT(GPTConfig(vocab_size=257, block_size=32, n_layer=2, n_head=2, n_embd=32))
+    with torch.no_grad():
+        m.wte.weight.mul_(20)
+    return m.eval()
+
+
+@pytest.fixture
+def enc():
+    from minigpt_cli import tokenizer as tok
+
+    return tok.byte_encoding()

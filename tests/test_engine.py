@@ -20,20 +20,6 @@ GREEDY = SamplerSettings(temperature=0.0)
 SAMPLED = SamplerSettings(temperature=1.0, top_p=0.9, top_k=40)
 
 
-@pytest.fixture
-def model() -> GPT:
-    torch.manual_seed(5)
-    m = GPT(GPTConfig(vocab_size=257, block_size=32, n_layer=2, n_head=2, n_embd=32))
-    with torch.no_grad():
-        m.wte.weight.mul_(20)  # peaked logits: greedy choices are not near-ties
-    return m.eval()
-
-
-@pytest.fixture
-def enc():
-    return tok.byte_encoding()
-
-
 PROMPTS = ["A", "The quick brown fox", "to be or not", "xyz", "Once upon a time there", "q"]
 
 

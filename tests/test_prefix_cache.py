@@ -8,29 +8,12 @@ reuse off; and reuse must really happen, counted in rows the step computed.
 from __future__ import annotations
 
 import pytest
-import torch
 
 from minigpt_cli import tokenizer as tok
 from minigpt_cli.engine import Engine, Scheduler, Sequence, TokenEvent
-from minigpt_cli.model import GPT, GPTConfig
+from minigpt_cli.model import GPT
 from minigpt_cli.sampling import SamplerSettings
-
-GREEDY = SamplerSettings(temperature=0.0)
-SAMPLED = SamplerSettings(temperature=1.0, top_p=0.9, top_k=40)
-
-
-@pytest.fixture
-def model() -> GPT:
-    torch.manual_seed(7)
-    m = GPT(GPTConfig(vocab_size=257, block_size=32, n_layer=2, n_head=2, n_embd=32))
-    with torch.no_grad():
-        m.wte.weight.mul_(20)  # peaked logits: greedy choices are not near-ties
-    return m.eval()
-
-
-@pytest.fixture
-def enc():
-    return tok.byte_encoding()
+from tests.test_engine import GREEDY, SAMPLED
 
 
 def _watch(seq: Sequence, firsts: dict[int, int]) -> Sequence:
