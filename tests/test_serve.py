@@ -251,6 +251,19 @@ def test_metrics_report_latencies_and_batches(server: Server) -> None:
     assert buckets["1.0"] < buckets["+Inf"]
 
 
+def test_a_repeated_prompt_is_served_from_the_cache(server: Server) -> None:
+    """The same prompt twice in a row: the second computes only its last token (the slot
+    the first one left holds the rest), /metrics counts the reused tokens, and the text is
+    the same."""
+    prompt = "ROMEO: what light through yonder window breaks"
+    first = _complete(server, prompt, 8)
+    before = server.metric("minigpt_prompt_tokens_cached_total")
+    second = _complete(server, prompt, 8)
+    cached = server.metric("minigpt_prompt_tokens_cached_total") - before
+    assert second["choices"][0]["text"] == first["choices"][0]["text"]
+    assert cached == first["usage"]["prompt_tokens"] - 1
+
+
 def test_api_key_and_full_queue(run_dir: Path) -> None:
     with serving(run_dir, "--api-key", "sekrit", "--max-batch", "1", "--max-queue", "1") as s:
         status, body = s.post("/v1/completions", {"prompt": "x"})

@@ -125,6 +125,7 @@ class Engine:
             starting, decoding, firsts = [], [], []
         ready = list(zip(starting, firsts, self.runner.filled if firsts else [], strict=True))
         for seq, row, n in ready:
+            seq.cached_tokens = len(self.runner.windows[seq.slot]) - n
             try:
                 self._advance(seq, row, n)
             except Exception as exc:

@@ -69,6 +69,7 @@ class Sequence:
     arrival: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
     finished_at: float | None = None
+    cached_tokens: int = 0  # prompt tokens whose keys and values a slot's cache held
     drafted: int = 0  # speculative decoding: draft tokens verified ...
     accepted: int = 0  # ... and kept
     verifies: int = 0  # steps that verified drafts

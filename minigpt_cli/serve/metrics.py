@@ -44,6 +44,8 @@ class Metrics:
                                buckets=BATCH, registry=r)
         self.generated = Counter("minigpt_generation_tokens", "Tokens generated", registry=r)
         self.prompt = Counter("minigpt_prompt_tokens", "Prompt tokens prefilled", registry=r)
+        self.cached = Counter("minigpt_prompt_tokens_cached", "Prompt tokens a slot's cache "
+                              "held already (prefix reuse), not computed", registry=r)
         self.finished = Counter("minigpt_request_success", "Finished requests by reason",
                                 ["finish_reason"], registry=r)
         self.drafted = Counter("minigpt_spec_draft_tokens", "Draft tokens verified (prompt "
@@ -65,6 +67,7 @@ class Metrics:
             if last is None and seq.first_token_at is not None:
                 self.ttft.observe(seq.first_token_at - seq.arrival)
                 self.prompt.inc(len(seq.prompt))
+                self.cached.inc(seq.cached_tokens)
             elif last is not None:
                 self.itl.observe(now - last)
             self._last[seq.id] = now
