@@ -108,3 +108,24 @@ def test_a_failed_step_leaves_nothing_to_reuse(model: GPT, enc,
     fresh = Sequence(prompt=list(again.prompt), settings=GREEDY, max_tokens=3)
     Engine(model, enc, 1, engine="native", prefix_cache=False).run([fresh])
     assert again.tokens == fresh.tokens
+
+
+def test_a_slot_a_pytorch_forward_filled_is_not_reused(model: GPT, enc) -> None:
+    """A prompt scored whole (echo with logprobs) is prefilled by the model's PyTorch forward,
+    whose keys and values may differ in the last bit from the C step's: the same prompt next
+    in that slot is computed whole, so its tokens still equal a fresh engine's."""
+    engine = Engine(model, enc, 1, engine="native")
+    scored = Sequence(prompt=tok.encode(enc, "to be or not"), settings=GREEDY, max_tokens=3,
+                      logprobs=0, echo_logprobs=True)
+    engine.run([scored])
+    assert scored.prompt_logprobs is not None
+    firsts: dict[int, int] = {}
+    again = _watch(Sequence(prompt=list(scored.prompt), settings=GREEDY, max_tokens=3), firsts)
+    engine.run([again])
+    assert firsts[again.id] == len("to be or not")
+    then = _watch(Sequence(prompt=list(scored.prompt), settings=GREEDY, max_tokens=3), firsts)
+    engine.run([then])  # the C step filled it this time: reused
+    assert firsts[then.id] == 1
+    fresh = Sequence(prompt=list(scored.prompt), settings=GREEDY, max_tokens=3)
+    Engine(model, enc, 1, engine="native", prefix_cache=False).run([fresh])
+    assert again.tokens == then.tokens == fresh.tokens

@@ -51,14 +51,15 @@ class ModelRunner:
         # reusing them changes no output bit; a PyTorch prefill over a whole prompt may round
         # differently from the steps that cached a slot's tokens one by one.
         self.reuse_prefix = False
+        self._forward_filled: set[int] = set()  # slots whose cache a PyTorch forward filled
         self.prefills = 0  # forward passes over a whole window (a prompt, or a slide)
 
     def held(self, slot: int, prompt: list[int]) -> int:
         """How many of the prompt's first tokens slot's cache holds already, usable as they
         are: the common prefix of its window and the prompt's, short of the prompt's last
         token, whose logits the first sampled token needs. 0 when reuse is off."""
-        if not self.reuse_prefix or self.engine != "native":
-            return 0
+        if not self.reuse_prefix or self.engine != "native" or slot in self._forward_filled:
+            return 0  # a forward's keys and values may differ in the last bit from the C step's
         window, new = self.windows[slot], prompt[-self.block_size:]
         n, limit = 0, min(len(window), len(new) - 1)
         while n < limit and window[n] == new[n]:
@@ -85,6 +86,7 @@ class ModelRunner:
         return self._fill(slot, all_positions)
 
     def _fill(self, slot: int, all_positions: bool = False) -> torch.Tensor:
+        self._forward_filled.add(slot)
         ids = torch.tensor([self.windows[slot]], device=self.device)
         cache = self.cache.slot(slot) if self.cache is not None else None
         out, _ = self.model(ids, cache=cache, last_only=not all_positions, head_t=self.head_t)
@@ -143,6 +145,7 @@ class ModelRunner:
         for s, p in prefills:
             held = self.held(s, p)
             self.windows[s] = list(p[-self.block_size:])
+            self._forward_filled.discard(s)  # the C step computes what it does not reuse
             rows += self._window_rows(s)[held:]
             self.filled.append(len(self.windows[s]) - held)
         self.positions = []
