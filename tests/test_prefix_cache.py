@@ -73,7 +73,7 @@ def test_a_prompt_goes_to_the_free_slot_holding_most_of_it(model: GPT, enc) -> N
 
 
 def test_the_budget_counts_only_the_tokens_left_to_compute() -> None:
-    held = {0: 2, 1: 5, 2: 5}
+    held = {0: (2, 2), 1: (5, 5), 2: (5, 5)}
     sched = Scheduler(3)
     a, b = (Sequence(prompt=[1] * 8, settings=GREEDY, max_tokens=1) for _ in range(2))
     sched.add(a, b)
@@ -129,3 +129,39 @@ def test_a_slot_a_pytorch_forward_filled_is_not_reused(model: GPT, enc) -> None:
     fresh = Sequence(prompt=list(scored.prompt), settings=GREEDY, max_tokens=3)
     Engine(model, enc, 1, engine="native", prefix_cache=False).run([fresh])
     assert again.tokens == then.tokens == fresh.tokens
+
+
+def test_a_prompt_copies_its_beginning_from_a_running_slot(model: GPT, enc) -> None:
+    """A prompt that begins like the one still running in another slot takes those columns by
+    copy: it computes only the rest, and neither it nor the running request changes."""
+    engine = Engine(model, enc, 2, engine="native")
+    running = Sequence(prompt=tok.encode(enc, "quick brown fox over"), settings=GREEDY,
+                       max_tokens=8)
+    short = Sequence(prompt=tok.encode(enc, "zz"), settings=GREEDY, max_tokens=1)
+    engine.add(running, short)
+    while not short.finished:
+        engine.step()
+    assert not running.finished
+    firsts: dict[int, int] = {}
+    later = _watch(Sequence(prompt=tok.encode(enc, "quick brown fox high"), settings=GREEDY,
+                            max_tokens=5), firsts)
+    engine.add(later)
+    while engine.has_work:
+        engine.step()
+    assert later.slot == short.slot != running.slot
+    assert firsts[later.id] == len("high")  # "quick brown fox " came from the running slot
+    for seq in (running, later):
+        fresh = Sequence(prompt=list(seq.prompt), settings=GREEDY, max_tokens=seq.max_tokens)
+        Engine(model, enc, 1, engine="native", prefix_cache=False).run([fresh])
+        assert seq.tokens == fresh.tokens
+
+
+def test_a_burst_that_begins_alike_computes_the_beginning_once() -> None:
+    """Admission counts what a prompt can copy from any slot: with a budget of 8 prompt
+    tokens, three prompts that share 9 tokens with a held window all start at once."""
+    own = {0: 9, 1: 0, 2: 0, 3: 0}
+    sched = Scheduler(4)
+    seqs = [Sequence(prompt=[1] * 10, settings=GREEDY, max_tokens=1) for _ in range(3)]
+    sched.add(*seqs)
+    assert sched.admit(8, lambda s, p: (9, own[s])) == seqs
+    assert [s.slot for s in seqs] == [0, 1, 2]  # the slot holding them itself goes first

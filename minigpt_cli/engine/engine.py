@@ -44,8 +44,8 @@ class Engine:
         # A draft model (speculative decoding) drafts for every request without prompt lookup.
         self.drafter = Drafter(draft, n_slots, enc.eot_token, engine) if draft is not None else None
         self.scheduler = Scheduler(n_slots, max_queue)
-        # A new prompt goes to the free slot whose cache holds most of its beginning, and
-        # computes only the rest (runner.held: exact, on the fused C step only).
+        # A new prompt skips what a slot's cache holds of its beginning: its own slot's, or
+        # another's by copy; it computes only the rest (runner.held: exact, C step only).
         self.runner.reuse_prefix = prefix_cache
         self.on_step = on_step  # called with the number of sequences each step decoded
         self.prefill_budget = prefill_budget  # prompt tokens admitted per step (None: all)
@@ -93,8 +93,8 @@ class Engine:
                          if s.cancelled]
             for seq in cancelled:
                 self._finish(seq, "cancelled")
-            reuse = self.runner.held if self.runner.reuse_prefix else None
-            admitted = self.scheduler.admit(self.prefill_budget, reuse)
+            admitted = self.scheduler.admit(self.prefill_budget, self._reusable()
+                                            if self.runner.reuse_prefix else None)
             decoding = [] if self.prefill_first and admitted else [
                 s for s in self.scheduler.running.values()
                 if s not in admitted and s.next_input is not None]
@@ -142,6 +142,20 @@ class Engine:
         self.steps += 1
         if self.on_step is not None:
             self.on_step(len(decoding) + len(admitted))
+
+    def _reusable(self) -> Callable[[int, list[int]], tuple[int, int]]:
+        """For the scheduler: (how much of a prompt slot s can skip, how much of that its own
+        cache holds). The rest comes by copy from the slot that holds the most of it
+        (runner.shared, looked up once per prompt)."""
+        anywhere: dict[int, int] = {}
+
+        def reusable(slot: int, prompt: list[int]) -> tuple[int, int]:
+            if id(prompt) not in anywhere:
+                anywhere[id(prompt)] = self.runner.shared(prompt)[1]
+            own = self.runner.held(slot, prompt)
+            return max(own, anywhere[id(prompt)]), own
+
+        return reusable
 
     def _drafts(self, decoding: list[Sequence]
                 ) -> tuple[list[list[int]], list[torch.Tensor | None]]:

@@ -66,6 +66,19 @@ class ModelRunner:
             n += 1
         return n
 
+    def shared(self, prompt: list[int], skip: set[int] | frozenset[int] = frozenset()
+               ) -> tuple[int, int]:
+        """(slot, n): the slot, running or free and not in `skip`, that holds the most of
+        prompt's beginning, and how much (`held`'s count; (-1, 0) when none holds any). A
+        prompt can take those columns from it by copy: a burst of requests that begin alike
+        computes the common part once."""
+        best, most = -1, 0
+        for s in range(self.n_slots):
+            n = 0 if s in skip else self.held(s, prompt)
+            if n > most:
+                best, most = s, n
+        return best, most
+
     @property
     def n_slots(self) -> int:
         return len(self.windows)
@@ -142,8 +155,15 @@ class ModelRunner:
             return first, self._decode_drafts(slots, tokens, drafts)
         rows: list[tuple[int, int, int, bool]] = []  # token, slot, column (= position), want
         self.filled = []
+        refilled = {s for s, _ in prefills}  # their windows stop describing their caches
         for s, p in prefills:
             held = self.held(s, p)
+            src, n = self.shared(p, refilled)
+            if n > held:  # another slot holds more of it: copy those columns over
+                assert self.cache is not None
+                self.cache.k[:, s, :, :n] = self.cache.k[:, src, :, :n]
+                self.cache.v[:, s, :, :n] = self.cache.v[:, src, :, :n]
+                held = n
             self.windows[s] = list(p[-self.block_size:])
             self._forward_filled.discard(s)  # the C step computes what it does not reuse
             rows += self._window_rows(s)[held:]

@@ -34,23 +34,25 @@ class Scheduler:
         self.waiting.extend(seqs)
 
     def admit(self, budget: int | None = None,
-              held: Callable[[int, list[int]], int] | None = None) -> list[Sequence]:
+              reuse: Callable[[int, list[int]], tuple[int, int]] | None = None
+              ) -> list[Sequence]:
         """Move waiting sequences into free slots, oldest first. With a `budget`, stop once
         the admitted prompts would exceed that many tokens (the first always goes in): a
         burst of arrivals is prefilled over several steps, so the first requests start
         sooner and running requests never wait on one huge step.
 
-        `held(slot, prompt)`: how many of the prompt's first tokens a free slot's cache
-        already holds (prefix reuse). A sequence then goes to the free slot that holds most
-        (the lowest among equals), and only the tokens left to compute count against the
+        `reuse(slot, prompt)`: (how many of the prompt's first tokens a free slot can skip,
+        how many of those its own cache holds; the rest it would copy from another slot).
+        A sequence then goes to the free slot that skips most, the one holding them itself
+        first, then the lowest, and only the tokens left to compute count against the
         budget."""
         admitted: list[Sequence] = []
         tokens = 0
         while self.waiting and self._free:
             seq = self.waiting[0]
             slot, reused = self._free[0], 0
-            if held is not None:
-                reused, slot = max((held(s, seq.prompt), -s) for s in self._free)
+            if reuse is not None:
+                reused, _, slot = max((*reuse(s, seq.prompt), -s) for s in self._free)
                 slot = -slot
             cost = len(seq.prompt) - reused
             if budget is not None and admitted and tokens + cost > budget:
