@@ -192,8 +192,9 @@ def serve(
                                                      "alone, decoding rows one step later; "
                                                      "else they share the step.")
                              ] = False,
-    prefix_cache: Annotated[bool, typer.Option(help="A prompt that begins with what a free "
-                                                    "slot's cache holds computes only the "
+    prefix_cache: Annotated[bool, typer.Option(help="A prompt that begins with what a "
+                                                    "slot's cache holds (its own, or "
+                                                    "another's by copy) computes only the "
                                                     "rest (fused C step; exact).")] = True,
     engine: Annotated[str, typer.Option(help=ENGINE_HELP)] = "auto",
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | mps")] = "auto",

@@ -7,10 +7,12 @@ reuse off; and reuse must really happen, counted in rows the step computed.
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from minigpt_cli import tokenizer as tok
-from minigpt_cli.engine import Engine, Scheduler, Sequence, TokenEvent
+from minigpt_cli.engine import Engine, ModelRunner, Scheduler, Sequence, TokenEvent
 from minigpt_cli.model import GPT
 from minigpt_cli.sampling import SamplerSettings
 from tests.test_engine import GREEDY, SAMPLED
@@ -165,3 +167,18 @@ def test_a_burst_that_begins_alike_computes_the_beginning_once() -> None:
     sched.add(*seqs)
     assert sched.admit(8, lambda s, p: (9, own[s])) == seqs
     assert [s.slot for s in seqs] == [0, 1, 2]  # the slot holding them itself goes first
+
+
+def test_held_is_the_common_prefix_short_of_the_last_token(model: GPT) -> None:
+    """`held` (a bisection over slice comparisons) against a plain token-by-token count."""
+    runner = ModelRunner(model, 1, engine="native")
+    runner.reuse_prefix = True
+    rng = random.Random(0)
+    for _ in range(300):
+        runner.windows[0] = [rng.randrange(3) for _ in range(rng.randrange(12))]
+        prompt = [rng.randrange(3) for _ in range(rng.randrange(1, 12))]
+        n = 0
+        while (n < min(len(runner.windows[0]), len(prompt) - 1)
+               and runner.windows[0][n] == prompt[n]):
+            n += 1
+        assert runner.held(0, prompt) == n

@@ -45,11 +45,12 @@ class ModelRunner:
         self._head_t = model.head_copy() if self.engine == "torch" else None
         self.positions: list[int] = []  # per row of the last call: positions computed
         self.filled: list[int] = []  # per prompt of the last `step`: positions computed
-        # Prefix reuse (the engine turns it on): a prompt that starts with what a free slot's
-        # cache already holds computes only the rest. Only on the fused C step, where a row's
-        # keys and values do not depend on which call or which other rows computed them, so
-        # reusing them changes no output bit; a PyTorch prefill over a whole prompt may round
-        # differently from the steps that cached a slot's tokens one by one.
+        # Prefix reuse (the engine turns it on): a prompt that starts with what a slot's
+        # cache already holds (its own, or another's by copy) computes only the rest. Only
+        # on the fused C step, where a row's keys and values do not depend on which call or
+        # which other rows computed them, so reusing them changes no output bit; a PyTorch
+        # prefill over a whole prompt may round differently from the steps that cached a
+        # slot's tokens one by one.
         self.reuse_prefix = False
         self._forward_filled: set[int] = set()  # slots whose cache a PyTorch forward filled
         self.prefills = 0  # forward passes over a whole window (a prompt, or a slide)
@@ -61,10 +62,16 @@ class ModelRunner:
         if not self.reuse_prefix or self.engine != "native" or slot in self._forward_filled:
             return 0  # a forward's keys and values may differ in the last bit from the C step's
         window, new = self.windows[slot], prompt[-self.block_size:]
-        n, limit = 0, min(len(window), len(new) - 1)
-        while n < limit and window[n] == new[n]:
-            n += 1
-        return n
+        # The longest common prefix by bisection over slice comparisons (C speed): every
+        # free slot is asked at each admission, with prompts up to a whole context long.
+        lo, hi = 0, min(len(window), len(new) - 1)
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if window[:mid] == new[:mid]:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
 
     def shared(self, prompt: list[int], skip: set[int] | frozenset[int] = frozenset()
                ) -> tuple[int, int]:

@@ -40,7 +40,7 @@ class ServeOptions:
     model_name: str | None = None
     max_prefill_tokens: int | None = 16  # prompt tokens started per engine step
     prefill_first: bool = False  # a step that starts prompts runs them alone
-    prefix_cache: bool = True  # a prompt reuses what a free slot's cache holds of it
+    prefix_cache: bool = True  # a prompt reuses what a slot's cache holds of its beginning
     prompt_lookup: int = 0  # speculative decoding by prompt lookup for every request (0: off)
     draft_k: int = 4
     draft: str | None = None  # a draft run for speculative decoding (the loader loads it)
