@@ -3,11 +3,11 @@ the same weights, under the same load, in the same run.
 
 Every round starts each server in turn on 127.0.0.1, warms it up, and measures one stream
 alone and N concurrent streams (benchmarks/serve_load.py: greedy, fixed output length, a
-different prompt per request), then stops it. By default the prompts differ only in a number
-at their end, so a prefix cache (llama-server's, minigpt's) skips most of each; `--prompt
-"{n} The quick brown fox jumps over the lazy dog"` puts the number first and leaves nothing to
-reuse. Rounds interleave the
-servers so machine noise falls on all of them; the table reports the median and the range.
+different prompt per request), then stops it. Rounds interleave the servers so machine
+noise falls on all of them; the table reports the median and the range. By default the
+prompts differ only in a number at their end, so a prefix cache (llama-server's, minigpt's)
+skips most of each; `--prompt "{n} The quick brown fox jumps over the lazy dog"` puts the
+number first and leaves nothing to reuse.
 
     python benchmarks/serve_peers.py --run RUN --hf HF_DIR --gguf MODEL.gguf \\
         --llama-server PATH [--rounds 3] [--streams 8] [--tokens 48]
