@@ -1,5 +1,5 @@
-"""Prefix reuse: a new prompt that begins with what a free slot's cache already holds computes
-only the rest, and nothing it produces changes.
+"""Prefix reuse: a new prompt that begins with what a slot's cache already holds (its own
+slot's, or another's by copy) computes only the rest, and nothing it produces changes.
 
 Oracle: each request's tokens (greedy and seeded) equal its tokens from a fresh engine with
 reuse off; and reuse must really happen, counted in rows the step computed.
