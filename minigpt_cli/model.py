@@ -88,6 +88,11 @@ class KVCache:
         view._views()
         return view
 
+    def copy_prefix(self, src: int, dst: int, n: int) -> None:
+        """Slot dst's first n columns become slot src's (prefix reuse: the engine's runner)."""
+        self.k[:, dst, :, :n] = self.k[:, src, :, :n]
+        self.v[:, dst, :, :n] = self.v[:, src, :, :n]
+
     def reorder(self, rows: torch.Tensor) -> None:
         """Beam search: batch row i becomes a copy of row rows[i]."""
         self.k, self.v = self.k.index_select(1, rows), self.v.index_select(1, rows)

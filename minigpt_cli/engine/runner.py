@@ -168,8 +168,7 @@ class ModelRunner:
             src, n = self.shared(p, refilled)
             if n > held:  # another slot holds more of it: copy those columns over
                 assert self.cache is not None
-                self.cache.k[:, s, :, :n] = self.cache.k[:, src, :, :n]
-                self.cache.v[:, s, :, :n] = self.cache.v[:, src, :, :n]
+                self.cache.copy_prefix(src, s, n)
                 held = n
             self.windows[s] = list(p[-self.block_size:])
             self._forward_filled.discard(s)  # the C step computes what it does not reuse
