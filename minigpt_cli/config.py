@@ -49,6 +49,7 @@ class ModelConfig:
     qk_norm: bool = False  # RMSNorm on each head's queries and keys
     rope_theta: float = 10000.0  # rotary only: the base of its wavelengths
     mlp_hidden: int = 0  # the MLP's inner width; 0: 4 x n_embd (swiglu: 8/3 x, rounded)
+    norm_eps: float = 1e-5  # every norm's epsilon, added to the variance before the root
 
 
 @dataclass
@@ -190,6 +191,7 @@ def validate(cfg: Config) -> None:
          f"model.n_embd ({m.n_embd}) must be divisible by model.n_head ({m.n_head})"),
         (m.block_size >= 2, "model.block_size must be at least 2"),
         (m.rope_theta > 0, "model.rope_theta must be > 0"),
+        (0 < m.norm_eps < 1, "model.norm_eps must be in (0, 1)"),
         (m.mlp_hidden >= 0, "model.mlp_hidden must be >= 0 (0: the default width)"),
         (m.position != "rotary" or (m.n_embd // max(m.n_head, 1)) % 2 == 0,
          "model.position rotary needs an even head width (n_embd / n_head)"),

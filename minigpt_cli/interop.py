@@ -25,7 +25,7 @@ from minigpt_cli import hf_tokenizer
 from minigpt_cli import tokenizer as tok
 from minigpt_cli.config import Config, ModelConfig, TokenizerConfig
 from minigpt_cli.errors import UserError
-from minigpt_cli.interop_llama import from_llama, is_llama, llama_config, to_llama
+from minigpt_cli.interop_llama import from_llama, is_llama, llama_config, to_llama, valid_eps
 from minigpt_cli.interop_llama import read_config as read_llama_config
 from minigpt_cli.model import GPTConfig
 
@@ -65,7 +65,7 @@ def _read_hf_config(hf_dir: Path, cfg: dict[str, Any]) -> dict[str, Any]:
         (cfg.get("activation_function", "gelu_new") in TANH_GELUS,
          f"activation_function '{cfg.get('activation_function')}' (minigpt uses tanh GELU)"),
         (cfg.get("n_inner") in (None, 4 * cfg["n_embd"]), f"n_inner {cfg.get('n_inner')}"),
-        (cfg.get("layer_norm_epsilon", 1e-5) == 1e-5,
+        (valid_eps(cfg.get("layer_norm_epsilon", 1e-5)),
          f"layer_norm_epsilon {cfg.get('layer_norm_epsilon')}"),
         (cfg.get("tie_word_embeddings", True), "untied input and output embeddings"),
         (not cfg.get("scale_attn_by_inverse_layer_idx", False), "scale_attn_by_inverse_layer_idx"),
@@ -141,7 +141,8 @@ def import_hf(hf_dir: Path, out_dir: Path) -> Path:
         hf = _read_hf_config(hf_dir, hf)
         model_cfg = ModelConfig(n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"],
                                 block_size=hf["n_positions"],
-                                dropout=hf.get("resid_pdrop", 0.0), bias=True)
+                                dropout=hf.get("resid_pdrop", 0.0), bias=True,
+                                norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)))
         tensors = hf_to_minigpt(_read_hf_tensors(hf_dir))
     gpt_cfg = GPTConfig(vocab_size=hf["vocab_size"], **asdict(model_cfg))
     model = ckpt.build_model(tensors, asdict(gpt_cfg), source)
@@ -211,7 +212,7 @@ def _gpt2_config(cfg: GPTConfig, eot: int, path: Path, meta: dict[str, Any]) -> 
         "vocab_size": cfg.vocab_size, "n_positions": cfg.block_size, "n_ctx": cfg.block_size,
         "n_embd": cfg.n_embd,
         "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_inner": None,
-        "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5,
+        "activation_function": "gelu_new", "layer_norm_epsilon": cfg.norm_eps,
         "resid_pdrop": cfg.dropout, "embd_pdrop": cfg.dropout, "attn_pdrop": cfg.dropout,
         "initializer_range": 0.02, "scale_attn_weights": True, "use_cache": True,
         "bos_token_id": eot, "eos_token_id": eot, "tie_word_embeddings": True,

@@ -1,10 +1,10 @@
 """Llama-architecture weights to and from Hugging Face's `LlamaForCausalLM` layout, exactly.
 
 A minigpt model with `norm: rmsnorm`, `position: rotary` and `mlp: swiglu` is a Llama: the
-same RMSNorm (eps 1e-5), the same rotary layout ("rotate half", so no permutation of the
-query and key weights), SiLU-gated MLP, tied embeddings. The mapping splits minigpt's fused
-products (c_attn into q/k/v, c_fc into gate/up) and transposes its [in, out] matrices into
-nn.Linear's [out, in].
+same RMSNorm (its epsilon carried over), the same rotary layout ("rotate half", so no
+permutation of the query and key weights), SiLU-gated MLP, tied embeddings. The mapping
+splits minigpt's fused products (c_attn into q/k/v, c_fc into gate/up) and transposes its
+[in, out] matrices into nn.Linear's [out, in].
 
 Grouped-query attention (fewer key/value heads than query heads, as SmolLM has) imports by
 giving every query head its own copy of its group's key/value weights: the same function,
@@ -21,7 +21,10 @@ from minigpt_cli.errors import UserError
 from minigpt_cli.layers import mlp_hidden
 from minigpt_cli.model import GPTConfig
 
-RMS_EPS = 1e-5
+
+def valid_eps(value: Any) -> bool:
+    """A norm epsilon minigpt can hold: a number in (0, 1)."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and 0 < value < 1
 
 
 def is_llama(cfg: GPTConfig) -> bool:
@@ -37,7 +40,7 @@ def llama_config(cfg: GPTConfig, eot: int) -> dict[str, Any]:
         "intermediate_size": mlp_hidden(cfg.mlp, cfg.n_embd, cfg.mlp_hidden),
         "num_hidden_layers": cfg.n_layer, "num_attention_heads": cfg.n_head,
         "num_key_value_heads": cfg.n_head, "head_dim": cfg.head_dim, "hidden_act": "silu",
-        "max_position_embeddings": cfg.block_size, "rms_norm_eps": RMS_EPS,
+        "max_position_embeddings": cfg.block_size, "rms_norm_eps": cfg.norm_eps,
         "rope_theta": cfg.rope_theta, "rope_scaling": None, "attention_bias": cfg.bias,
         "mlp_bias": cfg.bias, "attention_dropout": cfg.dropout, "tie_word_embeddings": True,
         "initializer_range": 0.02, "use_cache": True, "bos_token_id": eot, "eos_token_id": eot,
@@ -77,7 +80,7 @@ def read_config(hf: dict[str, Any], where: str) -> dict[str, Any]:
     kv = hf.get("num_key_value_heads") or heads
     checks = [
         (hf.get("hidden_act", "silu") == "silu", f"hidden_act '{hf.get('hidden_act')}'"),
-        (hf.get("rms_norm_eps", RMS_EPS) == RMS_EPS, f"rms_norm_eps {hf.get('rms_norm_eps')}"),
+        (valid_eps(hf.get("rms_norm_eps", 1e-5)), f"rms_norm_eps {hf.get('rms_norm_eps')}"),
         (not hf.get("rope_scaling"), "rope_scaling"),
         (hf.get("tie_word_embeddings", False), "an untied output head"),
         (width % heads == 0 and hf.get("head_dim", width // heads) == width // heads,
@@ -94,7 +97,8 @@ def read_config(hf: dict[str, Any], where: str) -> dict[str, Any]:
             "bias": bool(hf.get("attention_bias", False)), "norm": "rmsnorm",
             "position": "rotary", "mlp": "swiglu", "qk_norm": False,
             "rope_theta": float(hf.get("rope_theta", 10000.0)),
-            "mlp_hidden": hf["intermediate_size"], "kv_heads": kv}
+            "mlp_hidden": hf["intermediate_size"], "norm_eps": float(hf.get("rms_norm_eps", 1e-5)),
+            "kv_heads": kv}
 
 
 def from_llama(tensors: dict[str, torch.Tensor], fields: dict[str, Any]

@@ -39,11 +39,11 @@ class Linear(nn.Module):
         return y.view(*x.shape[:-1], y.size(-1))
 
 
-def norm(kind: str, width: int, bias: bool) -> nn.Module:
+def norm(kind: str, width: int, bias: bool, eps: float = 1e-5) -> nn.Module:
     """LayerNorm (GPT-2) or RMSNorm (no centring, no bias: cheaper, what Llama uses)."""
     if kind == "rmsnorm":
-        return nn.RMSNorm(width, eps=1e-5)
-    return nn.LayerNorm(width, bias=bias)
+        return nn.RMSNorm(width, eps=eps)
+    return nn.LayerNorm(width, eps=eps, bias=bias)
 
 
 def mlp_hidden(kind: str, width: int, hidden: int = 0) -> int:

@@ -35,6 +35,7 @@ class GPTConfig:
     qk_norm: bool = False  # RMSNorm on each head's queries and keys
     rope_theta: float = 10000.0  # rotary: the longest wavelength's base
     mlp_hidden: int = 0  # the MLP's inner width; 0: the rule in layers.mlp_hidden
+    norm_eps: float = 1e-5  # every norm's epsilon (GPT-2's and most Llamas'; some use 1e-6)
 
     @property
     def head_dim(self) -> int:
@@ -140,8 +141,8 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(cfg.dropout)
         self.attn_dropout = cfg.dropout
         if cfg.qk_norm:
-            self.q_norm = nn.RMSNorm(cfg.head_dim, eps=1e-5)
-            self.k_norm = nn.RMSNorm(cfg.head_dim, eps=1e-5)
+            self.q_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps)
+            self.k_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps)
         self.qk_norm = cfg.qk_norm
 
     def forward(self, x: torch.Tensor, cache: KVCache | RowsView | None, start_pos: int,
@@ -170,9 +171,9 @@ class CausalSelfAttention(nn.Module):
 class Block(nn.Module):
     def __init__(self, cfg: GPTConfig, layer: int) -> None:
         super().__init__()
-        self.ln_1 = norm(cfg.norm, cfg.n_embd, cfg.bias)
+        self.ln_1 = norm(cfg.norm, cfg.n_embd, cfg.bias, cfg.norm_eps)
         self.attn = CausalSelfAttention(cfg, layer)
-        self.ln_2 = norm(cfg.norm, cfg.n_embd, cfg.bias)
+        self.ln_2 = norm(cfg.norm, cfg.n_embd, cfg.bias, cfg.norm_eps)
         self.mlp = MLP(cfg.mlp, cfg.n_embd, cfg.bias, cfg.dropout, cfg.mlp_hidden)
 
     def forward(self, x: torch.Tensor, cache: KVCache | RowsView | None, start_pos: int,
@@ -207,7 +208,7 @@ class GPT(nn.Module):
                     else None)
         self.drop = nn.Dropout(cfg.dropout)
         self.h = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
-        self.ln_f = norm(cfg.norm, cfg.n_embd, cfg.bias)
+        self.ln_f = norm(cfg.norm, cfg.n_embd, cfg.bias, cfg.norm_eps)
         # The output head is tied to the token embedding, as in GPT-2 (see `head`).
         self.apply(self._init_weights)
         # GPT-2 scales residual projections by 1/sqrt(2 * n_layer) so depth doesn't blow up.

@@ -36,7 +36,7 @@ from minigpt_cli.model import GPT, KVCache
 from minigpt_cli.quantize import GROUP
 
 SOURCE = Path(__file__).with_name("native") / "decode_step.c"
-ABI_VERSION = 5
+ABI_VERSION = 6
 ENGINES = ("auto", "native", "torch")
 # -march=native is safe because the library is built on the machine that runs it (the cache
 # key includes the CPU). No -ffast-math: NaNs and infinities must behave as in PyTorch. FMA
@@ -217,7 +217,7 @@ class NativeStep:
             cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.vocab_size, 0, 0, 0, self.threads,
             cfg.norm == "rmsnorm", cfg.position == "rotary", MLPS.index(cfg.mlp), cfg.qk_norm,
             width)
-        self._theta = ctypes.c_float(cfg.rope_theta)
+        self._floats = (ctypes.c_float * 2)(cfg.rope_theta, cfg.norm_eps)
         self._rows = [(ctypes.c_int64 * max_rows)() for _ in range(4)]  # token, pos, slot, col
         self._want = (ctypes.c_uint8 * max_rows)()
         self.logits = torch.empty(max_rows, cfg.vocab_size)
@@ -248,7 +248,7 @@ class NativeStep:
             for i, w in enumerate(want):
                 self._want[i] = bool(w)
         rc = self.lib.minigpt_decode_step(
-            self._dims, ctypes.byref(self._theta), self._ptrs, self._pptrs, self._qptrs,
+            self._dims, self._floats, self._ptrs, self._pptrs, self._qptrs,
             self._sptrs, *self._rows,
             None if want is None else self._want,
             cache.k.data_ptr(), cache.v.data_ptr(), self.logits.data_ptr(),

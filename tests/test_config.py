@@ -54,6 +54,7 @@ def test_set_overrides_are_typed() -> None:
     ({}, ["model.norm=batchnorm"], "model.norm"),
     ({}, ["model.position=rotary", "model.n_embd=36", "model.n_head=4"], "even head width"),
     ({}, ["model.mlp_hidden=-1"], "model.mlp_hidden"),
+    ({}, ["model.norm_eps=0"], "model.norm_eps must be in (0, 1)"),
     ({}, ["train.optimizer=muon", "train.parallel=fsdp"], "use train.parallel ddp"),
 ])
 def test_bad_values_name_the_key(raw: dict, overrides: list, fragment: str) -> None:

@@ -28,10 +28,11 @@ needs_gpt2_files = pytest.mark.skipif(
 VOCAB = 50257  # the gpt2 tokenizer's size: imported runs use it
 
 
-def _hf_model(n_embd: int = 32, random_biases: bool = False) -> GPT2LMHeadModel:
+def _hf_model(n_embd: int = 32, random_biases: bool = False, eps: float = 1e-5
+              ) -> GPT2LMHeadModel:
     torch.manual_seed(0)
     cfg = GPT2Config(vocab_size=VOCAB, n_positions=64, n_embd=n_embd, n_layer=2, n_head=2,
-                     resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1)
+                     resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1, layer_norm_epsilon=eps)
     model = GPT2LMHeadModel(cfg).eval()
     if random_biases:  # HF initialises biases and LayerNorm to 0/1: make every tensor count
         with torch.no_grad():
@@ -41,9 +42,12 @@ def _hf_model(n_embd: int = 32, random_biases: bool = False) -> GPT2LMHeadModel:
     return model
 
 
-@pytest.fixture(params=[False, True], ids=["hf-init", "random-biases"])
+# A LayerNorm epsilon of 1e-3 against activations of variance ~4e-4 (GPT-2's 0.02 init)
+# changes every logit: a model that ignored the folder's epsilon would fail all three tests.
+@pytest.fixture(params=[(False, 1e-5), (True, 1e-5), (True, 1e-3)],
+                ids=["hf-init", "random-biases", "eps-1e-3"])
 def imported(request, tmp_path: Path) -> tuple[GPT2LMHeadModel, GPT]:
-    hf = _hf_model(random_biases=request.param)
+    hf = _hf_model(random_biases=request.param[0], eps=request.param[1])
     hf.save_pretrained(tmp_path / "hf")
     import_hf(tmp_path / "hf", tmp_path / "run")
     ours, meta = ckpt.load_model(tmp_path / "run" / ckpt.MODEL_FILE)
@@ -146,6 +150,7 @@ def _saved(tmp_path: Path) -> Path:
      "pickle"),
     (lambda d: _edit_config(d, model_type="mistral"), "holds a .mistral. model"),
     (lambda d: _edit_config(d, activation_function="relu"), "activation_function"),
+    (lambda d: _edit_config(d, layer_norm_epsilon=0), "layer_norm_epsilon 0"),
     (lambda d: _edit_config(d, n_embd=64), "shape"),
     (lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:500]),
      "corrupt or truncated"),

@@ -44,12 +44,14 @@ def _ids(n: int, length: int, seed: int) -> torch.Tensor:
     return torch.randint(0, 256, (n, length), generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("bias", [False, True])
-def test_export_loads_in_transformers_and_matches(tmp_path: Path, bias: bool) -> None:
-    run = _run(tmp_path, bias=bias)
+@pytest.mark.parametrize(("bias", "eps"), [(False, 1e-5), (True, 1e-5), (False, 1e-3)])
+def test_export_loads_in_transformers_and_matches(tmp_path: Path, bias: bool, eps: float
+                                                  ) -> None:
+    run = _run(tmp_path, bias=bias, norm_eps=eps)
     out = export_hf(run, tmp_path / "hf")
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == "llama" and config["intermediate_size"] == 96
+    assert config["rms_norm_eps"] == eps
     hf, info = LlamaForCausalLM.from_pretrained(out, output_loading_info=True)
     assert not any(info.values()), info  # no missing, unexpected or mismatched keys
     hf.eval()
@@ -78,14 +80,14 @@ def test_round_trip_is_bit_identical(tmp_path: Path) -> None:
     assert meta["tokenizer"]["kind"] == "byte" and meta["model_config"]["mlp"] == "swiglu"
 
 
-def _smollm_folder(path: Path) -> LlamaForCausalLM:
+def _smollm_folder(path: Path, eps: float = 1e-5) -> LlamaForCausalLM:
     """SmolLM's shape in small: 6 query heads sharing 2 key/value heads, an MLP width of its
     own, tied embeddings; minigpt's byte tokenizer recorded as minigpt's export does."""
     torch.manual_seed(3)
     hf = LlamaForCausalLM(LlamaConfig(
         vocab_size=257, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
         num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=64,
-        rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=True)).eval()
+        rms_norm_eps=eps, rope_theta=10000.0, tie_word_embeddings=True)).eval()
     with torch.no_grad():
         for name, p in hf.named_parameters():
             if "norm" in name:
@@ -97,11 +99,15 @@ def _smollm_folder(path: Path) -> LlamaForCausalLM:
     return hf
 
 
-def test_smollm_shaped_folder_imports_with_the_same_logits(tmp_path: Path) -> None:
-    hf = _smollm_folder(tmp_path / "hf")
+# 1e-6 is Llama 2's and Qwen's; 1e-3 against activations of variance ~4e-4 moves every logit,
+# so a model that ignored the folder's epsilon fails.
+@pytest.mark.parametrize("eps", [1e-5, 1e-6, 1e-3])
+def test_smollm_shaped_folder_imports_with_the_same_logits(tmp_path: Path, eps: float) -> None:
+    hf = _smollm_folder(tmp_path / "hf", eps)
     import_hf(tmp_path / "hf", tmp_path / "run")
     ours, _ = ckpt.load_model(tmp_path / "run" / ckpt.MODEL_FILE)
     assert ours.config.mlp_hidden == 80 and ours.config.n_head == 6
+    assert ours.config.norm_eps == eps
     ids = _ids(2, 30, 4)
     with torch.no_grad():
         ref = hf(ids).logits

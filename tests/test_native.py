@@ -64,6 +64,7 @@ ARCHITECTURES = {
     "llama": {"norm": "rmsnorm", "position": "rotary", "mlp": "swiglu", "bias": False},
     "qk_norm+relu2": {"qk_norm": True, "mlp": "relu2", "position": "rotary", "rope_theta": 50.0},
     "rmsnorm+learned": {"norm": "rmsnorm", "mlp_hidden": 72},
+    "norm_eps": {"norm_eps": 0.05, "qk_norm": True},  # every norm, query/key norm included
 }
 
 

@@ -34,7 +34,6 @@
 #endif
 
 #define MAX_BATCH 64
-#define LN_EPS 1e-5f
 
 /* Per-layer weight pointers, in this order (bias, LayerNorm-shift and query/key-norm entries
  * may be NULL). */
@@ -46,7 +45,7 @@ enum { MLP_GELU, MLP_SWIGLU, MLP_RELU2 };
 /* Model-level pointers come first. */
 enum { WTE, WPE, HEAD_T, LNF_W, LNF_B, GLOBALS };
 
-int minigpt_abi_version(void) { return 5; }
+int minigpt_abi_version(void) { return 6; }
 int minigpt_max_batch(void) { return MAX_BATCH; }
 
 /* e^x for float32, written so the softmax and GELU loops vectorize (libm's expf is an opaque
@@ -420,9 +419,10 @@ static void matvec(int B, int n_in, int n_out, const float *x, const float *P, c
 #pragma omp barrier
 }
 
-/* LayerNorm (rms == 0) or RMSNorm (rms != 0: no centring, no shift) of B rows of width C. */
+/* LayerNorm (rms == 0) or RMSNorm (rms != 0: no centring, no shift) of B rows of width C;
+ * eps is the model's own (GPT-2 and most Llamas: 1e-5; some Llamas 1e-6). */
 static void layer_norm(int B, int C, const float *x, const float *g, const float *beta,
-                       float *out, int rms) {
+                       float *out, int rms, float eps) {
     for (int b = 0; b < B; b++) {
         const float *xr = x + (size_t)b * C;
         float *o = out + (size_t)b * C;
@@ -434,7 +434,7 @@ static void layer_norm(int B, int C, const float *x, const float *g, const float
         }
 #pragma omp simd reduction(+ : var)
         for (int c = 0; c < C; c++) var += (xr[c] - mean) * (xr[c] - mean);
-        const float rstd = 1.f / sqrtf(var / (float)C + LN_EPS);
+        const float rstd = 1.f / sqrtf(var / (float)C + eps);
         for (int c = 0; c < C; c++) {
             float v = (xr[c] - mean) * rstd * g[c];
             o[c] = beta ? v + beta[c] : v;
@@ -472,15 +472,15 @@ static void rotate(float *v, int D, const float *c, const float *s) {
  * RMSNorm per head (qn, kn: NULL without query/key norm), then rotation to its position
  * (rc, rs: the rows' rotary tables, B x D/2 each; NULL for learned positions). In place. */
 static void shape_qk(int B, int H, int D, float *qkv, const float *qn, const float *kn,
-                     const float *rc, const float *rs) {
+                     const float *rc, const float *rs, float eps) {
     const int C = H * D;
 #pragma omp for schedule(static)
     for (int bh = 0; bh < B * H; bh++) {
         const int b = bh / H, h = bh % H;
         float *q = qkv + (size_t)b * 3 * C + (size_t)h * D, *k = q + C;
         if (qn) {
-            layer_norm(1, D, q, qn, NULL, q, 1);
-            layer_norm(1, D, k, kn, NULL, k, 1);
+            layer_norm(1, D, q, qn, NULL, q, 1, eps);
+            layer_norm(1, D, k, kn, NULL, k, 1, eps);
         }
         if (rc) {
             const size_t at = (size_t)b * (D / 2);
@@ -537,8 +537,8 @@ static void attention(int B, int H, int D, int S, const int64_t *slot, const int
 }
 
 /* dims: n_layer, n_head, n_embd, vocab, rows, cache_len, n_slots, threads, then the
- * architecture (norm, rotary, mlp, qk_norm, mlp width: see the enum above); theta: the rotary
- * base (read only when rotary).
+ * architecture (norm, rotary, mlp, qk_norm, mlp width: see the enum above); fp: two floats,
+ * the rotary base (read only when rotary) and every norm's epsilon.
  * w: weight pointers (GLOBALS, then PER_LAYER per layer); pw: the same list with each matrix
  * (HEAD_T and the four per-layer products) packed by strips, see matvec; qw, qs: NULL, or the
  * same list with an int8 matrix's packed strips and scales where pw has NULL.
@@ -547,7 +547,7 @@ static void attention(int B, int H, int D, int S, const int64_t *slot, const int
  * [layers, n_slots, heads, cache_len, head_dim]; want: [rows], nonzero where a row's logits are
  * needed, or NULL for all; logits: [rows wanted, vocab], in row order;
  * scratch: rows * (7 * n_embd + 3 * mlp width) floats. Returns 0, or -1 on bad arguments. */
-int minigpt_decode_step(const int64_t *dims, const float *theta, const float *const *w,
+int minigpt_decode_step(const int64_t *dims, const float *fp, const float *const *w,
                         const float *const *pw, const int8_t *const *qw,
                         const float *const *qs, const int64_t *tokens, const int64_t *pos,
                         const int64_t *slot, const int64_t *col, const uint8_t *want, float *kc,
@@ -557,12 +557,12 @@ int minigpt_decode_step(const int64_t *dims, const float *theta, const float *co
     const int rms = (int)dims[8], rotary = (int)dims[9], mlp = (int)dims[10];
     const int qk_norm = (int)dims[11], F = (int)dims[12];
     if (B < 1 || B > MAX_BATCH || C % H || nt < 1 || F < 1 || mlp < 0 || mlp > MLP_RELU2 ||
-        (rotary && ((C / H) % 2 || !(*theta > 0.f))))
+        (rotary && ((C / H) % 2 || !(fp[0] > 0.f))) || !(fp[1] > 0.f))
         return -1;
     for (int b = 0; b < B; b++)
         if (slot[b] < 0 || slot[b] >= NS || col[b] < 0 || col[b] >= S) return -1;
     const int D = C / H;
-    const float rope = rotary ? *theta : 0.f;
+    const float rope = rotary ? fp[0] : 0.f, eps = fp[1];
     static const int8_t *const NONE8[PER_LAYER] = {0};
     static const float *const NONE32[PER_LAYER] = {0};
     int nw = 0; /* rows whose logits are wanted; shared by the threads below */
@@ -587,7 +587,7 @@ int minigpt_decode_step(const int64_t *dims, const float *theta, const float *co
             }
             if (L > 0)
                 layer_norm(1, C, x + b * C, w[GLOBALS + LN1_W], w[GLOBALS + LN1_B], h + b * C,
-                           rms);
+                           rms, eps);
         }
         for (int l = 0; l < L; l++) {
             const float *const *p = w + GLOBALS + (size_t)l * PER_LAYER;
@@ -599,12 +599,12 @@ int minigpt_decode_step(const int64_t *dims, const float *theta, const float *co
             matvec(B, C, 3 * C, h, q[ATTN_W], q8[ATTN_W], sc[ATTN_W], p[ATTN_W], p[ATTN_B], qkv,
                    STORE);
             if (qk_norm || rotary)
-                shape_qk(B, H, D, qkv, qk_norm ? p[QN_W] : NULL, p[KN_W], rc, rs);
+                shape_qk(B, H, D, qkv, qk_norm ? p[QN_W] : NULL, p[KN_W], rc, rs, eps);
             attention(B, H, D, S, slot, col, qkv, kc + layer_off, vc + layer_off, att);
             matvec(B, C, C, att, q[APROJ_W], q8[APROJ_W], sc[APROJ_W], p[APROJ_W], p[APROJ_B], x,
                    ADD);
 #pragma omp single
-            layer_norm(B, C, x, p[LN2_W], p[LN2_B], h, rms);
+            layer_norm(B, C, x, p[LN2_W], p[LN2_B], h, rms, eps);
             if (mlp == MLP_SWIGLU) { /* gate and up in one product, then silu(gate) * up */
                 matvec(B, C, 2 * F, h, q[FC_W], q8[FC_W], sc[FC_W], p[FC_W], p[FC_B], f, STORE);
 #pragma omp for schedule(static)
@@ -624,11 +624,11 @@ int minigpt_decode_step(const int64_t *dims, const float *theta, const float *co
             const float *gain = l + 1 < L ? p[PER_LAYER + LN1_W] : w[LNF_W];
             const float *beta = l + 1 < L ? p[PER_LAYER + LN1_B] : w[LNF_B];
 #pragma omp single
-            layer_norm(B, C, x, gain, beta, h, rms);
+            layer_norm(B, C, x, gain, beta, h, rms, eps);
         }
         if (L == 0) {
 #pragma omp single
-            layer_norm(B, C, x, w[LNF_W], w[LNF_B], h, rms);
+            layer_norm(B, C, x, w[LNF_W], w[LNF_B], h, rms, eps);
         }
         /* Logits only for the rows that want them (a prompt's last token, every decode row):
          * the head is a third of a small model's weights, and a prompt's earlier rows only
