@@ -124,7 +124,10 @@ def main() -> None:
     table = servers(args)
     if args.only:
         keep = args.only.split(",")
-        table = {k: v for k, v in table.items() if any(k.startswith(x) for x in keep)}
+        # An exact name picks that row alone; otherwise a name's beginning picks every row
+        # it begins ("minigpt --max-batch 8" alone, not its --prefill-first variant too).
+        table = {k: v for k, v in table.items()
+                 if any(k == x or (x not in table and k.startswith(x)) for x in keep)}
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(args.threads)}
     results: dict[str, list[dict]] = {name: [] for name in table}
     prompt = args.prompt
