@@ -17,7 +17,8 @@ import yaml
 
 from minigpt_cli.errors import UserError
 
-TokenizerKind = Literal["bpe", "byte", "gpt2", "r50k_base", "cl100k_base", "o200k_base"]
+# hf: an imported run's own tokenizer.json, run by the tokenizers library (tokenizer_json.py)
+TokenizerKind = Literal["bpe", "byte", "gpt2", "r50k_base", "cl100k_base", "o200k_base", "hf"]
 Device = Literal["auto", "cpu", "cuda", "mps"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 

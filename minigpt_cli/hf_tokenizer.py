@@ -32,7 +32,7 @@ DIGITS_PATTERN = (r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+"
                   r"""|\s+(?![^\s\p{N}])|\s+""")
 
 
-def _byte_chars() -> dict[str, int]:
+def byte_chars() -> dict[str, int]:
     """GPT-2's printable stand-in for each byte, reversed: character -> byte. Printable Latin-1
     bytes stand for themselves; the rest take code points from 256 up, in byte order."""
     keep = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
@@ -70,7 +70,7 @@ def _pattern(pre: Any, where: str) -> str:
 
 def _ranks(model: dict[str, Any], specials: set[int], where: str) -> dict[bytes, int]:
     """Token bytes -> id, checked so that tiktoken's merge order is the tokenizer's own."""
-    chars = _byte_chars()
+    chars = byte_chars()
     vocab = model.get("vocab")
     if not isinstance(vocab, dict):
         raise UserError(f"{where}: the BPE model has no vocab")

@@ -21,7 +21,7 @@ import torch
 import yaml
 
 from minigpt_cli import checkpoint as ckpt
-from minigpt_cli import hf_tokenizer
+from minigpt_cli import hf_tokenizer, tokenizer_json
 from minigpt_cli import tokenizer as tok
 from minigpt_cli.config import Config, ModelConfig, TokenizerConfig
 from minigpt_cli.errors import UserError
@@ -117,8 +117,12 @@ def _hf_tokenizer(hf: dict[str, Any], hf_dir: Path) -> tuple[str, tiktoken.Encod
     desc = hf.get("minigpt_tokenizer")
     if isinstance(desc, dict) and isinstance(desc.get("kind"), str):
         return desc["kind"], tok.load(desc, hf_dir)
-    if (hf_dir / "tokenizer.json").is_file():
-        return "bpe", hf_tokenizer.read(hf_dir / "tokenizer.json")
+    path = hf_dir / "tokenizer.json"
+    if path.is_file():
+        try:  # tiktoken when it reproduces the file exactly: fast, and no extra library
+            return "bpe", hf_tokenizer.read(path)
+        except UserError:  # SentencePiece-style and the rest: the tokenizers library runs it
+            return "hf", tokenizer_json.load(path, tokenizer_json.eot_id(path, hf))
     if hf["model_type"] == "gpt2":
         return "gpt2", tok.tiktoken_encoding("gpt2")
     raise UserError(f"{hf_dir}: a Llama folder with no tokenizer.json and no tokenizer "
@@ -160,6 +164,8 @@ def import_hf(hf_dir: Path, out_dir: Path) -> Path:
     ckpt.save_model(out_dir / ckpt.MODEL_FILE, model, meta)
     if kind == "bpe":  # minigpt's own ranks file, or the one made from tokenizer.json
         tok.save_ranks(enc, out_dir / tok.TOKENIZER_FILE)
+    elif kind == "hf":  # the folder's own tokenizer.json, run by the tokenizers library
+        ckpt.atomic_write_text(out_dir / tok.JSON_FILE, enc.source)
     # A step-0 resume point with a fresh optimizer: `minigpt train CONFIG --resume` fine-tunes.
     opt = torch.optim.AdamW(model.optimizer_groups(0.1), lr=1e-4)
     ckpt.save_train_state(out_dir, model, opt, {"step": 0, "best_val_loss": float("inf"),
@@ -188,7 +194,7 @@ def export_hf(run: str | Path, out_dir: Path) -> Path:
     from safetensors.torch import save
 
     ckpt.atomic_write_bytes(out_dir / "model.safetensors", save(tensors, {"format": "pt"}))
-    tok.copy_ranks_file(meta["tokenizer"], path.parent, out_dir)
+    tok.copy_tokenizer_file(meta["tokenizer"], path.parent, out_dir)
     try:
         enc = tok.load(meta["tokenizer"], path.parent)
     except UserError:  # a tokenizer minigpt cannot rebuild (e.g. a benchmark's stand-in)
@@ -224,7 +230,13 @@ def write_hf_tokenizer(enc: tiktoken.Encoding, out_dir: Path, eot: int) -> bool:
     """tokenizer.json + tokenizer_config.json, so `AutoTokenizer.from_pretrained(out_dir)` loads
     the same tokenizer and the folder is a complete Hugging Face model (what `transformers
     serve` and llama.cpp's converter read). transformers converts tiktoken ranks; without it
-    installed the weights are still exported, and this returns False."""
+    installed the weights are still exported, and this returns False. An imported
+    tokenizer.json (kind hf) is written as it came."""
+    name = enc.decode_single_token_bytes(eot).decode("utf-8", errors="replace")
+    if isinstance(enc, tokenizer_json.JsonTokenizer):  # its post-processor decides on BOS
+        ckpt.atomic_write_text(out_dir / tok.JSON_FILE, enc.source)
+        _tokenizer_config(out_dir, {"eos_token": name})
+        return True
     try:
         from transformers.integrations.tiktoken import TikTokenConverter
     except ImportError:
@@ -247,9 +259,12 @@ def write_hf_tokenizer(enc: tiktoken.Encoding, out_dir: Path, eot: int) -> bool:
             added["id"] = spec["model"]["vocab"][added["content"]] = \
                 enc._special_tokens[added["content"]]
     ckpt.atomic_write_text(out_dir / "tokenizer.json", json.dumps(spec, ensure_ascii=False))
-    name = enc.decode_single_token_bytes(eot).decode("utf-8", errors="replace")
-    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": name,
-              "eos_token": name, "unk_token": name, "model_max_length": 1 << 30,
-              "add_bos_token": False, "clean_up_tokenization_spaces": False}
-    ckpt.atomic_write_text(out_dir / "tokenizer_config.json", json.dumps(config, indent=2))
+    _tokenizer_config(out_dir, {"bos_token": name, "eos_token": name, "unk_token": name,
+                                "add_bos_token": False})
     return True
+
+
+def _tokenizer_config(out_dir: Path, tokens: dict[str, Any]) -> None:
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", **tokens,
+              "model_max_length": 1 << 30, "clean_up_tokenization_spaces": False}
+    ckpt.atomic_write_text(out_dir / "tokenizer_config.json", json.dumps(config, indent=2))

@@ -150,6 +150,6 @@ def quantize_run(run: str, out_dir: Path) -> Path:
     tensors = pack(ckpt.model_tensors(model), int8_pairs(model))
     meta = {**meta, "quantize": {"kind": "int8", "group": GROUP}, "quantized_from": str(path)}
     ckpt.save_model(out_dir / ckpt.MODEL_FILE, tensors, meta)
-    tok.copy_ranks_file(meta["tokenizer"], path.parent, out_dir)
+    tok.copy_tokenizer_file(meta["tokenizer"], path.parent, out_dir)
     print(report.describe(), file=sys.stderr)
     return out_dir / ckpt.MODEL_FILE

@@ -26,6 +26,7 @@ SPLIT_PATTERN = (
 )
 TIKTOKEN_KINDS = ("gpt2", "r50k_base", "cl100k_base", "o200k_base")
 TOKENIZER_FILE = "tokenizer.tiktoken"
+JSON_FILE = "tokenizer.json"  # kind hf: the file itself (tokenizer_json.py)
 
 
 def _encoding(name: str, ranks: dict[bytes, int], pattern: str) -> tiktoken.Encoding:
@@ -71,12 +72,17 @@ def describe(enc: tiktoken.Encoding, kind: str) -> dict[str, Any]:
     desc: dict[str, Any] = {"kind": kind, "n_vocab": enc.n_vocab, "eot_id": enc.eot_token}
     if kind == "bpe":
         desc.update(file=TOKENIZER_FILE, pattern=enc._pat_str, special_tokens=enc._special_tokens)
+    elif kind == "hf":
+        desc.update(file=JSON_FILE)
     return desc
 
 
 def fingerprint(enc: tiktoken.Encoding, kind: str) -> str:
     """A short hash that changes whenever the token ids would; keys the token cache."""
     h = hashlib.sha256(kind.encode())
+    if kind == "hf":
+        h.update(enc.source.encode())
+        return h.hexdigest()[:16]
     h.update(enc._pat_str.encode())
     for token, rank in sorted(enc._mergeable_ranks.items(), key=lambda kv: kv[1]):
         h.update(token)
@@ -96,16 +102,19 @@ def save_ranks(enc: tiktoken.Encoding, path: Path) -> None:
     atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
 
 
-def copy_ranks_file(desc: dict[str, Any], src_dir: Path, out_dir: Path) -> None:
-    """A trained BPE's ranks file goes wherever its weights go (export-hf, quantize): the
-    weights alone cannot be decoded. Other tokenizers are named, not stored."""
+def copy_tokenizer_file(desc: dict[str, Any], src_dir: Path, out_dir: Path) -> None:
+    """A trained BPE's ranks file (or an imported tokenizer.json) goes wherever its weights go
+    (export-hf, quantize): the weights alone cannot be decoded. Other tokenizers are named,
+    not stored."""
     from minigpt_cli.checkpoint import atomic_write_bytes
 
-    if desc.get("kind") != "bpe":
+    if desc.get("kind") not in ("bpe", "hf"):
         return
-    src = Path(src_dir) / desc.get("file", TOKENIZER_FILE)
+    default = TOKENIZER_FILE if desc["kind"] == "bpe" else JSON_FILE
+    name = Path(desc.get("file", default)).name  # never a path a file's metadata names
+    src = Path(src_dir) / name
     if src.is_file():
-        atomic_write_bytes(Path(out_dir) / TOKENIZER_FILE, src.read_bytes())
+        atomic_write_bytes(Path(out_dir) / name, src.read_bytes())
 
 
 def _load_ranks(path: Path) -> dict[bytes, int]:
@@ -142,6 +151,9 @@ def build(kind: str, texts: Iterable[str] | None = None, vocab_size: int = 4096
         if texts is None:
             raise ValueError("training a BPE tokenizer needs texts")
         return train_bpe(texts, vocab_size)
+    if kind == "hf":
+        raise UserError("tokenizer.kind hf is an imported run's own tokenizer.json: fine-tune "
+                        "that run with `minigpt train RUN/config.yaml --resume`")
     raise UserError(f"unknown tokenizer kind '{kind}'")
 
 
@@ -152,6 +164,13 @@ def load(desc: dict[str, Any], run_dir: Path) -> tiktoken.Encoding:
         specials = desc.get("special_tokens")
         enc = load_bpe_file(run_dir / desc.get("file", TOKENIZER_FILE), desc["pattern"],
                             specials if isinstance(specials, dict) else None)
+    elif kind == "hf":
+        from minigpt_cli import tokenizer_json
+
+        eot = desc.get("eot_id")
+        if not isinstance(eot, int):
+            raise UserError(f"checkpoint in {run_dir} names a tokenizer.json but no eot_id")
+        enc = tokenizer_json.load(run_dir / Path(desc.get("file", JSON_FILE)).name, eot)
     elif kind in ("byte", *TIKTOKEN_KINDS):
         enc = build(kind)
     else:

@@ -179,9 +179,10 @@ def _train(cfg: Config, resume: bool, console: Console, ranks: distributed.Ranks
 
     # Data and tokenizer: a resumed run reuses its own saved tokenizer.
     corpus = D.load_corpus(cfg.data.source, cfg.data.val_fraction)
-    if resume and cfg.tokenizer.kind == "bpe":  # its pattern and specials are in the weights'
-        desc = ckpt.read_meta(run_dir / ckpt.MODEL_FILE).get("tokenizer")  # header (imports)
-        enc = (tok.load(desc, run_dir) if isinstance(desc, dict) and desc.get("kind") == "bpe"
+    if resume and cfg.tokenizer.kind in ("bpe", "hf"):  # described in the weights' header
+        desc = ckpt.read_meta(run_dir / ckpt.MODEL_FILE).get("tokenizer")  # (imports' too)
+        enc = (tok.load(desc, run_dir) if isinstance(desc, dict)
+               and desc.get("kind") == cfg.tokenizer.kind
                else tok.load_bpe_file(run_dir / tok.TOKENIZER_FILE))
     else:
         enc = D.tokenizer_for(corpus, cfg.tokenizer.kind, cfg.tokenizer.vocab_size)
