@@ -167,3 +167,19 @@ def test_a_llama2_folder_imports_generates_fine_tunes_and_exports(tmp_path: Path
     _, enc2, meta2, _ = load_for_inference(str(tmp_path / "back"), "cpu", "float32")
     assert meta2["tokenizer"]["kind"] == "hf" and tok.encode(enc2, "ok café") == tok.encode(
         enc, "ok café")
+
+
+def test_a_byte_level_bpe_without_endoftext_runs_through_the_library(tmp_path: Path) -> None:
+    """Llama 3's case: byte-level, but documents end with <|end_of_text|>, not minigpt's
+    <|endoftext|>, so tiktoken's conversion refuses it and the library runs it instead."""
+    t = Tokenizer(models.BPE())
+    t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    t.decoder = decoders.ByteLevel()
+    t.train_from_iterator(_texts(200), trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<|begin_of_text|>", "<|end_of_text|>"],
+        show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    enc = JsonTokenizer(t.to_str(), 1, "t")
+    for text in [*_texts(20, seed=3), *UNSEEN, " lead", ""]:
+        ids = tok.encode(enc, text)
+        assert ids == t.encode(text).ids and enc.decode_bytes(ids).decode() == text
+    assert tok.token_byte_lengths(enc)[1] == 0
