@@ -31,7 +31,7 @@ from minigpt_cli import data as D
 from minigpt_cli import distributed, optim, scheduled, sharding
 from minigpt_cli import tokenizer as tok
 from minigpt_cli.config import Config
-from minigpt_cli.device import DTYPES, resolve_device, synchronize, train_dtype
+from minigpt_cli.device import DTYPES, keep_freed_memory, resolve_device, synchronize, train_dtype
 from minigpt_cli.errors import UserError
 from minigpt_cli.model import GPT, GPTConfig
 from minigpt_cli.step import accumulate_gradients, clip_gradients, evaluate, lr_at
@@ -172,6 +172,7 @@ def _train(cfg: Config, resume: bool, console: Console, ranks: distributed.Ranks
     if device.type == "cuda" and ranks.enabled:
         device = torch.device("cuda", ranks.local_rank)
     dtype, dtype_why = train_dtype(cfg.dtype, device)
+    memory = keep_freed_memory() if device.type == "cpu" else ""
     if state is not None and cfg.dtype == "auto" and state.get("dtype") in DTYPES:
         # A resume keeps the precision its run chose: the same steps, to the bit.
         dtype, dtype_why = DTYPES[state["dtype"]], "auto: what this run started with"
@@ -302,7 +303,8 @@ def _train(cfg: Config, resume: bool, console: Console, ranks: distributed.Ranks
 
     console.print(f"[bold]training[/] {model.num_params() / 1e6:.2f}M params on {device} "
                   f"({str(dtype).removeprefix('torch.')}: {dtype_why}), vocab {enc.n_vocab}, "
-                  f"{len(tokens.train):,} train / {len(tokens.val):,} val tokens")
+                  f"{len(tokens.train):,} train / {len(tokens.val):,} val tokens"
+                  + (f"; {memory}" if memory else ""))
     console.print(f"global batch {t.batch_size} x {T} tokens x {t.grad_accum_steps} "
                   f"micro-batches = {tokens_per_step:,} tokens per step"
                   + (f", over {ranks.world} ranks ({len(mine)} micro-batches each, "
