@@ -9,8 +9,11 @@ reports the median ratio and its spread.
 
 Shapes: nanoGPT's CPU recipe (4 layers, 4 heads, width 128, context 64, 65 symbols, batch 12)
 and configs/tiny.yaml's (context 256, vocabulary 2,048, batch 16), dropout 0 as tiny.yaml has.
+`--arch llama` sets tiny.yaml's architecture (RMSNorm, rotary, SwiGLU, no biases) against
+`LlamaForCausalLM` built the same way, instead of GPT-2 against `GPT2LMHeadModel`.
 
     python benchmarks/train_throughput.py [--steps 20] [--rounds 3] [--shape nanogpt|tiny|both]
+        [--arch gpt2|llama]
 
 `--dropout-cost` prices dropout 0.1 on tiny.yaml's step instead (minigpt only); `--compile`
 sets minigpt's eager step against the same step under torch.compile (what `compile: true`
@@ -32,13 +35,16 @@ from minigpt_cli.model import GPT, GPTConfig
 
 SHAPES = {"nanogpt": {"vocab": 65, "block": 64, "batch": 12},
           "tiny": {"vocab": 2048, "block": 256, "batch": 16}}
+# minigpt's architecture options for each peer: GPT-2's own, or tiny.yaml's (a Llama).
+ARCHS = {"gpt2": {}, "llama": {"norm": "rmsnorm", "position": "rotary", "mlp": "swiglu",
+                               "bias": False}}
 
 
-def minigpt_step(vocab: int, block: int, dropout: float = 0.0, compiled: bool = False
-                 ) -> Callable:
+def minigpt_step(vocab: int, block: int, dropout: float = 0.0, compiled: bool = False,
+                 arch: str = "gpt2") -> Callable:
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=vocab, block_size=block, n_layer=4, n_head=4, n_embd=128,
-                          dropout=dropout)).train()
+                          dropout=dropout, **ARCHS[arch])).train()
     opt = torch.optim.AdamW(model.optimizer_groups(0.1), lr=1e-3, betas=(0.9, 0.99))
     forward = torch.compile(model) if compiled else model  # what `compile: true` does
 
@@ -52,14 +58,24 @@ def minigpt_step(vocab: int, block: int, dropout: float = 0.0, compiled: bool = 
     return step
 
 
-def hf_step(vocab: int, block: int) -> Callable:
-    from transformers import GPT2Config, GPT2LMHeadModel
+def hf_step(vocab: int, block: int, arch: str = "gpt2") -> Callable:
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    from minigpt_cli.layers import mlp_hidden
 
     torch.manual_seed(0)
-    cfg = GPT2Config(vocab_size=vocab, n_positions=block, n_embd=128, n_layer=4, n_head=4,
-                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                     bos_token_id=vocab - 1, eos_token_id=vocab - 1, attn_implementation="sdpa")
-    model = GPT2LMHeadModel(cfg).train()
+    if arch == "llama":  # tiny.yaml's architecture: the same widths, tied head, no biases
+        model = LlamaForCausalLM(LlamaConfig(
+            vocab_size=vocab, hidden_size=128, intermediate_size=mlp_hidden("swiglu", 128),
+            num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
+            max_position_embeddings=block, rms_norm_eps=1e-5, tie_word_embeddings=True,
+            bos_token_id=vocab - 1, eos_token_id=vocab - 1,
+            attn_implementation="sdpa")).train()
+    else:
+        model = GPT2LMHeadModel(GPT2Config(
+            vocab_size=vocab, n_positions=block, n_embd=128, n_layer=4, n_head=4,
+            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=vocab - 1,
+            eos_token_id=vocab - 1, attn_implementation="sdpa")).train()
     assert model.config._attn_implementation == "sdpa", model.config._attn_implementation
     decay = [p for p in model.parameters() if p.dim() >= 2]
     rest = [p for p in model.parameters() if p.dim() < 2]
@@ -139,6 +155,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--shape", choices=["nanogpt", "tiny", "both"], default="both")
+    ap.add_argument("--arch", choices=sorted(ARCHS), default="gpt2",
+                    help="gpt2: against GPT2LMHeadModel; llama: tiny.yaml's architecture "
+                         "against LlamaForCausalLM")
     ap.add_argument("--dropout-cost", action="store_true")
     ap.add_argument("--compile", action="store_true",
                     help="minigpt eager against minigpt under torch.compile instead")
@@ -180,12 +199,13 @@ def main() -> None:
         tokens = s["batch"] * s["block"]
         ratios, rows = [], []
         for r in range(args.rounds):
-            ms = interleaved({"minigpt": minigpt_step(s["vocab"], s["block"]),
-                              "hf": hf_step(s["vocab"], s["block"])}, s, args.steps)
+            ms = interleaved({"minigpt": minigpt_step(s["vocab"], s["block"], arch=args.arch),
+                              "hf": hf_step(s["vocab"], s["block"], args.arch)}, s, args.steps)
             ratios.append(ms["hf"] / ms["minigpt"])
             rows.append(ms)
+            peer = "HF Llama" if args.arch == "llama" else "HF GPT-2"
             print(f"{name} round {r + 1}: minigpt {ms['minigpt'] * 1e3:.1f} ms "
-                  f"({tokens / ms['minigpt']:,.0f} tok/s) · HF GPT-2 {ms['hf'] * 1e3:.1f} ms "
+                  f"({tokens / ms['minigpt']:,.0f} tok/s) · {peer} {ms['hf'] * 1e3:.1f} ms "
                   f"({tokens / ms['hf']:,.0f} tok/s) · {ratios[-1]:.2f}×")
         print(f"{name} ({s['batch']} x {s['block']} tokens, vocab {s['vocab']}): minigpt is "
               f"{statistics.median(ratios):.2f}× HF's step [{min(ratios):.2f}–{max(ratios):.2f}]")
