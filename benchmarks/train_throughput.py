@@ -17,9 +17,10 @@ and configs/tiny.yaml's (context 256, vocabulary 2,048, batch 16), dropout 0 as 
 
 `--dropout-cost` prices dropout 0.1 on tiny.yaml's step instead (minigpt only); `--compile`
 sets minigpt's eager step against the same step under torch.compile (what `compile: true`
-does), the first, compiling call timed apart. `--profile` splits minigpt's eager step by
-operator kind (torch.profiler, self CPU time): what torch.compile can fuse on a CPU (the
-elementwise rest) against what it hands to the same kernels (products, attention).
+does), the first, compiling call timed apart. `--profile` splits each eager step, minigpt's
+and the peer's, by operator kind (torch.profiler, self CPU time): what torch.compile can fuse
+on a CPU (the elementwise rest) against what it hands to the same kernels (products,
+attention).
 """
 
 from __future__ import annotations
@@ -114,12 +115,11 @@ KINDS = (("products", ("mm", "addmm", "bmm", "linear", "matmul", "mkldnn")),
          ("optimizer", ("adam", "_foreach", "vector_norm", "optimizer")))
 
 
-def profile(shape: dict, steps: int) -> None:
-    """Self CPU time of minigpt's eager step by operator kind, over `steps` steps."""
+def profile(shape: dict, steps: int, step: Callable) -> None:
+    """Self CPU time of an eager step by operator kind, over `steps` steps."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    step = minigpt_step(shape["vocab"], shape["block"])
     for _ in range(5):
         step(*_batch(shape))
     batches = [_batch(shape) for _ in range(steps)]
@@ -162,13 +162,16 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true",
                     help="minigpt eager against minigpt under torch.compile instead")
     ap.add_argument("--profile", action="store_true",
-                    help="minigpt's eager step split by operator kind instead")
+                    help="each eager step split by operator kind instead")
     args = ap.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     if args.profile:
         for name in (["nanogpt", "tiny"] if args.shape == "both" else [args.shape]):
-            print(f"{name}:")
-            profile(SHAPES[name], args.steps)
+            s = SHAPES[name]
+            print(f"{name}, minigpt:")
+            profile(s, args.steps, minigpt_step(s["vocab"], s["block"], arch=args.arch))
+            print(f"{name}, Hugging Face:")
+            profile(s, args.steps, hf_step(s["vocab"], s["block"], args.arch))
         return
     if args.compile:
         for name in (["nanogpt", "tiny"] if args.shape == "both" else [args.shape]):
