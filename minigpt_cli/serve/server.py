@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import logging
 import socket
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import uvicorn
@@ -69,12 +71,23 @@ def run_serve(*, checkpoint: str | None, host: str, port: int, options: ServeOpt
     native.check_engine_name(options.engine)
     # Every refusal that needs the model comes before the port check, so a case's own error
     # is what is reported, whatever else holds the port.
-    model, enc, _, found = load_for_inference(checkpoint, device, dtype, quantize)
-    draft = (load_draft(options.draft, model, enc, device, dtype, quantize) if options.draft
-             else None)
-    native.choose_engine(options.engine, model)
-    if draft is not None:
-        native.choose_engine(options.engine, draft)
+    def load() -> tuple[Any, Any, Path, Any]:
+        model, enc, _, found = load_for_inference(checkpoint, device, dtype, quantize)
+        draft = (load_draft(options.draft, model, enc, device, dtype, quantize)
+                 if options.draft else None)
+        native.choose_engine(options.engine, model)
+        if draft is not None:
+            native.choose_engine(options.engine, draft)
+        return model, enc, found, draft
+
+    # On a thread that ends when the model is loaded, not on the main thread, which goes on to
+    # run the event loop. libgomp gives each thread that runs a parallel region a team of its
+    # own, and when its teams hold more threads than there are CPUs it stops idle workers from
+    # spinning: a main-thread team left from loading made the engine's C-step workers sleep
+    # and wake at every barrier (docs/benchmarks.md §6, session 9: 1.5x fewer token events
+    # a second on the tiny model). A thread that ends takes its team with it.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="minigpt-load") as pool:
+        model, enc, found, draft = pool.submit(load).result()
     _check_port(host, port)
 
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
