@@ -5,9 +5,11 @@ from __future__ import annotations
 import os
 import random
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+import yaml
 
 from minigpt_cli.config import config_from_dict
 from minigpt_cli.model import GPT, GPTConfig
@@ -63,6 +65,23 @@ def tiny_raw(corpus: Path, out_dir: Path, **train: object) -> dict:
                   "warmup_steps": 4, "eval_interval": 10, "eval_steps": 2, "save_interval": 5,
                   "log_interval": 5, **train},
     }
+
+
+def fine_tune_imported(run: Path, corpus: Path) -> tuple[Any, dict, bool, dict]:
+    """Three steps of `train RUN/config.yaml --resume` on `corpus`, as a user fine-tunes an
+    imported run: (the train summary, the new weights' metadata, whether the embedding moved),
+    plus the config dict used, for a test that goes on from it."""
+    from minigpt_cli import checkpoint as ckpt
+    from minigpt_cli.train import train
+
+    cfg = yaml.safe_load((run / ckpt.CONFIG_FILE).read_text())
+    cfg.update(device="cpu", data={"source": str(corpus), "val_fraction": 0.1})
+    cfg["train"].update(batch_size=2, max_steps=3, eval_interval=3, eval_steps=1,
+                        save_interval=3, warmup_steps=1, lr=1e-3, min_lr=1e-4)
+    before, _ = ckpt.load_safetensors(run / ckpt.MODEL_FILE)
+    summary = train(config_from_dict(cfg), resume=True)
+    after, meta = ckpt.load_safetensors(run / ckpt.MODEL_FILE)
+    return summary, meta, not torch.equal(before["wte.weight"], after["wte.weight"]), cfg
 
 
 @pytest.fixture

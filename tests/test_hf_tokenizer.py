@@ -10,18 +10,15 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from minigpt_cli import checkpoint as ckpt
 from minigpt_cli import hf_tokenizer
 from minigpt_cli import tokenizer as tok
-from minigpt_cli.config import config_from_dict
 from minigpt_cli.errors import UserError
 from minigpt_cli.generate import generate, load_for_inference
 from minigpt_cli.interop import export_hf, import_hf
 from minigpt_cli.sampling import SamplerSettings
-from minigpt_cli.train import train
+from tests.conftest import fine_tune_imported
 
 WORDS = ["the", "quick", "brown", "fox", "don't", "it's", "we'll", "2024", "3.14159", "x=1+2",
          "café", "naïve", "日本語", "🙂", "tabs\tdouble", "", "spaces\n\nnew", "lines", "def",
@@ -129,14 +126,8 @@ def test_a_llama_folder_with_its_tokenizer_imports_generates_and_fine_tunes(
 
     corpus = tmp_path / "mine.txt"
     corpus.write_text("\n".join(_texts(80, seed=2)))
-    cfg = yaml.safe_load((run / ckpt.CONFIG_FILE).read_text())
-    cfg.update(device="cpu", data={"source": str(corpus), "val_fraction": 0.1})
-    cfg["train"].update(batch_size=2, max_steps=3, eval_interval=3, eval_steps=1,
-                        save_interval=3, warmup_steps=1, lr=1e-3, min_lr=1e-4)
-    before, _ = ckpt.load_safetensors(run / ckpt.MODEL_FILE)
-    summary = train(config_from_dict(cfg), resume=True)
-    after, meta = ckpt.load_safetensors(run / ckpt.MODEL_FILE)
-    assert summary.step == 3 and not torch.equal(before["wte.weight"], after["wte.weight"])
+    summary, meta, moved, _ = fine_tune_imported(run, corpus)
+    assert summary.step == 3 and moved
     assert meta["tokenizer"]["special_tokens"] == {tok.EOT: 0, "<|im_start|>": 1}
     again = tok.load(meta["tokenizer"], run)
     assert tok.encode(again, text) == ref.encode(text).ids

@@ -12,10 +12,8 @@ from typing import Any
 
 import pytest
 import torch
-import yaml
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
-from minigpt_cli import checkpoint as ckpt
 from minigpt_cli import tokenizer as tok
 from minigpt_cli.config import config_from_dict
 from minigpt_cli.errors import UserError
@@ -24,6 +22,7 @@ from minigpt_cli.interop import export_hf, import_hf
 from minigpt_cli.sampling import SamplerSettings
 from minigpt_cli.tokenizer_json import JsonTokenizer
 from minigpt_cli.train import train
+from tests.conftest import fine_tune_imported
 
 WORDS = ["the", "quick", "brown", "fox", "don't", "it's", "2024", "3.14159", "x=1+2", "café",
          "naïve", "tabs\tdouble", "", "spaces\n\nnew", "lines", "def", "f(x):\n", "return",
@@ -142,15 +141,8 @@ def test_a_llama2_folder_imports_generates_fine_tunes_and_exports(tmp_path: Path
 
     corpus = tmp_path / "mine.txt"
     corpus.write_text("\n".join(_texts(80, seed=2)))
-    cfg = yaml.safe_load((run / ckpt.CONFIG_FILE).read_text())
-    assert cfg["tokenizer"]["kind"] == "hf"
-    cfg.update(device="cpu", data={"source": str(corpus), "val_fraction": 0.1})
-    cfg["train"].update(batch_size=2, max_steps=3, eval_interval=3, eval_steps=1,
-                        save_interval=3, warmup_steps=1, lr=1e-3, min_lr=1e-4)
-    before, _ = ckpt.load_safetensors(run / ckpt.MODEL_FILE)
-    summary = train(config_from_dict(cfg), resume=True)
-    after, meta = ckpt.load_safetensors(run / ckpt.MODEL_FILE)
-    assert summary.step == 3 and not torch.equal(before["wte.weight"], after["wte.weight"])
+    summary, meta, moved, cfg = fine_tune_imported(run, corpus)
+    assert summary.step == 3 and moved and cfg["tokenizer"]["kind"] == "hf"
     assert meta["tokenizer"]["kind"] == "hf"
     with pytest.raises(UserError, match="--resume"):  # a fresh run cannot make one
         train(config_from_dict({**cfg, "out_dir": str(tmp_path / "fresh")}))
