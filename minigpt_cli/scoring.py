@@ -87,8 +87,11 @@ def score_text(model: GPT, tokens: np.ndarray, token_bytes: list[int], *, stride
             chunk = torch.from_numpy(tokens[idx].astype(np.int64)).to(device)
             with autocast(device, dtype):
                 logits, _ = model(chunk[:, :-1])
-            losses = F.cross_entropy(logits.float().transpose(1, 2), chunk[:, 1:],
-                                     reduction="none").double().cpu()
+            # A row at a time: the log-softmax of a whole batch at GPT-2's vocabulary is
+            # gigabytes (8 x 1,024 x 50,257 floats), one row's a few hundred megabytes.
+            losses = torch.stack([F.cross_entropy(row.float(), target, reduction="none")
+                                  for row, target in zip(logits, chunk[:, 1:], strict=True)]
+                                 ).double().cpu()
             targets = chunk[:, 1:].cpu()
             for row, w in enumerate(same):
                 keep = losses[row, length - w.new:]
