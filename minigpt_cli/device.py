@@ -116,7 +116,7 @@ def keep_freed_memory() -> str:
     freed, so a training step that makes such tensors (the logits and their gradient once
     tokens x vocab reach 8M floats) page-faults them in again, zeroed, every step. Measured
     through `minigpt train` on 2 cores (benchmarks/train_malloc.py, docs/benchmarks.md §2):
-    1.11x tokens/s at batch 16 on tiny.yaml, 1.58x with GPT-2's 50,257-token vocabulary. With
+    1.15x tokens/s at batch 16 on tiny.yaml, 1.59x with GPT-2's 50,257-token vocabulary. With
     mmap off and no trimming, the heap keeps its peak and the faults stop; the process holds
     its peak memory until it exits. A user who sets glibc's own MALLOC_* variables (or its
     malloc tunables) keeps their policy. Returns what was done, for the run header."""

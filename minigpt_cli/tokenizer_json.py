@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +44,7 @@ def _decoder_kinds(spec: dict[str, Any]) -> list[str]:
     return [s.get("type", "") for s in steps if isinstance(s, dict)]
 
 
-def _piece_bytes(spec: dict[str, Any], where: str):
+def _piece_bytes(spec: dict[str, Any], where: str) -> Callable[[str], bytes]:
     """The rule that turns a vocabulary entry into the bytes it stands for, from the decoder."""
     kinds = _decoder_kinds(spec)
     if "ByteLevel" in kinds:
