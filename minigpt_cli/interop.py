@@ -122,7 +122,7 @@ def _hf_tokenizer(hf: dict[str, Any], hf_dir: Path) -> tuple[str, tiktoken.Encod
         try:  # tiktoken when it reproduces the file exactly: fast, and no extra library
             return "bpe", hf_tokenizer.read(path)
         except UserError:  # SentencePiece-style and the rest: the tokenizers library runs it
-            return "hf", tokenizer_json.load(path, tokenizer_json.eot_id(path, hf))
+            return "hf", tokenizer_json.import_file(path, hf)
     if hf["model_type"] == "gpt2":
         return "gpt2", tok.tiktoken_encoding("gpt2")
     raise UserError(f"{hf_dir}: a Llama folder with no tokenizer.json and no tokenizer "

@@ -17,6 +17,7 @@ NN; or GPT-2's byte characters), and every token's are checked against the libra
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import Callable, Iterable
@@ -90,10 +91,8 @@ class JsonTokenizer:
         lib = _tokenizers()
         try:
             self._tk = lib.Tokenizer.from_str(source)
-            self._plain = lib.Tokenizer.from_str(source)  # special tokens' text stays text
         except Exception as e:  # the library raises its own exception type for bad files
             raise UserError(f"{where}: the tokenizers library cannot load it ({e})") from None
-        self._plain.encode_special_tokens = True
         self.source = source
         self.n_vocab = self._tk.get_vocab_size(with_added_tokens=True)
         if not 0 <= eot < self.n_vocab:
@@ -125,6 +124,13 @@ class JsonTokenizer:
         are those tokens (tiktoken's allowed_special is the tokenizer's own list here)."""
         return self._tk.encode(text, add_special_tokens=False).ids
 
+    @functools.cached_property
+    def _plain(self) -> Any:
+        """A second copy whose special tokens' spellings stay text; only training needs it."""
+        plain = _tokenizers().Tokenizer.from_str(self.source)
+        plain.encode_special_tokens = True
+        return plain
+
     def encode_ordinary_batch(self, texts: Iterable[str], num_threads: int = 1
                               ) -> list[list[int]]:
         """Training text: a special token's spelling in a document is plain text."""
@@ -143,7 +149,7 @@ class JsonTokenizer:
         return b"".join(self.decode_single_token_bytes(t) for t in tokens)
 
 
-def eot_id(spec_path: Path, hf_config: dict[str, Any]) -> int:
+def _eot_id(source: str, hf_config: dict[str, Any], where: str) -> int:
     """The token that ends a document: the model's eos_token_id, else the tokenizer's
     <|endoftext|> or </s>."""
     eos = hf_config.get("eos_token_id")
@@ -151,18 +157,32 @@ def eot_id(spec_path: Path, hf_config: dict[str, Any]) -> int:
         eos = eos[0]
     if isinstance(eos, int) and not isinstance(eos, bool):
         return eos
-    spec = json.loads(Path(spec_path).read_text(encoding="utf-8"))
+    try:
+        added = json.loads(source).get("added_tokens") or []
+    except (json.JSONDecodeError, AttributeError):
+        added = []
     for name in ("<|endoftext|>", "</s>"):
-        for t in spec.get("added_tokens") or []:
+        for t in added:
             if isinstance(t, dict) and t.get("content") == name and isinstance(t.get("id"), int):
                 return t["id"]
-    raise UserError(f"{spec_path}: no eos_token_id in config.json and no <|endoftext|> or </s> "
+    raise UserError(f"{where}: no eos_token_id in config.json and no <|endoftext|> or </s> "
                     "token, so minigpt cannot tell where a document ends")
 
 
-def load(path: Path, eot: int) -> JsonTokenizer:
+def _read(path: Path) -> str:
     try:
-        source = Path(path).read_text(encoding="utf-8")
+        return Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"{path} is unreadable ({e})") from None
-    return JsonTokenizer(source, eot, str(path))
+
+
+def load(path: Path, eot: int) -> JsonTokenizer:
+    """A run's stored tokenizer.json, with the end-of-text id its checkpoint records."""
+    return JsonTokenizer(_read(path), eot, str(path))
+
+
+def import_file(path: Path, hf_config: dict[str, Any]) -> JsonTokenizer:
+    """A Hugging Face folder's tokenizer.json, read once; documents end with its model's
+    eos_token_id (config.json), else the tokenizer's <|endoftext|> or </s>."""
+    source = _read(path)
+    return JsonTokenizer(source, _eot_id(source, hf_config, str(path)), str(path))
