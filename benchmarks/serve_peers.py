@@ -61,6 +61,8 @@ def servers(args: argparse.Namespace) -> dict[str, tuple[list[str], str, str | N
                                                       "--prefill-first"], "/health", None),
         f"minigpt --max-batch {n} --no-prefix-cache": ([*mine, "--max-batch", n,
                                                         "--no-prefix-cache"], "/health", None),
+        f"minigpt --max-batch {n} --no-join-mid-step": ([*mine, "--max-batch", n,
+                                                         "--no-join-mid-step"], "/health", None),
         "minigpt --max-batch 1": ([*mine, "--max-batch", "1"], "/health", None),
     }
     if args.llama_server:

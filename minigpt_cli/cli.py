@@ -196,6 +196,10 @@ def serve(
                                                     "slot's cache holds (its own, or "
                                                     "another's by copy) computes only the "
                                                     "rest (fused C step; exact).")] = True,
+    join_mid_step: Annotated[bool, typer.Option(help="A request that arrives in the first "
+                                                     "half of a step joins it instead of "
+                                                     "waiting for the next (fused C step; "
+                                                     "exact).")] = True,
     engine: Annotated[str, typer.Option(help=ENGINE_HELP)] = "auto",
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | mps")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto | float32 | bfloat16 | float16")] = "auto",
@@ -217,7 +221,8 @@ def serve(
                            model_name=model_name,
                            max_prefill_tokens=max_prefill_tokens or None,
                            prefill_first=prefill_first, prefix_cache=prefix_cache,
-                           prompt_lookup=prompt_lookup, draft_k=draft_k, draft=draft)
+                           join_mid_step=join_mid_step, prompt_lookup=prompt_lookup,
+                           draft_k=draft_k, draft=draft)
     run_serve(checkpoint=checkpoint, host=host, port=port, options=options, device=device,
               dtype=dtype, quantize=quantize)
 

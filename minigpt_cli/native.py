@@ -36,7 +36,7 @@ from minigpt_cli.model import GPT, KVCache
 from minigpt_cli.quantize import GROUP
 
 SOURCE = Path(__file__).with_name("native") / "decode_step.c"
-ABI_VERSION = 6
+ABI_VERSION = 7
 ENGINES = ("auto", "native", "torch")
 # -march=native is safe because the library is built on the machine that runs it (the cache
 # key includes the CPU). No -ffast-math: NaNs and infinities must behave as in PyTorch. FMA
@@ -213,10 +213,10 @@ class NativeStep:
         # libgomp per process), so this never oversubscribes the cores PyTorch was given.
         self.threads = torch.get_num_threads()
         width = mlp_hidden(cfg.mlp, cfg.n_embd, cfg.mlp_hidden)
-        self._dims = (ctypes.c_int64 * 13)(
+        self._dims = (ctypes.c_int64 * 15)(
             cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.vocab_size, 0, 0, 0, self.threads,
             cfg.norm == "rmsnorm", cfg.position == "rotary", MLPS.index(cfg.mlp), cfg.qk_norm,
-            width)
+            width, 0, cfg.n_layer)
         self._floats = (ctypes.c_float * 2)(cfg.rope_theta, cfg.norm_eps)
         self._rows = [(ctypes.c_int64 * max_rows)() for _ in range(4)]  # token, pos, slot, col
         self._want = (ctypes.c_uint8 * max_rows)()
@@ -224,15 +224,26 @@ class NativeStep:
         self._scratch = torch.empty(max_rows * (7 * cfg.n_embd + 3 * width))
 
     def __call__(self, tokens: list[int], positions: list[int], slots: list[int],
-                 cols: list[int], cache: KVCache, want: list[bool] | None = None
+                 cols: list[int], cache: KVCache, want: list[bool] | None = None,
+                 layers: tuple[int, int] | None = None, resid: torch.Tensor | None = None
                  ) -> torch.Tensor:
         """Row i feeds tokens[i] at positions[i] and caches its key and value at column
         cols[i] of slot slots[i]; rows of one slot at consecutive columns (a prompt chunk) may
         share a call. Logits [rows wanted, V] in row order (all rows when `want` is None);
-        the returned tensor is reused by the next call."""
+        the returned tensor is reused by the next call.
+
+        `layers` = (first, end) runs only those layers. A call that stops before the last
+        returns the rows' residual stream [rows, n_embd] instead of logits (also reused by
+        the next call); one that starts past the first takes that stream as `resid`."""
         cfg, rows = self.cfg, len(tokens)
         if not 1 <= rows <= self.max_rows:
             raise ValueError(f"this step decodes 1..{self.max_rows} rows, got {rows}")
+        first, end = layers if layers is not None else (0, cfg.n_layer)
+        if first > 0:
+            if resid is None or resid.shape != (rows, cfg.n_embd):
+                raise ValueError(f"a call from layer {first} needs the rows' residual stream")
+            self._scratch[:rows * cfg.n_embd].copy_(resid.reshape(-1))
+        self._dims[13], self._dims[14] = first, end
         n_slots = cache.k.size(1)
         for i, (t, p, s, c) in enumerate(zip(tokens, positions, slots, cols, strict=True)):
             if not (0 <= t < cfg.vocab_size and 0 <= p < cfg.block_size and 0 <= s < n_slots
@@ -255,4 +266,6 @@ class NativeStep:
             self._scratch.data_ptr())
         if rc != 0:
             raise RuntimeError(f"native decode step rejected its arguments (code {rc})")
+        if end < cfg.n_layer:
+            return self._scratch[:rows * cfg.n_embd].view(rows, cfg.n_embd)
         return self.logits[:rows if want is None else sum(map(bool, want))]

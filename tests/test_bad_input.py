@@ -182,6 +182,7 @@ ANY_VALUE = {
     ("generate", "--trace"): "a flag",
     ("serve", "--prefill-first"): "a flag",
     ("serve", "--prefix-cache"): "a flag",
+    ("serve", "--join-mid-step"): "a flag",
 }
 
 

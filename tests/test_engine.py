@@ -204,9 +204,9 @@ def test_prefill_first_runs_prompts_alone_with_the_same_results(model: GPT, enc)
         engine = Engine(model, enc, 2, prefill_budget=8, prefill_first=first)
         steps, inner = [], engine.runner.step
 
-        def spy(prompts, slots, inputs, drafts=None):
+        def spy(prompts, slots, inputs, drafts=None, late=None):
             steps.append((len(prompts), len(slots)))
-            return inner(prompts, slots, inputs, drafts)
+            return inner(prompts, slots, inputs, drafts, late)
 
         engine.runner.step = spy  # type: ignore[method-assign]
         engine.run(seqs)
@@ -218,3 +218,50 @@ def test_prefill_first_runs_prompts_alone_with_the_same_results(model: GPT, enc)
     assert any(p and d for p, d in mixed_steps)  # mixed steps happen without the policy
     assert all(not (p and d) for p, d in alone_steps)
     assert sum(p for p, _ in alone_steps) == len(sizes)
+
+
+@pytest.mark.parametrize("at_offer", [1, 2])
+def test_a_request_joining_a_step_in_progress_gets_its_tokens_alone(enc, at_offer: int) -> None:
+    """A request that arrives while a step is under way joins it at a layer boundary (its
+    rows catch up on the layers done, then go on with the others): it gets its first token
+    from that step, and every request's tokens and log-probabilities equal those it gets
+    alone, bit for bit, greedy and seeded. Its prompt is the running request's window plus
+    one token, so it may reuse that slot's cache only up to the column the step is still
+    writing."""
+    torch.manual_seed(7)
+    model = GPT(GPTConfig(vocab_size=257, block_size=32, n_layer=4, n_head=2, n_embd=32)).eval()
+    eng = Engine(model, enc, 3, engine="native", join_mid_step=True)
+    eng.join_min_s = 0.0  # this model's steps are far shorter than a served model's
+    first = _logged(tok.encode(enc, "The quick brown fox"), GREEDY, 20, None)
+    eng.add(first)
+    for _ in range(4):
+        eng.step()
+    joined: list[Sequence] = []
+    offers, inner = [], eng._offer
+
+    def arrive(room: int, upto: dict[int, int]) -> list[tuple[int, list[int]]]:
+        offers.append(upto)
+        if len(offers) == at_offer:  # arrives during this step, before this boundary
+            joined.append(_logged([*eng.runner.windows[first.slot], 33], SAMPLED, 9, 11))
+            eng.add(joined[0])
+        return inner(room, upto)
+
+    eng._offer = arrive  # type: ignore[method-assign]
+    steps = eng.steps
+    eng.step()
+    assert eng.joined_mid_step == 1 and len(joined[0].tokens) == 1 and eng.steps == steps + 1
+    assert offers[0] == {first.slot: len(joined[0].prompt) - 2}  # the column being written
+    eng.run([])
+    for seq in (first, joined[0]):
+        alone = _logged(seq.prompt, seq.settings, seq.max_tokens, seq.seed)
+        Engine(model, enc, 1, engine="native").run([alone])
+        assert seq.log == alone.log and len(seq.tokens) == seq.max_tokens  # type: ignore[attr-defined]
+
+
+def _logged(prompt: list[int], settings: SamplerSettings, n: int, seed: int | None
+            ) -> Sequence:
+    """A request that keeps (token, log-probability) of every token it is given in .log."""
+    seq = Sequence(prompt=prompt, settings=settings, max_tokens=n, seed=seed, logprobs=0)
+    seq.log = []  # type: ignore[attr-defined]
+    seq.on_event = lambda s, e: s.log.append((e.token, e.logprob))  # type: ignore[attr-defined]
+    return seq

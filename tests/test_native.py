@@ -21,7 +21,7 @@ from minigpt_cli import tokenizer as tok
 from minigpt_cli.engine import ModelRunner
 from minigpt_cli.errors import UserError
 from minigpt_cli.generate import Decoder, beam_search, generate
-from minigpt_cli.model import GPT, GPTConfig
+from minigpt_cli.model import GPT, GPTConfig, KVCache
 from minigpt_cli.sampling import SamplerSettings
 
 GREEDY = SamplerSettings(temperature=0.0)
@@ -203,7 +203,7 @@ _BUILD_AND_STEP = """
 import pathlib, sys, time, torch
 from minigpt_cli import native
 from minigpt_cli.engine import ModelRunner
-from minigpt_cli.model import GPT, GPTConfig
+from minigpt_cli.model import GPT, GPTConfig, KVCache
 ready, go = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
 ready.touch()
 while not go.exists():
@@ -233,3 +233,34 @@ def test_two_processes_building_the_library_at_once(tmp_path: Path) -> None:
     assert [p.returncode for p in procs] == [0, 0], [err for _, err in outs]
     assert outs[0][0] == outs[1][0] and outs[0][0].strip()
     assert [p.suffix for p in (tmp_path / "cache" / "native").iterdir()] == [".so"]
+
+
+@pytest.mark.parametrize("arch", [{}, ARCHITECTURES["llama"]], ids=["gpt2", "llama"])
+def test_a_step_split_at_layer_boundaries_gives_the_same_bits(arch: dict) -> None:
+    """The engine lets a late request join a step in progress: the step's rows run some
+    layers, the newcomer's rows catch up on those layers alone, and all go on in one call
+    (runner._join_late). Logits and every cached key and value must equal one whole call's,
+    bit for bit, wherever the step is split."""
+    model = _model(n_layer=4, **arch)
+    step = native.NativeStep(model)
+    cfg = model.config
+    prompt = [(5 * i + 3) % cfg.vocab_size for i in range(9)]
+    cols, want = list(range(9)), [False] * 8 + [True]
+
+    def cache() -> KVCache:
+        c = KVCache(cfg, 2, cfg.block_size, "cpu", torch.float32)
+        step([11, 12], [0, 1], [0, 0], [0, 1], c)  # slot 0 holds two tokens already
+        return c
+
+    whole = cache()
+    ref = step([13, *prompt], [2, *cols], [0] + [1] * 9, [2, *cols], whole, [True, *want]).clone()
+    for split in (1, 2, 3):
+        c = cache()
+        x = step([13], [2], [0], [2], c, None, (0, split)).clone()
+        caught = step(prompt, cols, [1] * 9, cols, c, want, (0, split)).clone()
+        got = step([13, *prompt], [2, *cols], [0] + [1] * 9, [2, *cols], c, [True, *want],
+                   (split, 4), torch.cat([x, caught]))
+        assert torch.equal(got, ref), split
+        assert torch.equal(c.k, whole.k) and torch.equal(c.v, whole.v), split
+    with pytest.raises(ValueError, match="residual stream"):
+        step([13], [2], [0], [2], cache(), None, (1, 4))

@@ -35,7 +35,7 @@ class Engine:
     def __init__(self, model: GPT, enc: tiktoken.Encoding, n_slots: int, *,
                  use_cache: bool = True, engine: str = "auto", max_queue: int | None = None,
                  prefill_budget: int | None = None, prefill_first: bool = False,
-                 prefix_cache: bool = True,
+                 prefix_cache: bool = True, join_mid_step: bool = False,
                  on_step: Callable[[int], None] | None = None,
                  draft: GPT | None = None) -> None:
         self.model = model
@@ -52,6 +52,15 @@ class Engine:
         # A step that starts prompts runs them alone, the decoding rows one step later. Meant
         # for sooner first tokens; with arrivals in bursts it measured the opposite (docs §6).
         self.prefill_first = prefill_first
+        # A request that arrives in the first half of a step may join it (runner._join_late)
+        # rather than wait for the next: in a server whose step is tens of ms, its first
+        # token comes a step sooner. Only on the C step, and only once steps take at least
+        # join_min_s: below that the wait is short and the extra calls cost more.
+        self.join_mid_step = join_mid_step
+        self.join_min_s = 0.002
+        self.joined_mid_step = 0  # requests that did
+        self._joined: list[Sequence] = []  # those of the step in progress
+        self._step_s = 0.0  # how long the last step's forward took
         self.steps = 0
         self._lock = threading.Lock()  # guards the scheduler's queues against other threads
         self._wake = threading.Condition(self._lock)
@@ -113,17 +122,27 @@ class Engine:
         firsts: list[torch.Tensor] = []
         logits, positions = None, []
         drafts, dists = self._drafts(decoding)
+        self._joined = []
+        late = self._offer if (self.join_mid_step and self.runner.engine == "native"
+                                and self._step_s >= self.join_min_s
+                                and self.scheduler.n_free > 0) else None
         try:
             if starting or decoding:
+                began = time.perf_counter()
                 firsts, logits = self.runner.step([(s.slot, s.prompt) for s in starting],
                                                   [s.slot for s in decoding],
-                                                  [s.next_input for s in decoding], drafts)
+                                                  [s.next_input for s in decoding], drafts,
+                                                  late)
+                self._step_s = time.perf_counter() - began
                 positions = self.runner.positions
         except Exception as exc:  # the batched forward failed: every row in it fails
-            for seq in starting + decoding:
+            for seq in starting + decoding + self._joined:
                 self._fail(seq, exc)
-            starting, decoding, firsts = [], [], []
+            starting, decoding, firsts, self._joined = [], [], [], []
         ready = list(zip(starting, firsts, self.runner.filled if firsts else [], strict=True))
+        ready += [(seq, row, n) for seq, (row, n) in
+                  zip(self._joined, self.runner.late, strict=True)]
+        self.joined_mid_step += len(self._joined)
         for seq, row, n in ready:
             seq.cached_tokens = len(self.runner.windows[seq.slot]) - n
             try:
@@ -141,17 +160,32 @@ class Engine:
             at += 1 + k
         self.steps += 1
         if self.on_step is not None:
-            self.on_step(len(decoding) + len(admitted))
+            self.on_step(len(decoding) + len(admitted) + len(self._joined))
 
-    def _reusable(self) -> Callable[[int, list[int]], tuple[int, int]]:
+    def _offer(self, room: int, upto: dict[int, int]) -> list[tuple[int, list[int]]]:
+        """The runner asks, at a layer boundary early in a step: may the oldest waiting
+        request join it? Yes if a slot the step is not using is free and its rows fit in
+        `room` and the prefill budget (not one that scores its prompt: that takes a forward
+        of its own). `upto`: the columns the step is writing, which no prompt may reuse."""
+        with self._lock:
+            head = self.scheduler.waiting[0] if self.scheduler.waiting else None
+            if head is None or head.echo_logprobs or head.cancelled:
+                return []
+            budget = min(room, self.prefill_budget or room)
+            reuse = self._reusable(upto) if self.runner.reuse_prefix else None
+            self._joined = self.scheduler.admit(budget, reuse, strict=True, avoid=upto, most=1)
+        return [(s.slot, s.prompt) for s in self._joined]
+
+    def _reusable(self, upto: dict[int, int] | None = None
+                  ) -> Callable[[int, list[int]], tuple[int, int]]:
         """For the scheduler: (how much of a prompt slot s can skip, how much of that its own
         cache holds). The rest comes by copy from the slot that holds the most of it
-        (runner.shared, looked up once per prompt)."""
+        (runner.shared, looked up once per prompt; `upto`: see there)."""
         anywhere: dict[int, int] = {}
 
         def reusable(slot: int, prompt: list[int]) -> tuple[int, int]:
             if id(prompt) not in anywhere:
-                anywhere[id(prompt)] = self.runner.shared(prompt)[1]
+                anywhere[id(prompt)] = self.runner.shared(prompt, upto=upto)[1]
             own = self.runner.held(slot, prompt)
             return max(own, anywhere[id(prompt)]), own
 

@@ -16,10 +16,16 @@ each window whole, left-padded to the longest.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from minigpt_cli import native
 from minigpt_cli.model import GPT, KVCache, RowsView
+
+# The engine's offer of prompts that may join a step in progress: given how many rows fit
+# and which columns the step is writing (slot -> first column), (slot, prompt) pairs.
+Late = Callable[[int, dict[int, int]], list[tuple[int, list[int]]]]
 
 
 class ModelRunner:
@@ -73,15 +79,18 @@ class ModelRunner:
                 hi = mid - 1
         return lo
 
-    def shared(self, prompt: list[int], skip: set[int] | frozenset[int] = frozenset()
-               ) -> tuple[int, int]:
+    def shared(self, prompt: list[int], skip: set[int] | frozenset[int] = frozenset(),
+               upto: dict[int, int] | None = None) -> tuple[int, int]:
         """(slot, n): the slot, running or free and not in `skip`, that holds the most of
         prompt's beginning, and how much (`held`'s count; (-1, 0) when none holds any). A
         prompt can take those columns from it by copy: a burst of requests that begin alike
-        computes the common part once."""
+        computes the common part once. `upto[s]`: slot s's columns from there on are being
+        written by the step in progress, so only those before count."""
         best, most = -1, 0
         for s in range(self.n_slots):
             n = 0 if s in skip else self.held(s, prompt)
+            if upto is not None and s in upto:
+                n = min(n, upto[s])
             if n > most:
                 best, most = s, n
         return best, most
@@ -137,7 +146,7 @@ class ModelRunner:
 
     @torch.inference_mode()
     def step(self, prefills: list[tuple[int, list[int]]], slots: list[int], tokens: list[int],
-             drafts: list[list[int]] | None = None
+             drafts: list[list[int]] | None = None, late: Late | None = None
              ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
         """One engine step: start slot s on prompt p for each (s, p) in `prefills`, and append
         tokens[i] to slots[i]. Returns each prompt's next-token logits [V] and the decode
@@ -150,8 +159,14 @@ class ModelRunner:
         `drafts[i]` (cached steps only): guesses appended after tokens[i], one row each, as
         far as the window has room; `self.drafted[i]` says how many went in. Slot i's rows are
         then 1 + drafted[i] consecutive decode rows, each the logits after its token;
-        `truncate` takes back the guesses that were wrong."""
+        `truncate` takes back the guesses that were wrong.
+
+        `late(room, upto)` (C step only): asked at layer boundaries early in the step for
+        prompts that join it (see `_join_late`; at most `room` rows); `self.late` then holds
+        each joined prompt's (next-token logits, positions computed)."""
         self.drafted = [0] * len(slots)
+        self.late: list[tuple[torch.Tensor, int]] = []
+        self.late_filled: list[int] = []
         if self.engine != "native":
             first = [self.prefill(s, p) for s, p in prefills]
             self.filled = [len(self.windows[s]) for s, _ in prefills]
@@ -160,20 +175,7 @@ class ModelRunner:
             if not self.use_cache or not drafts or not any(drafts):
                 return first, self.decode(slots, tokens)
             return first, self._decode_drafts(slots, tokens, drafts)
-        rows: list[tuple[int, int, int, bool]] = []  # token, slot, column (= position), want
-        self.filled = []
-        refilled = {s for s, _ in prefills}  # their windows stop describing their caches
-        for s, p in prefills:
-            held = self.held(s, p)
-            src, n = self.shared(p, refilled)
-            if n > held:  # another slot holds more of it: copy those columns over
-                assert self.cache is not None
-                self.cache.copy_prefix(src, s, n)
-                held = n
-            self.windows[s] = list(p[-self.block_size:])
-            self._forward_filled.discard(s)  # the C step computes what it does not reuse
-            rows += self._window_rows(s)[held:]
-            self.filled.append(len(self.windows[s]) - held)
+        rows, self.filled = self._start(prefills)
         self.positions = []
         moved_all = self._append(slots, tokens)
         for i, (s, t, moved) in enumerate(zip(slots, tokens, moved_all, strict=True)):
@@ -189,13 +191,77 @@ class ModelRunner:
                     rows.append((g, s, len(self.windows[s]) - 1, True))
                 self.drafted[i] = len(guesses)
         self.prefills += len(prefills) + sum(p > 1 for p in self.positions)
+        joined: list[tuple[int, int, int, bool]] = []
         try:
-            logits = self._native_rows(rows)
+            if late is not None and self.model.config.n_layer > 1 \
+                    and len(rows) < self._native.max_rows:  # type: ignore[union-attr]
+                logits = self._join_late(rows, late, joined)
+            else:
+                logits = self._native_rows(rows)
         except Exception:  # the windows say more than the cache holds: let nothing reuse it
-            for s in {row[1] for row in rows}:
+            for s in {row[1] for row in rows + joined}:
                 self.windows[s] = []
             raise
-        return list(logits[:len(prefills)]), logits[len(prefills):] if slots else None
+        n_own = sum(row[3] for row in rows)
+        self.late = [(row, n) for row, n in zip(logits[n_own:], self.late_filled, strict=True)]
+        first = len(prefills)
+        return list(logits[:first]), logits[first:n_own] if slots else None
+
+    def _start(self, prefills: list[tuple[int, list[int]]],
+               upto: dict[int, int] | None = None
+               ) -> tuple[list[tuple[int, int, int, bool]], list[int]]:
+        """Point each (slot, prompt)'s window at its prompt and reuse what a cache holds of
+        it (its own slot's, or another's by copy; `upto`: see `shared`). The rows that
+        compute the rest (token, slot, column = position, wants logits), and how many
+        positions each prompt computes."""
+        rows: list[tuple[int, int, int, bool]] = []
+        filled = []
+        refilled = {s for s, _ in prefills}  # their windows stop describing their caches
+        for s, p in prefills:
+            held = self.held(s, p)
+            src, n = self.shared(p, refilled, upto)
+            if n > held:  # another slot holds more of it: copy those columns over
+                assert self.cache is not None
+                self.cache.copy_prefix(src, s, n)
+                held = n
+            self.windows[s] = list(p[-self.block_size:])
+            self._forward_filled.discard(s)  # the C step computes what it does not reuse
+            rows += self._window_rows(s)[held:]
+            filled.append(len(self.windows[s]) - held)
+        return rows, filled
+
+    def _join_late(self, rows: list[tuple[int, int, int, bool]], late: Late,
+                   joined: list[tuple[int, int, int, bool]]) -> torch.Tensor:
+        """Run `rows` through the C step a layer at a time for the first half of the
+        layers, asking `late` after each whether prompts arrived that should join this step
+        instead of waiting for the next: a request that comes early in a long step then
+        has its first token at the end of this one. Its rows catch up on the layers done
+        so far in a call of their own (only they read those weights again), then every row
+        goes on to the end in one call. `joined` receives the new rows; logits come for
+        every wanted row of `rows`, then each joined prompt's last."""
+        step, n_layer = self._native, self.model.config.n_layer
+        assert step is not None and self.cache is not None
+        upto: dict[int, int] = {}  # slot -> the first column this step writes
+        for _, s, c, _ in rows:
+            upto[s] = min(upto.get(s, c), c)
+        toks, slots, cols, want = (list(c) for c in zip(*rows, strict=True))
+        x: torch.Tensor | None = None
+        layer = 0
+        while layer < n_layer // 2:
+            x = step(toks, cols, slots, cols, self.cache, want, (layer, layer + 1), x).clone()
+            layer += 1
+            prefills = late(step.max_rows - len(rows), upto)
+            if not prefills:
+                continue
+            new, self.late_filled = self._start(prefills, upto)
+            joined += new
+            self.prefills += len(prefills)
+            nt, ns, nc, nw = (list(c) for c in zip(*new, strict=True))
+            caught = step(nt, nc, ns, nc, self.cache, nw, (0, layer)).clone()
+            x = torch.cat([x, caught])
+            toks, slots, cols, want = toks + nt, slots + ns, cols + nc, want + nw
+            break
+        return step(toks, cols, slots, cols, self.cache, want, (layer, n_layer), x)
 
     def _decode_drafts(self, slots: list[int], tokens: list[int], drafts: list[list[int]]
                        ) -> torch.Tensor:

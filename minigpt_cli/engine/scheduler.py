@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import heapq
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 from minigpt_cli.engine.sequence import Sequence, Status
 
@@ -34,7 +34,8 @@ class Scheduler:
         self.waiting.extend(seqs)
 
     def admit(self, budget: int | None = None,
-              reuse: Callable[[int, list[int]], tuple[int, int]] | None = None
+              reuse: Callable[[int, list[int]], tuple[int, int]] | None = None, *,
+              strict: bool = False, avoid: Collection[int] = (), most: int | None = None
               ) -> list[Sequence]:
         """Move waiting sequences into free slots, oldest first. With a `budget`, stop once
         the admitted prompts would exceed that many tokens (the first always goes in): a
@@ -45,17 +46,23 @@ class Scheduler:
         how many of those its own cache holds; the rest it would copy from another slot).
         A sequence then goes to the free slot that skips most, the one holding them itself
         first, then the lowest, and only the tokens left to compute count against the
-        budget."""
+        budget.
+
+        For a step already under way (engine.py, joining late): `strict`, even the first
+        must fit the budget; `avoid`, slots not to use; `most`, at most that many."""
         admitted: list[Sequence] = []
         tokens = 0
-        while self.waiting and self._free:
+        while self.waiting and (most is None or len(admitted) < most):
+            free = [s for s in self._free if s not in avoid]
+            if not free:
+                break
             seq = self.waiting[0]
-            slot, reused = self._free[0], 0
+            slot, reused = min(free), 0
             if reuse is not None:
-                reused, _, slot = max((*reuse(s, seq.prompt), -s) for s in self._free)
+                reused, _, slot = max((*reuse(s, seq.prompt), -s) for s in free)
                 slot = -slot
             cost = len(seq.prompt) - reused
-            if budget is not None and admitted and tokens + cost > budget:
+            if budget is not None and (admitted or strict) and tokens + cost > budget:
                 break
             tokens += cost
             self.waiting.popleft()
@@ -75,6 +82,10 @@ class Scheduler:
         elif seq in self.waiting:
             self.waiting.remove(seq)
         seq.status = Status.FINISHED
+
+    @property
+    def n_free(self) -> int:
+        return len(self._free)
 
     @property
     def has_work(self) -> bool:

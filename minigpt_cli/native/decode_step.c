@@ -45,7 +45,7 @@ enum { MLP_GELU, MLP_SWIGLU, MLP_RELU2 };
 /* Model-level pointers come first. */
 enum { WTE, WPE, HEAD_T, LNF_W, LNF_B, GLOBALS };
 
-int minigpt_abi_version(void) { return 6; }
+int minigpt_abi_version(void) { return 7; }
 int minigpt_max_batch(void) { return MAX_BATCH; }
 
 /* e^x for float32, written so the softmax and GELU loops vectorize (libm's expf is an opaque
@@ -420,7 +420,15 @@ static void matvec(int B, int n_in, int n_out, const float *x, const float *P, c
 }
 
 /* LayerNorm (rms == 0) or RMSNorm (rms != 0: no centring, no shift) of B rows of width C;
- * eps is the model's own (GPT-2 and most Llamas: 1e-5; some Llamas 1e-6). */
+ * eps is the model's own (GPT-2 and most Llamas: 1e-5; some Llamas 1e-6). One machine-code
+ * copy for every call site (no inlining, no clone specialised for B = 1): copies may sum in
+ * different orders, and a row's norm must round the same wherever a step is split (see
+ * minigpt_decode_step; tests/test_native.py checks the bits). */
+#if defined(__clang__)
+__attribute__((noinline))
+#else
+__attribute__((noipa))
+#endif
 static void layer_norm(int B, int C, const float *x, const float *g, const float *beta,
                        float *out, int rms, float eps) {
     for (int b = 0; b < B; b++) {
@@ -537,7 +545,14 @@ static void attention(int B, int H, int D, int S, const int64_t *slot, const int
 }
 
 /* dims: n_layer, n_head, n_embd, vocab, rows, cache_len, n_slots, threads, then the
- * architecture (norm, rotary, mlp, qk_norm, mlp width: see the enum above); fp: two floats,
+ * architecture (norm, rotary, mlp, qk_norm, mlp width: see the enum above), then the layers
+ * this call runs, [first, end): all of them is a whole step. A call that starts past layer 0
+ * takes the rows' residual stream from the first rows * n_embd floats of scratch, where a
+ * call that stops short of the last layer leaves it; only a call that runs the last layer
+ * computes logits. The engine uses this to let a request that arrives early in a step join
+ * it (runner.py): its rows catch up to the step's layer, then both go on in one call. Every
+ * row does the same operations in the same order either way, so the bits do not change.
+ * fp: two floats,
  * the rotary base (read only when rotary) and every norm's epsilon.
  * w: weight pointers (GLOBALS, then PER_LAYER per layer); pw: the same list with each matrix
  * (HEAD_T and the four per-layer products) packed by strips, see matvec; qw, qs: NULL, or the
@@ -556,8 +571,10 @@ int minigpt_decode_step(const int64_t *dims, const float *fp, const float *const
     const int B = (int)dims[4], S = (int)dims[5], NS = (int)dims[6], nt = (int)dims[7];
     const int rms = (int)dims[8], rotary = (int)dims[9], mlp = (int)dims[10];
     const int qk_norm = (int)dims[11], F = (int)dims[12];
+    const int l0 = (int)dims[13], l1 = (int)dims[14];
     if (B < 1 || B > MAX_BATCH || C % H || nt < 1 || F < 1 || mlp < 0 || mlp > MLP_RELU2 ||
-        (rotary && ((C / H) % 2 || !(fp[0] > 0.f))) || !(fp[1] > 0.f))
+        (rotary && ((C / H) % 2 || !(fp[0] > 0.f))) || !(fp[1] > 0.f) || l0 < 0 ||
+        l1 > L || (l0 >= l1 && !(l0 == l1 && l1 == L)))
         return -1;
     for (int b = 0; b < B; b++)
         if (slot[b] < 0 || slot[b] >= NS || col[b] < 0 || col[b] >= S) return -1;
@@ -578,18 +595,21 @@ int minigpt_decode_step(const int64_t *dims, const float *fp, const float *const
     {
 #pragma omp single
         for (int b = 0; b < B; b++) {
-            const float *te = w[WTE] + (size_t)tokens[b] * C;
-            const float *pe = rotary ? NULL : w[WPE] + (size_t)pos[b] * C;
-            for (int c = 0; c < C; c++) x[b * C + c] = pe ? te[c] + pe[c] : te[c];
+            if (l0 == 0) {
+                const float *te = w[WTE] + (size_t)tokens[b] * C;
+                const float *pe = rotary ? NULL : w[WPE] + (size_t)pos[b] * C;
+                for (int c = 0; c < C; c++) x[b * C + c] = pe ? te[c] + pe[c] : te[c];
+            }
             if (rc) {
                 const size_t at = (size_t)b * (D / 2);
                 rotary_row(D, pos[b], rope, rc + at, rs + at);
             }
-            if (L > 0)
-                layer_norm(1, C, x + b * C, w[GLOBALS + LN1_W], w[GLOBALS + LN1_B], h + b * C,
-                           rms, eps);
+            /* The first layer's norm (or, with no layer left, the final one). */
+            const float *gain = l0 < L ? w[GLOBALS + (size_t)l0 * PER_LAYER + LN1_W] : w[LNF_W];
+            const float *beta = l0 < L ? w[GLOBALS + (size_t)l0 * PER_LAYER + LN1_B] : w[LNF_B];
+            if (L > 0) layer_norm(1, C, x + b * C, gain, beta, h + b * C, rms, eps);
         }
-        for (int l = 0; l < L; l++) {
+        for (int l = l0; l < l1; l++) {
             const float *const *p = w + GLOBALS + (size_t)l * PER_LAYER;
             const size_t at = GLOBALS + (size_t)l * PER_LAYER;
             const float *const *q = pw + at;
@@ -630,18 +650,21 @@ int minigpt_decode_step(const int64_t *dims, const float *fp, const float *const
 #pragma omp single
             layer_norm(B, C, x, w[LNF_W], w[LNF_B], h, rms, eps);
         }
-        /* Logits only for the rows that want them (a prompt's last token, every decode row):
-         * the head is a third of a small model's weights, and a prompt's earlier rows only
-         * need their keys and values cached. */
+        if (l1 == L) { /* else the residual stream stays in scratch for the next call */
+            /* Logits only for the rows that want them (a prompt's last token, every decode
+             * row): the head is a third of a small model's weights, and a prompt's earlier
+             * rows only need their keys and values cached. */
 #pragma omp single
-        {
-            nw = 0;
-            for (int b = 0; b < B; b++)
-                if (!want || want[b]) memmove(att + (size_t)nw++ * C, h + (size_t)b * C, (size_t)C * sizeof(float));
+            {
+                nw = 0;
+                for (int b = 0; b < B; b++)
+                    if (!want || want[b])
+                        memmove(att + (size_t)nw++ * C, h + (size_t)b * C, C * sizeof(float));
+            }
+            if (nw > 0)
+                matvec(nw, C, V, att, pw[HEAD_T], qw ? qw[HEAD_T] : NULL, qs ? qs[HEAD_T] : NULL,
+                       w[HEAD_T], NULL, logits, STORE);
         }
-        if (nw > 0)
-            matvec(nw, C, V, att, pw[HEAD_T], qw ? qw[HEAD_T] : NULL, qs ? qs[HEAD_T] : NULL,
-                   w[HEAD_T], NULL, logits, STORE);
     }
     return 0;
 }

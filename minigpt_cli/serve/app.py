@@ -41,6 +41,7 @@ class ServeOptions:
     max_prefill_tokens: int | None = 16  # prompt tokens started per engine step
     prefill_first: bool = False  # a step that starts prompts runs them alone
     prefix_cache: bool = True  # a prompt reuses what a slot's cache holds of its beginning
+    join_mid_step: bool = True  # a request arriving early in a step may join it
     prompt_lookup: int = 0  # speculative decoding by prompt lookup for every request (0: off)
     draft_k: int = 4
     draft: str | None = None  # a draft run for speculative decoding (the loader loads it)
@@ -105,6 +106,7 @@ def create_app(loader: Loader, options: ServeOptions,
                                 prefill_budget=options.max_prefill_tokens,
                                 prefill_first=options.prefill_first,
                                 prefix_cache=options.prefix_cache,
+                                join_mid_step=options.join_mid_step,
                                 draft=draft)  # type: ignore[arg-type]
                 w = Worker(engine)
                 w.start()
