@@ -12,9 +12,10 @@ import pytest
 import torch
 
 from minigpt_cli import tokenizer as tok
-from minigpt_cli.engine import Engine, ModelRunner, QueueFull, Scheduler, Sequence
+from minigpt_cli.engine import Engine, ModelRunner, QueueFull, Scheduler, Sequence, TokenEvent
 from minigpt_cli.model import GPT, GPTConfig
 from minigpt_cli.sampling import SamplerSettings
+from minigpt_cli.serve.metrics import Metrics
 
 GREEDY = SamplerSettings(temperature=0.0)
 SAMPLED = SamplerSettings(temperature=1.0, top_p=0.9, top_k=40)
@@ -220,14 +221,14 @@ def test_prefill_first_runs_prompts_alone_with_the_same_results(model: GPT, enc)
     assert sum(p for p, _ in alone_steps) == len(sizes)
 
 
-@pytest.mark.parametrize("at_offer", [1, 2])
-def test_a_request_joining_a_step_in_progress_gets_its_tokens_alone(enc, at_offer: int) -> None:
+@pytest.mark.parametrize("arrivals", [(1,), (2,), (1, 2)])
+def test_requests_joining_a_step_in_progress_get_their_tokens_alone(enc, arrivals) -> None:
     """A request that arrives while a step is under way joins it at a layer boundary (its
     rows catch up on the layers done, then go on with the others): it gets its first token
     from that step, and every request's tokens and log-probabilities equal those it gets
-    alone, bit for bit, greedy and seeded. Its prompt is the running request's window plus
-    one token, so it may reuse that slot's cache only up to the column the step is still
-    writing."""
+    alone, bit for bit, greedy and seeded. Each newcomer's prompt is the previous request's
+    window plus one token, so it may reuse that slot's cache only up to the column the step
+    is still writing."""
     torch.manual_seed(7)
     model = GPT(GPTConfig(vocab_size=257, block_size=32, n_layer=4, n_head=2, n_embd=32)).eval()
     eng = Engine(model, enc, 3, engine="native", join_mid_step=True)
@@ -240,19 +241,26 @@ def test_a_request_joining_a_step_in_progress_gets_its_tokens_alone(enc, at_offe
     offers, inner = [], eng._offer
 
     def arrive(room: int, upto: dict[int, int]) -> list[tuple[int, list[int]]]:
-        offers.append(upto)
-        if len(offers) == at_offer:  # arrives during this step, before this boundary
-            joined.append(_logged([*eng.runner.windows[first.slot], 33], SAMPLED, 9, 11))
-            eng.add(joined[0])
+        offers.append(dict(upto))
+        if len(offers) in arrivals:  # arrives during this step, before this boundary
+            before = (joined or [first])[-1]
+            window = eng.runner.windows[before.slot]
+            joined.append(_logged([*window, 33 + len(joined)], SAMPLED, 9, 11 + len(joined)))
+            eng.add(joined[-1])
         return inner(room, upto)
 
     eng._offer = arrive  # type: ignore[method-assign]
     steps = eng.steps
     eng.step()
-    assert eng.joined_mid_step == 1 and len(joined[0].tokens) == 1 and eng.steps == steps + 1
+    assert eng.steps == steps + 1 and eng.joined_mid_step == len(arrivals)
+    assert all(len(seq.tokens) == 1 for seq in joined)
     assert offers[0] == {first.slot: len(joined[0].prompt) - 2}  # the column being written
+    metrics = Metrics(lambda: (0, 0))  # /metrics counts the joined requests, not the other
+    for seq in (first, *joined):
+        metrics.on_token(seq, TokenEvent(token=seq.tokens[-1], text="", index=0, positions=1))
+    assert metrics.joined._value.get() == len(arrivals)
     eng.run([])
-    for seq in (first, joined[0]):
+    for seq in (first, *joined):
         alone = _logged(seq.prompt, seq.settings, seq.max_tokens, seq.seed)
         Engine(model, enc, 1, engine="native").run([alone])
         assert seq.log == alone.log and len(seq.tokens) == seq.max_tokens  # type: ignore[attr-defined]

@@ -52,7 +52,7 @@ class Engine:
         # A step that starts prompts runs them alone, the decoding rows one step later. Meant
         # for sooner first tokens; with arrivals in bursts it measured the opposite (docs §6).
         self.prefill_first = prefill_first
-        # A request that arrives in the first half of a step may join it (runner._join_late)
+        # A request that arrives early in a step may join it (runner._join_late)
         # rather than wait for the next: in a server whose step is tens of ms, its first
         # token comes a step sooner. Only on the C step, and only once steps take at least
         # join_min_s: below that the wait is short and the extra calls cost more.
@@ -163,18 +163,26 @@ class Engine:
             self.on_step(len(decoding) + len(admitted) + len(self._joined))
 
     def _offer(self, room: int, upto: dict[int, int]) -> list[tuple[int, list[int]]]:
-        """The runner asks, at a layer boundary early in a step: may the oldest waiting
-        request join it? Yes if a slot the step is not using is free and its rows fit in
-        `room` and the prefill budget (not one that scores its prompt: that takes a forward
-        of its own). `upto`: the columns the step is writing, which no prompt may reuse."""
+        """The runner asks, at a layer boundary early in a step: may waiting requests join
+        it? The oldest ones do, in order, while a slot the step is not using is free and
+        their rows fit in `room` and the prefill budget; a request that scores its prompt
+        (echo with logprobs) takes a forward of its own and waits, with those behind it.
+        `upto`: the columns the step is writing, which no prompt may reuse."""
         with self._lock:
-            head = self.scheduler.waiting[0] if self.scheduler.waiting else None
-            if head is None or head.echo_logprobs or head.cancelled:
+            most = 0
+            for seq in self.scheduler.waiting:
+                if seq.echo_logprobs or seq.cancelled:
+                    break
+                most += 1
+            if most == 0:
                 return []
             budget = min(room, self.prefill_budget or room)
             reuse = self._reusable(upto) if self.runner.reuse_prefix else None
-            self._joined = self.scheduler.admit(budget, reuse, strict=True, avoid=upto, most=1)
-        return [(s.slot, s.prompt) for s in self._joined]
+            joined = self.scheduler.admit(budget, reuse, strict=True, avoid=upto, most=most)
+        for seq in joined:
+            seq.joined_mid_step = True
+        self._joined += joined
+        return [(s.slot, s.prompt) for s in joined]
 
     def _reusable(self, upto: dict[int, int] | None = None
                   ) -> Callable[[int, list[int]], tuple[int, int]]:

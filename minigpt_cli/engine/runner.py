@@ -58,6 +58,10 @@ class ModelRunner:
         # prefill over a whole prompt may round differently from the steps that cached a
         # slot's tokens one by one.
         self.reuse_prefix = False
+        # The share of a step's layers after which a late prompt may still join it (the
+        # engine's join_mid_step): joining after layer l costs the running rows the time to
+        # stream l layers' weights once more, so late in a step waiting is cheaper.
+        self.join_share = 0.5
         self._forward_filled: set[int] = set()  # slots whose cache a PyTorch forward filled
         self.prefills = 0  # forward passes over a whole window (a prompt, or a slide)
 
@@ -232,35 +236,40 @@ class ModelRunner:
 
     def _join_late(self, rows: list[tuple[int, int, int, bool]], late: Late,
                    joined: list[tuple[int, int, int, bool]]) -> torch.Tensor:
-        """Run `rows` through the C step a layer at a time for the first half of the
+        """Run `rows` through the C step a layer at a time over the first `join_share` of the
         layers, asking `late` after each whether prompts arrived that should join this step
-        instead of waiting for the next: a request that comes early in a long step then
-        has its first token at the end of this one. Its rows catch up on the layers done
-        so far in a call of their own (only they read those weights again), then every row
-        goes on to the end in one call. `joined` receives the new rows; logits come for
-        every wanted row of `rows`, then each joined prompt's last."""
+        instead of waiting for the next: a request that comes early in a long step then has
+        its first token at the end of this one. Their rows catch up on the layers done so
+        far in a call of their own (only they read those weights again), then go on with
+        the others; the last call takes every row to the end. `joined` receives the new
+        rows; logits come for every wanted row of `rows`, then each joined prompt's last."""
         step, n_layer = self._native, self.model.config.n_layer
         assert step is not None and self.cache is not None
         upto: dict[int, int] = {}  # slot -> the first column this step writes
-        for _, s, c, _ in rows:
-            upto[s] = min(upto.get(s, c), c)
+
+        def writing(new: list[tuple[int, int, int, bool]]) -> None:
+            for _, s, c, _ in new:
+                upto[s] = min(upto.get(s, c), c)
+
+        writing(rows)
         toks, slots, cols, want = (list(c) for c in zip(*rows, strict=True))
         x: torch.Tensor | None = None
-        layer = 0
-        while layer < n_layer // 2:
+        layer, last = 0, min(n_layer - 1, max(1, round(n_layer * self.join_share)))
+        while layer < last:
             x = step(toks, cols, slots, cols, self.cache, want, (layer, layer + 1), x).clone()
             layer += 1
-            prefills = late(step.max_rows - len(rows), upto)
+            prefills = late(step.max_rows - len(toks), upto)
             if not prefills:
                 continue
-            new, self.late_filled = self._start(prefills, upto)
+            new, filled = self._start(prefills, upto)
+            writing(new)
             joined += new
+            self.late_filled += filled
             self.prefills += len(prefills)
             nt, ns, nc, nw = (list(c) for c in zip(*new, strict=True))
             caught = step(nt, nc, ns, nc, self.cache, nw, (0, layer)).clone()
             x = torch.cat([x, caught])
             toks, slots, cols, want = toks + nt, slots + ns, cols + nc, want + nw
-            break
         return step(toks, cols, slots, cols, self.cache, want, (layer, n_layer), x)
 
     def _decode_drafts(self, slots: list[int], tokens: list[int], drafts: list[list[int]]

@@ -70,6 +70,7 @@ class Sequence:
     first_token_at: float | None = None
     finished_at: float | None = None
     cached_tokens: int = 0  # prompt tokens whose keys and values a slot's cache held
+    joined_mid_step: bool = False  # started in a step already under way (engine._offer)
     drafted: int = 0  # speculative decoding: draft tokens verified ...
     accepted: int = 0  # ... and kept
     verifies: int = 0  # steps that verified drafts

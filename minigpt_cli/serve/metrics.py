@@ -46,6 +46,8 @@ class Metrics:
         self.prompt = Counter("minigpt_prompt_tokens", "Prompt tokens prefilled", registry=r)
         self.cached = Counter("minigpt_prompt_tokens_cached", "Prompt tokens a slot's cache "
                               "held already (prefix reuse), not computed", registry=r)
+        self.joined = Counter("minigpt_requests_joined_mid_step", "Requests that started in "
+                              "a step already under way (--join-mid-step)", registry=r)
         self.finished = Counter("minigpt_request_success", "Finished requests by reason",
                                 ["finish_reason"], registry=r)
         self.drafted = Counter("minigpt_spec_draft_tokens", "Draft tokens verified (prompt "
@@ -68,6 +70,8 @@ class Metrics:
                 self.ttft.observe(seq.first_token_at - seq.arrival)
                 self.prompt.inc(len(seq.prompt))
                 self.cached.inc(seq.cached_tokens)
+                if seq.joined_mid_step:
+                    self.joined.inc()
             elif last is not None:
                 self.itl.observe(now - last)
             self._last[seq.id] = now
