@@ -140,8 +140,9 @@ class Engine:
                 self._fail(seq, exc)
             starting, decoding, firsts, self._joined = [], [], [], []
         ready = list(zip(starting, firsts, self.runner.filled if firsts else [], strict=True))
-        ready += [(seq, row, n) for seq, (row, n) in
-                  zip(self._joined, self.runner.late, strict=True)]
+        if self._joined:  # runner.step ran and let them join
+            ready += [(seq, row, n) for seq, (row, n) in
+                      zip(self._joined, self.runner.late, strict=True)]
         self.joined_mid_step += len(self._joined)
         for seq, row, n in ready:
             seq.cached_tokens = len(self.runner.windows[seq.slot]) - n

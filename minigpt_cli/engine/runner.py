@@ -62,6 +62,8 @@ class ModelRunner:
         # engine's join_mid_step): joining after layer l costs the running rows the time to
         # stream l layers' weights once more, so late in a step waiting is cheaper.
         self.join_share = 0.5
+        self.late: list[tuple[torch.Tensor, int]] = []  # per joiner of the last `step`
+        self.late_filled: list[int] = []
         self._forward_filled: set[int] = set()  # slots whose cache a PyTorch forward filled
         self.prefills = 0  # forward passes over a whole window (a prompt, or a slide)
 
@@ -169,8 +171,7 @@ class ModelRunner:
         prompts that join it (see `_join_late`; at most `room` rows); `self.late` then holds
         each joined prompt's (next-token logits, positions computed)."""
         self.drafted = [0] * len(slots)
-        self.late: list[tuple[torch.Tensor, int]] = []
-        self.late_filled: list[int] = []
+        self.late, self.late_filled = [], []
         if self.engine != "native":
             first = [self.prefill(s, p) for s, p in prefills]
             self.filled = [len(self.windows[s]) for s, _ in prefills]
