@@ -4,8 +4,10 @@
 slots (prefilling their prompts), runs one decode step for every other running slot at once,
 samples each sequence with its own settings and generator, hands each new token to its
 request, and frees a slot the moment its request ends (EOS, a stop string, max_tokens, or a
-cancel). `minigpt generate` drives it to completion (`run`); the server drives it forever from
-one thread (`serve_forever`) while requests come and go.
+cancel). With `join_mid_step` (the server's default) a request that arrives early in a step
+joins it at a layer boundary instead of waiting for the next (runner._join_late).
+`minigpt generate` drives it to completion (`run`); the server drives it forever from one
+thread (`serve_forever`) while requests come and go.
 """
 
 from __future__ import annotations
@@ -52,9 +54,9 @@ class Engine:
         # A step that starts prompts runs them alone, the decoding rows one step later. Meant
         # for sooner first tokens; with arrivals in bursts it measured the opposite (docs §6).
         self.prefill_first = prefill_first
-        # A request that arrives early in a step may join it (runner._join_late)
-        # rather than wait for the next: in a server whose step is tens of ms, its first
-        # token comes a step sooner. Only on the C step, and only once steps take at least
+        # A request that arrives early in a step may join it (runner._join_late) rather
+        # than wait for the next: in a server whose step is tens of ms, its first token
+        # comes a step sooner. Only on the C step, and only once steps take at least
         # join_min_s: below that the wait is short and the extra calls cost more.
         self.join_mid_step = join_mid_step
         self.join_min_s = 0.002
