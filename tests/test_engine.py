@@ -182,6 +182,20 @@ def test_prefill_budget_spreads_a_burst_over_steps() -> None:
     assert [len(q.prompt) for q in s.admit(None)] == [1]
 
 
+def test_admitting_into_a_step_under_way_keeps_to_its_limits() -> None:
+    """Joining a step in progress: even the first request must fit the budget (its rows must
+    fit the step's row limit), the step's own slots are not used, and at most `most` go."""
+    s = Scheduler(4)
+    s.admit()  # nothing waits yet
+    for n in (6, 2, 2, 2):
+        s.add(Sequence(prompt=[1] * n, settings=GREEDY, max_tokens=1))
+    assert s.admit(5, strict=True) == []  # the oldest (6 tokens) does not fit: nobody jumps it
+    assert [len(q.prompt) for q in s.admit(5)] == [6]  # a step boundary: the first always goes
+    got = s.admit(8, strict=True, avoid={1, 2}, most=2)
+    assert [(len(q.prompt), q.slot) for q in got] == [(2, 3)]  # slots 1 and 2 avoided, 0 taken
+    assert [q.slot for q in s.admit(8, strict=True, most=1)] == [1]
+
+
 def test_a_budget_does_not_change_results(model: GPT, enc) -> None:
     sizes = [20, 9, 31]
 
