@@ -552,8 +552,7 @@ static void attention(int B, int H, int D, int S, const int64_t *slot, const int
  * computes logits. The engine uses this to let a request that arrives early in a step join
  * it (runner.py): its rows catch up to the step's layer, then both go on in one call. Every
  * row does the same operations in the same order either way, so the bits do not change.
- * fp: two floats,
- * the rotary base (read only when rotary) and every norm's epsilon.
+ * fp: two floats, the rotary base (read only when rotary) and every norm's epsilon.
  * w: weight pointers (GLOBALS, then PER_LAYER per layer); pw: the same list with each matrix
  * (HEAD_T and the four per-layer products) packed by strips, see matvec; qw, qs: NULL, or the
  * same list with an int8 matrix's packed strips and scales where pw has NULL.
