@@ -203,7 +203,7 @@ _BUILD_AND_STEP = """
 import pathlib, sys, time, torch
 from minigpt_cli import native
 from minigpt_cli.engine import ModelRunner
-from minigpt_cli.model import GPT, GPTConfig, KVCache
+from minigpt_cli.model import GPT, GPTConfig
 ready, go = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
 ready.touch()
 while not go.exists():
