@@ -242,7 +242,8 @@ class NativeStep:
         if first > 0:
             if resid is None or resid.shape != (rows, cfg.n_embd):
                 raise ValueError(f"a call from layer {first} needs the rows' residual stream")
-            self._scratch[:rows * cfg.n_embd].copy_(resid.reshape(-1))
+            if resid.data_ptr() != self._scratch.data_ptr():  # else it is there already
+                self._scratch[:rows * cfg.n_embd].copy_(resid.reshape(-1))
         self._dims[13], self._dims[14] = first, end
         n_slots = cache.k.size(1)
         for i, (t, p, s, c) in enumerate(zip(tokens, positions, slots, cols, strict=True)):

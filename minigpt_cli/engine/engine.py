@@ -104,8 +104,7 @@ class Engine:
                          if s.cancelled]
             for seq in cancelled:
                 self._finish(seq, "cancelled")
-            admitted = self.scheduler.admit(self.prefill_budget, self._reusable()
-                                            if self.runner.reuse_prefix else None)
+            admitted = self.scheduler.admit(self.prefill_budget, self._reusable())
             decoding = [] if self.prefill_first and admitted else [
                 s for s in self.scheduler.running.values()
                 if s not in admitted and s.next_input is not None]
@@ -180,18 +179,21 @@ class Engine:
             if most == 0:
                 return []
             budget = min(room, self.prefill_budget or room)
-            reuse = self._reusable(upto) if self.runner.reuse_prefix else None
-            joined = self.scheduler.admit(budget, reuse, strict=True, avoid=upto, most=most)
+            joined = self.scheduler.admit(budget, self._reusable(upto), strict=True,
+                                          avoid=upto, most=most)
         for seq in joined:
             seq.joined_mid_step = True
         self._joined += joined
         return [(s.slot, s.prompt) for s in joined]
 
     def _reusable(self, upto: dict[int, int] | None = None
-                  ) -> Callable[[int, list[int]], tuple[int, int]]:
+                  ) -> Callable[[int, list[int]], tuple[int, int]] | None:
         """For the scheduler: (how much of a prompt slot s can skip, how much of that its own
         cache holds). The rest comes by copy from the slot that holds the most of it
-        (runner.shared, looked up once per prompt; `upto`: see there)."""
+        (runner.shared, looked up once per prompt; `upto`: see there). None when prefix
+        reuse is off."""
+        if not self.runner.reuse_prefix:
+            return None
         anywhere: dict[int, int] = {}
 
         def reusable(slot: int, prompt: list[int]) -> tuple[int, int]:

@@ -63,7 +63,6 @@ class ModelRunner:
         # stream l layers' weights once more, so late in a step waiting is cheaper.
         self.join_share = 0.5
         self.late: list[tuple[torch.Tensor, int]] = []  # per joiner of the last `step`
-        self.late_filled: list[int] = []
         self._forward_filled: set[int] = set()  # slots whose cache a PyTorch forward filled
         self.prefills = 0  # forward passes over a whole window (a prompt, or a slide)
 
@@ -171,7 +170,7 @@ class ModelRunner:
         prompts that join it (see `_join_late`; at most `room` rows); `self.late` then holds
         each joined prompt's (next-token logits, positions computed)."""
         self.drafted = [0] * len(slots)
-        self.late, self.late_filled = [], []
+        self.late = []
         if self.engine != "native":
             first = [self.prefill(s, p) for s, p in prefills]
             self.filled = [len(self.windows[s]) for s, _ in prefills]
@@ -197,10 +196,11 @@ class ModelRunner:
                 self.drafted[i] = len(guesses)
         self.prefills += len(prefills) + sum(p > 1 for p in self.positions)
         joined: list[tuple[int, int, int, bool]] = []
+        filled: list[int] = []  # per joined prompt: positions computed
         try:
             if late is not None and self.model.config.n_layer > 1 \
                     and len(rows) < self._native.max_rows:  # type: ignore[union-attr]
-                logits = self._join_late(rows, late, joined)
+                logits = self._join_late(rows, late, joined, filled)
             else:
                 logits = self._native_rows(rows)
         except Exception:  # the windows say more than the cache holds: let nothing reuse it
@@ -208,7 +208,7 @@ class ModelRunner:
                 self.windows[s] = []
             raise
         n_own = sum(row[3] for row in rows)
-        self.late = [(row, n) for row, n in zip(logits[n_own:], self.late_filled, strict=True)]
+        self.late = list(zip(logits[n_own:], filled, strict=True))
         first = len(prefills)
         return list(logits[:first]), logits[first:n_own] if slots else None
 
@@ -236,14 +236,16 @@ class ModelRunner:
         return rows, filled
 
     def _join_late(self, rows: list[tuple[int, int, int, bool]], late: Late,
-                   joined: list[tuple[int, int, int, bool]]) -> torch.Tensor:
+                   joined: list[tuple[int, int, int, bool]], filled: list[int]
+                   ) -> torch.Tensor:
         """Run `rows` through the C step a layer at a time over the first `join_share` of the
         layers, asking `late` after each whether prompts arrived that should join this step
         instead of waiting for the next: a request that comes early in a long step then has
         its first token at the end of this one. Their rows catch up on the layers done so
         far in a call of their own (only they read those weights again), then go on with
         the others; the last call takes every row to the end. `joined` receives the new
-        rows; logits come for every wanted row of `rows`, then each joined prompt's last."""
+        rows and `filled` each joined prompt's positions computed; logits come for every
+        wanted row of `rows`, then each joined prompt's last."""
         step, n_layer = self._native, self.model.config.n_layer
         assert step is not None and self.cache is not None
         upto: dict[int, int] = {}  # slot -> the first column this step writes
@@ -257,19 +259,20 @@ class ModelRunner:
         x: torch.Tensor | None = None
         layer, last = 0, min(n_layer - 1, max(1, round(n_layer * self.join_share)))
         while layer < last:
-            x = step(toks, cols, slots, cols, self.cache, want, (layer, layer + 1), x).clone()
+            # The residual stream stays in the step's buffer from one call to the next.
+            x = step(toks, cols, slots, cols, self.cache, want, (layer, layer + 1), x)
             layer += 1
             prefills = late(step.max_rows - len(toks), upto)
             if not prefills:
                 continue
-            new, filled = self._start(prefills, upto)
+            new, counts = self._start(prefills, upto)
             writing(new)
             joined += new
-            self.late_filled += filled
+            filled += counts
             self.prefills += len(prefills)
             nt, ns, nc, nw = (list(c) for c in zip(*new, strict=True))
-            caught = step(nt, nc, ns, nc, self.cache, nw, (0, layer)).clone()
-            x = torch.cat([x, caught])
+            x = x.clone()  # the catch-up call below reuses the buffer
+            x = torch.cat([x, step(nt, nc, ns, nc, self.cache, nw, (0, layer))])
             toks, slots, cols, want = toks + nt, slots + ns, cols + nc, want + nw
         return step(toks, cols, slots, cols, self.cache, want, (layer, n_layer), x)
 
