@@ -6,7 +6,6 @@ import contextlib
 import ctypes
 import os
 import platform
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -57,20 +56,26 @@ def cpu_bf16_flags() -> list[str]:
     return sorted(flags & {"avx512_bf16", "amx_bf16"})
 
 
-def _product_seconds(dtype: torch.dtype, n: int = 384, reps: int = 20) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    with autocast(torch.device("cpu"), dtype):
-        a @ b  # first call: kernel selection, not timed
-        start = time.perf_counter()
-        for _ in range(reps):
-            a @ b
-    return time.perf_counter() - start
+# The smallest shapes at which a CPU's native bf16 step beat float32's, as (n_embd, block_size):
+# a width of 256 at any context, or 128 at a context of 256 (benchmarks/train_dtype.py,
+# docs/benchmarks.md "Training precision"). Below them bf16's conversions cost more than its
+# products save.
+BF16_MIN_SHAPES = ((256, 0), (128, 256))
 
 
-def train_dtype(name: str, device: torch.device) -> tuple[torch.dtype, str]:
-    """The training precision and why. 'auto' on a CPU with native bf16 is measured, not
-    assumed: bf16 autocast is picked only if a matrix product of a small model's size runs
-    at least 1.2x float32's here (emulated bf16, on CPUs without it, is slower)."""
+def bf16_pays_off(n_embd: int, block_size: int) -> bool:
+    """Whether a model of this width and context trains faster in bf16 on a CPU with native bf16
+    (a rule measured once and written down, so every start of the same config agrees)."""
+    return any(n_embd >= w and block_size >= t for w, t in BF16_MIN_SHAPES)
+
+
+def train_dtype(name: str, device: torch.device, n_embd: int, block_size: int
+                ) -> tuple[torch.dtype, str]:
+    """The training precision and why. 'auto' on a CPU is decided from the CPU's features and
+    the model's shape alone, never by timing at start: a timing probe flips with the machine's
+    load, and a run's precision decides its result (bf16 products also reduce in an order that
+    depends on the thread count). bf16 autocast is picked when the CPU has native bf16 and the
+    model is at least one of the measured BF16_MIN_SHAPES."""
     dtype = resolve_dtype(name, device)
     if name != "auto":
         return dtype, "as configured"
@@ -79,10 +84,11 @@ def train_dtype(name: str, device: torch.device) -> tuple[torch.dtype, str]:
     flags = cpu_bf16_flags()
     if not flags:
         return torch.float32, "auto: this CPU has no native bf16 (no avx512_bf16 or amx_bf16)"
-    ratio = _product_seconds(torch.float32) / _product_seconds(torch.bfloat16)
-    if ratio >= 1.2:
-        return torch.bfloat16, f"auto: {'/'.join(flags)}, a bf16 product ran {ratio:.1f}x float32"
-    return torch.float32, f"auto: {'/'.join(flags)}, but a bf16 product ran only {ratio:.1f}x"
+    shape = f"width {n_embd}, context {block_size}"
+    if bf16_pays_off(n_embd, block_size):
+        return torch.bfloat16, f"auto: {'/'.join(flags)} and {shape}, where bf16 trains faster"
+    return torch.float32, (f"auto: {'/'.join(flags)}, but at {shape} bf16 trains no faster "
+                           "(it pays from width 256, or 128 at context 256)")
 
 
 @contextlib.contextmanager

@@ -5,15 +5,26 @@ Order of processors (each sees the previous one's output):
   2. temperature (0 means greedy: argmax, no division)
   3. top-k   4. top-p (nucleus)   5. min-p
   6. sample from the softmax (or argmax when temperature is 0)
+
+No finite setting breaks them. `SamplerSettings.validate` is the one place that decides what
+is allowed (every number finite, each in its range) and names the field it refuses. Within
+those ranges every processor keeps each row's most likely token and never makes a NaN or a
++inf: the penalty's result is clamped to float32's range, the temperature divides the
+distance from the row's top logit in float64 (so 5e-324 is a temperature like any other: the
+top logit stays at 0, the rest go to -inf), and top-p keeps the top token even when p rounds
+to 0 in float32. So any row with one finite logit gives a token.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
 from minigpt_cli.errors import UserError
+
+FLOAT32_MAX = torch.finfo(torch.float32).max
 
 
 @dataclass
@@ -26,6 +37,11 @@ class SamplerSettings:
     repeat_last_n: int = 64
 
     def validate(self) -> None:
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty"):
+            value = getattr(self, name)
+            if not math.isfinite(value):
+                raise UserError(f"--{name.replace('_', '-')} must be a finite number, "
+                                f"got {value}")
         if not self.temperature >= 0:
             raise UserError(f"--temperature must be >= 0 (0 is greedy), got {self.temperature}")
         if self.top_k < 0:
@@ -57,13 +73,21 @@ def apply_repetition_penalty(logits: torch.Tensor, history: torch.Tensor, penalt
     seen = torch.zeros(logits.size(0), vocab + 1, dtype=torch.bool, device=logits.device)
     seen.scatter_(1, torch.where(history >= 0, history, vocab), True)
     seen = seen[:, :vocab]
-    penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
-    return torch.where(seen, penalised, logits)
+    wide = logits.double()  # a penalty of 5e-324 is 0 in float32, and x / 0 is inf
+    penalised = torch.where(wide > 0, wide / penalty, wide * penalty)
+    penalised = penalised.clamp(-FLOAT32_MAX, FLOAT32_MAX).to(logits.dtype)
+    return torch.where(seen & logits.isfinite(), penalised, logits)  # a -inf stays masked
 
 
 def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Divide by T: <1 sharpens, >1 flattens. T=0 leaves logits alone (greedy takes argmax)."""
-    return logits if temperature in (0.0, 1.0) else logits / temperature
+    """Divide by T: <1 sharpens, >1 flattens. T=0 leaves logits alone (greedy takes argmax).
+    What is divided is each logit's distance below its row's top, in float64: the same
+    distribution as logits / T, but the top stays at 0 and nothing overflows to +inf, however
+    small T is."""
+    if temperature in (0.0, 1.0):
+        return logits
+    top = logits.max(dim=-1, keepdim=True).values
+    return ((logits - top).double() / temperature).to(logits.dtype)
 
 
 def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
@@ -82,6 +106,7 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
     probs = torch.softmax(sorted_logits, dim=-1)
     mass_before = torch.cumsum(probs, dim=-1) - probs
     drop_sorted = mass_before >= p  # the token that crosses p is kept; the top token always is
+    drop_sorted[..., 0] = False  # (also when p is below float32's smallest number, so 0 here)
     drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
     return logits.masked_fill(drop, float("-inf"))
 

@@ -96,6 +96,23 @@ def _metrics_after_resume(run_dir: Path, step: int) -> list[dict[str, Any]]:
     return keep
 
 
+def _run_dtype(cfg: Config, device: torch.device, state: dict[str, Any] | None,
+               console: Console) -> tuple[torch.dtype, str]:
+    """The precision to train in, and why. A resume keeps the precision its run started with
+    (the same steps, to the bit, on the same machine and thread count) unless the config names
+    another one explicitly, which is allowed and warned about: from there on the run is no
+    longer the one an uninterrupted run would have been."""
+    dtype, why = train_dtype(cfg.dtype, device, cfg.model.n_embd, cfg.model.block_size)
+    before = (state or {}).get("dtype")
+    if before not in DTYPES or DTYPES[before] == dtype:
+        return dtype, why
+    if cfg.dtype == "auto":
+        return DTYPES[before], "auto: what this run started with"
+    console.print(f"[yellow]warning:[/] this run trained in {before} until now; it goes on in "
+                  f"{cfg.dtype}, as configured, so it will not end as an uninterrupted run would")
+    return dtype, why
+
+
 class _StopFlag:
     """First Ctrl-C asks the loop to save and stop at the next step boundary; a second one
     interrupts at once (atomic writes keep the last checkpoint intact either way)."""
@@ -171,11 +188,8 @@ def _train(cfg: Config, resume: bool, console: Console, ranks: distributed.Ranks
     device = resolve_device(cfg.device)
     if device.type == "cuda" and ranks.enabled:
         device = torch.device("cuda", ranks.local_rank)
-    dtype, dtype_why = train_dtype(cfg.dtype, device)
+    dtype, dtype_why = _run_dtype(cfg, device, state, console)
     memory = keep_freed_memory() if device.type == "cpu" else ""
-    if state is not None and cfg.dtype == "auto" and state.get("dtype") in DTYPES:
-        # A resume keeps the precision its run chose: the same steps, to the bit.
-        dtype, dtype_why = DTYPES[state["dtype"]], "auto: what this run started with"
     torch.manual_seed(cfg.seed)
 
     # Data and tokenizer: a resumed run reuses its own saved tokenizer.

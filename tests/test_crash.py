@@ -6,6 +6,10 @@ minigpt_cli/faults.py). After it dies: `generate`'s loader opens model.safetenso
 best.safetensors or names the problem in one line; `train --resume` (or, where nothing was
 committed yet, a plain `train`) finishes the run; and the final weights, best weights and
 metric log equal an uninterrupted run's, with no stale or temporary file left behind.
+
+Exactness is claimed per precision, on one machine and one thread count: every point in
+float32, and a few in bf16 autocast (whose products reduce in an order that depends on the
+thread count, so the children run with the test process's threads).
 """
 
 from __future__ import annotations
@@ -50,21 +54,25 @@ POINTS = [
     "best.safetensors:synced",
     "best.safetensors:renamed",
 ]
+# bf16 at a crash in the middle of each commit, and at the last save.
+BF16_POINTS = ["train_state-*.safetensors:renamed@2", "train_state.json:partial@2",
+               "model.safetensors:partial@4"]
+CASES = [(p, "float32") for p in POINTS] + [(p, "bfloat16") for p in BF16_POINTS]
 
 
-def _raw(root: Path) -> dict:
-    return tiny_raw(root / "corpus.txt", root / "run")
+def _raw(root: Path, dtype: str) -> dict:
+    return {**tiny_raw(root / "corpus.txt", root / "run"), "dtype": dtype}
 
 
 def _tensors(path: Path) -> dict[str, torch.Tensor]:
     return ckpt.load_safetensors(path)[0]
 
 
-def _crash(point: str, root: Path) -> subprocess.CompletedProcess:
+def _crash(point: str, dtype: str, root: Path) -> subprocess.CompletedProcess:
     root.mkdir(parents=True)
     (root / "corpus.txt").write_text(make_text())
-    (root / "cfg.yaml").write_text(yaml.safe_dump(_raw(root)))
-    env = {**os.environ, ENV: point}
+    (root / "cfg.yaml").write_text(yaml.safe_dump(_raw(root, dtype)))
+    env = {**os.environ, ENV: point, "OMP_NUM_THREADS": str(torch.get_num_threads())}
     return subprocess.run([sys.executable, "-m", "minigpt_cli", "train", "cfg.yaml"], cwd=root,
                           env=env, capture_output=True, text=True, timeout=120)
 
@@ -77,20 +85,32 @@ def crashed(tmp_path_factory: pytest.TempPathFactory
     base = tmp_path_factory.mktemp("crash")
     with ThreadPoolExecutor(2) as pool:
         cases = {}
-        for i, point in enumerate(POINTS):
+        for i, (point, dtype) in enumerate(CASES):
             root = base / f"case{i}"
-            cases[point] = (root, pool.submit(_crash, point, root))
+            cases[point, dtype] = (root, pool.submit(_crash, point, dtype, root))
         yield cases
 
 
-@pytest.fixture(scope="module")
-def straight(tmp_path_factory: pytest.TempPathFactory, crashed) -> Path:
-    root = tmp_path_factory.mktemp("straight")
+def _uninterrupted(base: Path, dtype: str) -> Path:
+    root = base / dtype
+    root.mkdir()
     (root / "corpus.txt").write_text(make_text())
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MINIGPT_DATA_DIR", str(root / "data"))
-        train(config_from_dict(_raw(root)))
+        train(config_from_dict(_raw(root, dtype)))
     return root / "run"
+
+
+@pytest.fixture(scope="module")
+def straights(tmp_path_factory: pytest.TempPathFactory, crashed) -> dict[str, Path]:
+    """The uninterrupted run in each precision."""
+    base = tmp_path_factory.mktemp("straight")
+    return {dtype: _uninterrupted(base, dtype) for dtype in ("float32", "bfloat16")}
+
+
+@pytest.fixture(scope="module")
+def straight(straights: dict[str, Path]) -> Path:
+    return straights["float32"]
 
 
 def _loads_or_names_the_problem(path: Path) -> None:
@@ -103,10 +123,12 @@ def _loads_or_names_the_problem(path: Path) -> None:
         assert not model.training
 
 
-@pytest.mark.parametrize("point", POINTS)
-def test_crash_then_resume_equals_uninterrupted(point: str, crashed, straight: Path,
+@pytest.mark.parametrize(("point", "dtype"), CASES)
+def test_crash_then_resume_equals_uninterrupted(point: str, dtype: str, crashed,
+                                                straights: dict[str, Path],
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    root, child = crashed[point]
+    root, child = crashed[point, dtype]
+    straight = straights[dtype]
     code = child.result().returncode
     assert code == -signal.SIGKILL, f"the crash point {point} was never reached (exit {code})"
     run = root / "run"
@@ -115,7 +137,7 @@ def test_crash_then_resume_equals_uninterrupted(point: str, crashed, straight: P
         _loads_or_names_the_problem(run / ckpt.BEST_FILE)
 
     monkeypatch.setenv("MINIGPT_DATA_DIR", str(root / "data"))
-    cfg = config_from_dict(_raw(root))
+    cfg = config_from_dict(_raw(root, dtype))
     try:
         train(cfg, resume=True)
     except UserError as e:  # nothing was committed: the user drops --resume, as told
@@ -127,12 +149,19 @@ def test_crash_then_resume_equals_uninterrupted(point: str, crashed, straight: P
     want_best, got_best = _tensors(straight / ckpt.BEST_FILE), _tensors(run / ckpt.BEST_FILE)
     assert all(torch.equal(want_best[k], got_best[k]) for k in want_best)
     assert ckpt.saved_step(run / ckpt.MODEL_FILE) == 20
+    assert ckpt.read_state_json(run)["dtype"] == dtype
     assert [p.name for p in run.glob("train_state-*.safetensors")] == [
         ckpt.read_state_json(run)["weights_file"]]
     assert not list(run.glob(".*.tmp"))
     steps = [json.loads(x)["step"] for x in (run / ckpt.METRICS_FILE).read_text().splitlines()
              if "val_loss" in x]
     assert steps == [10, 20]  # the log reads like one unbroken run
+
+
+def test_the_precisions_train_differently(straights: dict[str, Path]) -> None:
+    """The bf16 cases above test bf16: its run is not the float32 one."""
+    f32, bf16 = (_tensors(straights[d] / ckpt.MODEL_FILE) for d in ("float32", "bfloat16"))
+    assert not all(torch.equal(f32[k], bf16[k]) for k in f32)
 
 
 # --- a resume state damaged from outside: one line naming the problem, or a clean recovery ---

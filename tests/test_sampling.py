@@ -6,9 +6,12 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from minigpt_cli.errors import UserError
 from minigpt_cli.sampling import (
+    FLOAT32_MAX,
     SamplerSettings,
     apply_repetition_penalty,
     apply_temperature,
@@ -119,3 +122,75 @@ def test_samples_follow_the_filtered_distribution() -> None:
 def test_invalid_settings_are_user_errors(bad: dict) -> None:
     with pytest.raises(UserError):
         SamplerSettings(**bad).validate()
+
+
+# --- the whole numeric domain: a valid token or a clean error, never a NaN or a traceback ---
+
+_FINITE = {"allow_nan": False, "allow_infinity": False}
+_LOGIT = st.one_of(st.floats(width=32, **_FINITE),
+                   st.sampled_from([0.0, -0.0, 1e-45, -1e-45, 88.7, -88.7, float("-inf")]))
+
+
+@st.composite
+def _rows(draw: st.DrawFn) -> torch.Tensor:
+    """Logit rows of 1 to 40 tokens, all equal or not, -inf masks included, with at least one
+    finite logit per row (a model's logits always have one)."""
+    width = draw(st.integers(1, 40))
+    rows = []
+    for _ in range(draw(st.integers(1, 3))):
+        row = draw(st.one_of(st.lists(_LOGIT, min_size=width, max_size=width),
+                             _LOGIT.map(lambda v, n=width: [v] * n)))
+        if not any(math.isfinite(v) for v in row):
+            row[draw(st.integers(0, width - 1))] = draw(st.floats(-1e30, 1e30, **_FINITE))
+        rows.append(row)
+    return torch.tensor(rows, dtype=torch.float32)
+
+
+_SETTINGS = st.builds(
+    SamplerSettings,
+    temperature=st.one_of(st.floats(0, 1e308, **_FINITE), st.sampled_from([0.0, -0.0, 5e-324])),
+    top_k=st.one_of(st.integers(0, 50), st.integers(0, 2**63)),
+    top_p=st.one_of(st.floats(5e-324, 1.0, **_FINITE), st.just(1.0)),
+    min_p=st.floats(0.0, 1.0, exclude_max=True, **_FINITE),
+    repetition_penalty=st.one_of(st.floats(5e-324, 1e308, **_FINITE),
+                                 st.sampled_from([5e-324, 1e-300, 1e300])),
+    repeat_last_n=st.integers(0, 2**31),
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(_rows(), _SETTINGS, st.integers(0, 2**32 - 1), st.data())
+def test_no_valid_setting_breaks_the_sampler(logits: torch.Tensor, s: SamplerSettings,
+                                             seed: int, data: st.DataObject) -> None:
+    s.validate()  # every drawn setting is in range: it must be accepted ...
+    history = torch.tensor([data.draw(st.lists(st.integers(-1, logits.size(1) - 1),
+                                               min_size=0, max_size=8))], dtype=torch.long)
+    history = history.expand(logits.size(0), -1) if history.numel() else None
+    processed = process(logits, s, history)
+    assert not processed.isnan().any() and not processed.isposinf().any()
+    probs = torch.softmax(processed, dim=-1)
+    assert probs.isfinite().all() and (probs.sum(-1) - 1).abs().max() < 1e-4
+    tokens = choose(processed, s, torch.Generator().manual_seed(seed))
+    # ... and give, in each row, a token the model did not mask.
+    for row, token in zip(logits, tokens.tolist(), strict=True):
+        assert 0 <= token < row.numel() and row[token] > float("-inf")
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    (f, v) for f in ("temperature", "top_p", "min_p", "repetition_penalty")
+    for v in (float("nan"), float("inf"), float("-inf"))])
+def test_non_finite_settings_name_their_field(field: str, value: float) -> None:
+    with pytest.raises(UserError, match=f"--{field.replace('_', '-')} must be a finite"):
+        SamplerSettings(**{field: value}).validate()
+
+
+def test_tiny_temperature_and_penalty_are_greedy_in_effect() -> None:
+    """The reported crashes: a penalty of 5e-324 and a temperature of 1e-40 used to make inf
+    logits and a NaN softmax. Now the penalty pins a seen positive logit at float32's largest
+    value, and a temperature that small puts every token but the top at -inf."""
+    logits = torch.tensor([[1.0, 3.0, -2.0, 0.5]])
+    out = apply_repetition_penalty(logits, torch.tensor([[0, 2]]), 5e-324)
+    assert out.tolist() == [[FLOAT32_MAX, 3.0, -0.0, 0.5]]
+    cold = apply_temperature(logits, 1e-40)
+    assert cold.tolist() == [[float("-inf"), 0.0, float("-inf"), float("-inf")]]
+    assert top_p_filter(logits, 1e-300).isfinite().sum().item() == 1
