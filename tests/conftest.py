@@ -21,6 +21,31 @@ if TIKTOKEN_CACHE.is_dir() and "TIKTOKEN_CACHE_DIR" not in os.environ:
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
+# Tests of the fused C step (test_native.py, test_prefix_cache.py, every "native" parameter and
+# the tests marked needs_c_step) need a C compiler. Without one they are skipped, saying why,
+# except under CI, whose machine has one: there a missing compiler fails them.
+C_STEP_MODULES = {"test_native.py", "test_prefix_cache.py"}
+
+
+def _needs_c_step(item: pytest.Item) -> bool:
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    return (item.path.name in C_STEP_MODULES or "native" in params.values()
+            or item.get_closest_marker("needs_c_step") is not None)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if os.environ.get("CI") or not any(_needs_c_step(i) for i in items):
+        return
+    from minigpt_cli import native
+
+    lib = native.load_library()
+    if not isinstance(lib, str):
+        return
+    skip = pytest.mark.skip(reason=f"no C step on this machine: {lib}")
+    for item in items:
+        if _needs_c_step(item):
+            item.add_marker(skip)
+
 WORDS = ["the", "king", "my", "lord", "good", "sweet", "love", "night", "day", "heart", "eyes",
          "speak", "come", "go", "hath", "thou", "thee", "shall", "would", "death", "life", "fair",
          "noble", "gentle"]

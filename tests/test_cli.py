@@ -75,6 +75,7 @@ def test_stats_line_starts_on_its_own_line(trained: Path) -> None:
     assert len(stats) == 1 and stats[0].startswith("20 tokens · finish"), p.stdout
 
 
+@pytest.mark.needs_c_step
 def test_generate_json_greedy_cache_matches_no_cache(trained: Path) -> None:
     outs = []
     for flags in (["--cache"], ["--no-cache"], ["--engine", "torch"]):

@@ -74,6 +74,7 @@ def _alone_tokens(model: GPT, enc, prompt: list[int], n: int) -> list[int]:
     return seq.tokens
 
 
+@pytest.mark.needs_c_step
 def test_native_rows_do_not_depend_on_each_other(model: GPT) -> None:
     """The C step's logits for a slot are bit-identical whatever else shares the step."""
     alone = ModelRunner(model, 4, engine="native")
@@ -87,6 +88,7 @@ def test_native_rows_do_not_depend_on_each_other(model: GPT) -> None:
     assert torch.equal(got[1], ref[0])
 
 
+@pytest.mark.needs_c_step
 def test_torch_rows_match_native(model: GPT) -> None:
     runners = {e: ModelRunner(model, 3, engine=e) for e in ("native", "torch")}
     for r in runners.values():
@@ -147,6 +149,7 @@ def test_queue_is_bounded() -> None:
     assert len(s.admit()) == 1 and len(s.waiting) == 1
 
 
+@pytest.mark.needs_c_step
 def test_chunked_prefill_matches_the_pytorch_prefill() -> None:
     """The C step prefills prompts as rows of the step (in calls of at most 64 rows, so a
     150-token prompt takes three) beside running decode rows; the logits match PyTorch's
@@ -235,6 +238,7 @@ def test_prefill_first_runs_prompts_alone_with_the_same_results(model: GPT, enc)
     assert sum(p for p, _ in alone_steps) == len(sizes)
 
 
+@pytest.mark.needs_c_step
 @pytest.mark.parametrize("arrivals", [(1,), (2,), (1, 2)])
 def test_requests_joining_a_step_in_progress_get_their_tokens_alone(enc, arrivals) -> None:
     """A request that arrives while a step is under way joins it at a layer boundary (its

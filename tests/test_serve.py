@@ -251,6 +251,7 @@ def test_metrics_report_latencies_and_batches(server: Server) -> None:
     assert buckets["1.0"] < buckets["+Inf"]
 
 
+@pytest.mark.needs_c_step
 def test_a_repeated_prompt_is_served_from_the_cache(server: Server) -> None:
     """The same prompt twice in a row: the second computes only its last token (the slot
     the first one left holds the rest), /metrics counts the reused tokens, and the text is

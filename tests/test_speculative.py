@@ -58,6 +58,7 @@ def test_prompt_lookup_output_equals_one_token_a_step(settings, seed, n: int, k:
     assert t1.steps < t0.steps  # and that saved steps
 
 
+@pytest.mark.needs_c_step
 def test_prompt_lookup_under_load_equals_alone() -> None:
     """The server's case: six requests through four slots (some wait, slots are reused),
     greedy and seeded, all with prompt lookup, give what each gives alone without it; and
