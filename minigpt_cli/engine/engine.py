@@ -77,7 +77,9 @@ class Engine:
             seq.stream = TextStream(self.enc, seq.stops)
             seq.generator = torch.Generator(device=self.runner.device)
             # No seed: a fresh one from the OS, leaving torch's global generator untouched.
-            seq.generator.manual_seed(seq.seed if seq.seed is not None
+            # Any integer is a seed: the generator takes its 64 low bits (as torch does a
+            # negative one), so 2**70 is a seed, not an overflow.
+            seq.generator.manual_seed(seq.seed % 2**64 if seq.seed is not None
                                       else int.from_bytes(os.urandom(8), "little") >> 1)
         with self._wake:
             self.scheduler.add(*seqs)

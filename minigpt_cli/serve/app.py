@@ -21,7 +21,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from minigpt_cli.engine import Engine
 from minigpt_cli.errors import UserError
-from minigpt_cli.serve import errors
+from minigpt_cli.serve import errors, openapi
 from minigpt_cli.serve.routes import Served, api, pages
 from minigpt_cli.serve.worker import Worker
 
@@ -144,4 +144,5 @@ def create_app(loader: Loader, options: ServeOptions,
     app.include_router(pages)
     app.include_router(api)
     app.add_middleware(BodyLimit, limit=options.max_body_bytes)
+    openapi.publish(app)
     return app

@@ -13,7 +13,8 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-         413: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable"}
+         405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
+         503: "service_unavailable"}
 
 
 class APIError(Exception):
@@ -42,6 +43,9 @@ async def on_api_error(request: Request, exc: Exception) -> JSONResponse:
     return error_response(exc.status, exc.message, exc.param, exc.code, exc.headers)
 
 
+_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
+
+
 async def on_validation_error(request: Request, exc: Exception) -> JSONResponse:
     """pydantic's first complaint as one sentence, naming the field."""
     assert isinstance(exc, RequestValidationError)
@@ -50,8 +54,11 @@ async def on_validation_error(request: Request, exc: Exception) -> JSONResponse:
     if first.get("type") == "json_invalid":
         return error_response(400, "the request body is not valid JSON", code="invalid_json")
     loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-    # Union types report one error per alternative; the field and first reason suffice.
-    param = ".".join(p for p in loc if not p[:1].isupper() and p not in ("str", "list"))
+    # Union types report one error per alternative, each under a tag naming its type
+    # ("str", "list[int]", "constrained-str", "function-after[...]"); the field (and index)
+    # and the first reason suffice.
+    param = ".".join(p for p in loc if p.isdigit() or (p.isidentifier() and p[:1].islower()
+                                                          and p not in _TYPE_TAGS))
     msg = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
     if not param:
         return error_response(400, f"invalid request body: {msg}", code="invalid_body")

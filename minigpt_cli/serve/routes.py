@@ -26,6 +26,7 @@ from minigpt_cli.serve.worker import SHUTDOWN, Worker
 
 KEEPALIVE_S = 5.0  # an SSE comment this often while a request waits: finds gone clients
 CHAT_MAX_TOKENS = 256  # default when a chat request names no limit
+COMPLETION_MAX_TOKENS = 16  # OpenAI's default for completions
 
 
 @dataclass
@@ -224,7 +225,8 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
     p = body.prompt  # one string, one token list, or a list of either
     single = isinstance(p, str) or isinstance(p[0], int)
     prompts = [_tokens(s, x) for x in ([p] if single else p)]  # type: ignore[list-item]
-    max_tokens = _max_tokens(s, body.max_tokens or 16, "max_tokens")
+    max_tokens = (_max_tokens(s, body.max_tokens, "max_tokens") if body.max_tokens
+                  else min(COMPLETION_MAX_TOKENS, s.max_tokens))
     echo_lp = body.echo and body.logprobs is not None
     seqs = _sequences(s, body, prompts, max_tokens, body.stop or [], body.logprobs, echo_lp)
     fmt = CompletionFormat(s.enc, s.name, body.logprobs, body.echo)
@@ -239,10 +241,11 @@ async def chat_completions(body: ChatRequest, request: Request) -> Response:
     s = served(request)
     _check_model(s, body)
     prompt = _tokens(s, chat.render(body.messages))
-    limit = body.max_completion_tokens or body.max_tokens
-    max_tokens = _max_tokens(s, limit or min(CHAT_MAX_TOKENS, s.max_tokens),
-                             "max_completion_tokens" if body.max_completion_tokens
-                             else "max_tokens")
+    for field in ("max_tokens", "max_completion_tokens"):  # both are checked, if given
+        if getattr(body, field) is not None:
+            _max_tokens(s, getattr(body, field), field)
+    max_tokens = (body.max_completion_tokens or body.max_tokens
+                  or min(CHAT_MAX_TOKENS, s.max_tokens))
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     stops = list(dict.fromkeys([*(body.stop or []), *chat.STOPS]))
     seqs = _sequences(s, body, [prompt], max_tokens, stops, logprobs)

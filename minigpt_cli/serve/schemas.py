@@ -7,15 +7,26 @@ checked here, and unknown fields are ignored, as OpenAI-compatible servers do. m
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
 from minigpt_cli.sampling import SamplerSettings
 
 MAX_STOPS = 4  # OpenAI's limit
 MAX_N = 16
 MAX_LOGPROBS = 20
+
+StopText = Annotated[str, Field(min_length=1)]
+
+
+def _whole(v: object) -> object:
+    """JSON Schema's integers include 1.0 (a number with no fraction); so do ours."""
+    return int(v) if isinstance(v, float) and v.is_integer() else v
+
+
+WHOLE = BeforeValidator(_whole)  # after any bounds, so they stay in the published schema
+Int = Annotated[int, WHOLE]  # strict otherwise: "1", true and 1.5 are not integers
 
 
 class StreamOptions(BaseModel):
@@ -28,27 +39,22 @@ class Sampling(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
 
     model: str | None = None
-    max_tokens: int | None = Field(None, ge=1)
+    max_tokens: Annotated[int, Field(ge=1), WHOLE] | None = None
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=0)
+    top_k: Annotated[int, Field(ge=0), WHOLE] = 0
     min_p: float = Field(0.0, ge=0.0, lt=1.0)
     repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
-    stop: str | list[str] | None = None
-    n: int = Field(1, ge=1, le=MAX_N)
-    seed: int | None = None
+    stop: StopText | Annotated[list[StopText], Field(max_length=MAX_STOPS)] | None = None
+    n: Annotated[int, Field(ge=1, le=MAX_N), WHOLE] = 1
+    seed: Int | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
 
     @field_validator("stop")
     @classmethod
     def _stops(cls, v: str | list[str] | None) -> list[str]:
-        stops = [v] if isinstance(v, str) else list(v or [])
-        if len(stops) > MAX_STOPS:
-            raise ValueError(f"at most {MAX_STOPS} stop sequences")
-        if any(not s for s in stops):
-            raise ValueError("stop sequences must be non-empty")
-        return stops
+        return [v] if isinstance(v, str) else list(v or [])
 
     def sampler(self) -> SamplerSettings:
         return SamplerSettings(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
@@ -59,18 +65,16 @@ class Sampling(BaseModel):
         return bool(self.stream_options and self.stream_options.include_usage)
 
 
-class CompletionRequest(Sampling):
-    prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for completions
-    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    echo: bool = False
+NonEmpty = Field(min_length=1)
 
-    @field_validator("prompt")
-    @classmethod
-    def _prompt(cls, v: object) -> object:
-        if isinstance(v, list) and not v:
-            raise ValueError("prompt must not be an empty list")
-        return v
+
+class CompletionRequest(Sampling):
+    prompt: (str | Annotated[list[str], NonEmpty] | Annotated[list[Int], NonEmpty]
+             | Annotated[list[list[Int]], NonEmpty])
+    # None: OpenAI's default for completions, 16 (or the server's limit, if lower)
+    max_tokens: Annotated[int, Field(ge=1), WHOLE] | None = None
+    logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS), WHOLE] | None = None
+    echo: bool = False
 
 
 class TextPart(BaseModel):
@@ -93,6 +97,6 @@ class Message(BaseModel):
 
 class ChatRequest(Sampling):
     messages: list[Message] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: Annotated[int, Field(ge=1), WHOLE] | None = None
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS), WHOLE] | None = None
