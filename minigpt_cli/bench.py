@@ -10,7 +10,6 @@ the sequence. `--train` adds a training step against generation for the same mod
 
 from __future__ import annotations
 
-import json
 import platform
 import resource
 import statistics
@@ -26,7 +25,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from minigpt_cli import native
-from minigpt_cli.checkpoint import atomic_write_text, check_output_paths
+from minigpt_cli.checkpoint import atomic_write_text, check_output_paths, to_json
 from minigpt_cli.device import resolve_device, resolve_dtype, synchronize
 from minigpt_cli.errors import UserError
 from minigpt_cli.generate import Decoder
@@ -267,7 +266,7 @@ def run_bench(*, checkpoint: str | None, config: str | None, lengths: list[int],
                                               f"{v / 1e6:,.0f} MB"
                                               for k, v in report["memory"].items()))
     if json_path:
-        atomic_write_text(json_path, json.dumps(report, indent=1))
+        atomic_write_text(json_path, to_json(report, indent=1))
         console.print(f"wrote {json_path}")
     if plot_path:
         from minigpt_cli.bench_plot import plot

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
+import math
 import os
 import re
 import shutil
@@ -83,9 +84,26 @@ def model_tensors(model: torch.nn.Module | dict[str, torch.Tensor]) -> dict[str,
     return {name: t.detach().to("cpu").contiguous() for name, t in raw.state_dict().items()}
 
 
+def _finite(obj: Any) -> Any:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def to_json(obj: Any, **kw: Any) -> str:
+    """Strict JSON, which every parser reads: a float that is not finite (a val loss before the
+    first evaluation, NaN; the best so far, infinity) is written as null. Python's json would
+    write NaN and Infinity, which JavaScript's, Go's and jq's parsers reject."""
+    return json.dumps(_finite(obj), allow_nan=False, **kw)
+
+
 def save_safetensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
     """Atomic safetensors write; metadata values are JSON so they keep their types."""
-    header = {k: json.dumps(v) for k, v in meta.items()}
+    header = {k: to_json(v) for k, v in meta.items()}
     atomic_write_bytes(path, save(tensors, metadata=header))
 
 
@@ -174,7 +192,7 @@ def commit_train_state(run_dir: Path, name: str, groups: list[Any], state: dict[
     weights file or DCP directory."""
     previous = read_state_json(run_dir)
     payload = {**state, "weights_file": name, "param_groups": groups, "rng": rng_state()}
-    atomic_write_text(run_dir / STATE_JSON, json.dumps(payload, indent=1))
+    atomic_write_text(run_dir / STATE_JSON, to_json(payload, indent=1))
     if previous and previous.get("weights_file") not in (None, name):
         crash_point("state:unlink-previous")
         _remove(Path(run_dir) / previous["weights_file"])

@@ -6,7 +6,6 @@ tokenized it, so the result reads next to the training log's val bits/byte.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -19,7 +18,7 @@ from rich.table import Table
 
 from minigpt_cli import data as D
 from minigpt_cli import tokenizer as tok
-from minigpt_cli.checkpoint import atomic_write_text, check_output_paths, read_metrics
+from minigpt_cli.checkpoint import atomic_write_text, check_output_paths, read_metrics, to_json
 from minigpt_cli.config import config_from_dict
 from minigpt_cli.device import resolve_device, resolve_dtype
 from minigpt_cli.errors import UserError
@@ -52,7 +51,7 @@ def write_outputs(record: dict[str, Any], json_path: Path | None, plot_path: Pat
                   plot: Callable[[dict[str, Any], Path], None]) -> None:
     """The record as JSON (atomically) and its figure, where asked for."""
     if json_path:
-        atomic_write_text(json_path, json.dumps(record, indent=1))
+        atomic_write_text(json_path, to_json(record, indent=1))
     if plot_path:
         plot(record, plot_path)
 

@@ -8,7 +8,6 @@ evaluation switches to `model.eval()` + no-grad and back.
 from __future__ import annotations
 
 import io
-import json
 import math
 import os
 import signal
@@ -91,9 +90,19 @@ def _check_same_run(run_dir: Path, cfg: Config) -> None:
 def _metrics_after_resume(run_dir: Path, step: int) -> list[dict[str, Any]]:
     """Drop metric lines past the resumed step, so the log reads like one unbroken run."""
     keep = [r for r in ckpt.read_metrics(run_dir) if r.get("step", 0) <= step]
-    ckpt.atomic_write_text(run_dir / ckpt.METRICS_FILE, "".join(json.dumps(r) + "\n"
+    ckpt.atomic_write_text(run_dir / ckpt.METRICS_FILE, "".join(ckpt.to_json(r) + "\n"
                                                                  for r in keep))
     return keep
+
+
+def _number(value: Any, default: float) -> float:
+    """A loss read back from JSON: null (written for NaN or infinity) is `default`."""
+    return default if value is None else float(value)
+
+
+def _val_field(val_loss: float) -> str:
+    """The progress bar's validation loss: nothing until the first evaluation."""
+    return f"val {val_loss:.4f}" if math.isfinite(val_loss) else ""
 
 
 def _run_dtype(cfg: Config, device: torch.device, state: dict[str, Any] | None,
@@ -229,14 +238,15 @@ def _train(cfg: Config, resume: bool, console: Console, ranks: distributed.Ranks
         else:  # a DCP directory (FSDP2 wrote it), at whatever world size
             sharding.load(run_dir / state["weights_file"], model, opt, state["param_groups"])
         ckpt.set_rng_state(state["rng"])
-        start_step, best_val = state["step"], state.get("best_val_loss", math.inf)
+        start_step = state["step"]
+        best_val = _number(state.get("best_val_loss"), math.inf)  # null: no evaluation yet
         history = _metrics_after_resume(run_dir, start_step) if ranks.main else []
         if ranks.main:
             ckpt.clean_stale_state_files(run_dir)
         evals = [r for r in history if "val_loss" in r]
         if evals:
-            last.update(train_loss=evals[-1]["train_loss"], val_loss=evals[-1]["val_loss"],
-                        val_bpb=evals[-1]["val_bpb"])
+            last.update({k: _number(evals[-1].get(k), math.nan)
+                         for k in ("train_loss", "val_loss", "val_bpb")})
         if start_step >= cfg.train.max_steps:
             console.print(f"{escape(str(run_dir))} is already complete at step {start_step} "
                           f"(train.max_steps={cfg.train.max_steps}); raise it with --set "
@@ -266,7 +276,7 @@ def _train(cfg: Config, resume: bool, console: Console, ranks: distributed.Ranks
                     else io.StringIO())
 
     def log(record: dict[str, Any]) -> None:
-        metrics.write(json.dumps(record) + "\n")
+        metrics.write(ckpt.to_json(record) + "\n")
         metrics.flush()
 
     def model_meta(step: int, val_loss: float | None) -> dict[str, Any]:
@@ -325,7 +335,7 @@ def _train(cfg: Config, resume: bool, console: Console, ranks: distributed.Ranks
                      f"{'FSDP2' if sharded else 'DDP'})" if ranks.enabled else ""))
     progress = Progress(
         TextColumn("[bold]step {task.completed}/{task.total}"), BarColumn(),
-        TextColumn("loss {task.fields[loss]:.4f}  val {task.fields[val]:.4f}  "
+        TextColumn("loss {task.fields[loss]:.4f}  {task.fields[val]}  "
                    "lr {task.fields[lr]:.2e}  {task.fields[tps]:,.0f} tok/s"),
         TimeRemainingColumn(), console=console, transient=False,
     )
@@ -334,7 +344,7 @@ def _train(cfg: Config, resume: bool, console: Console, ranks: distributed.Ranks
     window_t, window_steps, tps = time.perf_counter(), 0, 0.0
     with _StopFlag() as stop, progress, metrics:
         task = progress.add_task("train", total=t.max_steps, completed=step, loss=math.nan,
-                                 val=math.nan, lr=0.0, tps=0.0)
+                                 val=_val_field(last["val_loss"]), lr=0.0, tps=0.0)
         while step < t.max_steps:
             lr = lr_at(step, t)
             for group in opt.param_groups:
@@ -387,7 +397,8 @@ def _train(cfg: Config, resume: bool, console: Console, ranks: distributed.Ranks
                 window_t = time.perf_counter()  # evaluation time is not training throughput
             if is_save:
                 save(step, val_loss if val_loss is not None else last["val_loss"])
-            progress.update(task, completed=step, loss=last["loss"], val=last["val_loss"],
+            progress.update(task, completed=step, loss=last["loss"],
+                            val=_val_field(last["val_loss"]),
                             lr=lr, tps=tps)
             if stopping and step < t.max_steps:
                 raise Interrupted(f"interrupted at step {step}; checkpoint saved in {run_dir}: "

@@ -399,3 +399,48 @@ def test_uniform_logits_give_log2_257_bits_per_byte() -> None:
                                    torch.float32)
     assert result.bpb == pytest.approx(math.log2(257), rel=1e-6)
     assert result.loss == pytest.approx(math.log(257), rel=1e-6)  # every target counts here
+
+
+def _strict(text: str) -> object:
+    """Parse as JSON parsers other than Python's do: NaN and Infinity are not JSON."""
+    def refuse(name: str) -> None:
+        raise ValueError(f"{name} is not JSON")
+    return json.loads(text, parse_constant=refuse)
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_run_directory_json_is_strict_before_the_first_evaluation(
+        tmp_path: Path, corpus_file: Path, data_dir: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A save before any evaluation has no val loss and no best yet: null, not NaN/Infinity;
+    and a resume reads the nulls back as 'none yet'."""
+    run = tmp_path / "run"
+    commit = ckpt.commit_train_state
+
+    def commit_then_stop(*args: object, **kw: object) -> None:
+        commit(*args, **kw)  # type: ignore[arg-type]
+        raise _Stop  # the run ends at its first save (step 5), before any evaluation
+
+    monkeypatch.setattr(ckpt, "commit_train_state", commit_then_stop)
+    with pytest.raises(_Stop):
+        train(config_from_dict(tiny_raw(corpus_file, run, max_steps=10, eval_interval=10)))
+    monkeypatch.setattr(ckpt, "commit_train_state", commit)
+    state = _strict((run / ckpt.STATE_JSON).read_text())
+    assert state["best_val_loss"] is None and state["val_loss"] is None  # type: ignore[index]
+    for line in (run / ckpt.METRICS_FILE).read_text().splitlines():
+        _strict(line)
+    from safetensors import safe_open
+    with safe_open(str(run / state["weights_file"]), framework="pt") as f:  # type: ignore[index]
+        for value in (f.metadata() or {}).values():
+            _strict(value)
+    summary = train(config_from_dict(tiny_raw(corpus_file, run, max_steps=10, eval_interval=10)),
+                    resume=True)
+    assert math.isfinite(summary.best_val_loss) and summary.best_val_loss == summary.val_loss
+
+
+def test_progress_shows_no_val_loss_before_the_first_evaluation() -> None:
+    assert train_module._val_field(math.nan) == ""
+    assert train_module._val_field(1.23456) == "val 1.2346"
