@@ -23,7 +23,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
-from minigpt_cli.errors import UserError
+from minigpt_cli.errors import SaveError, UserError
 from minigpt_cli.faults import crash_point
 
 MODEL_FILE = "model.safetensors"
@@ -47,8 +47,16 @@ def fsync_dir(path: Path) -> None:
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temp file in the same directory, fsync it, then rename over `path`."""
+    """Write to a temp file in the same directory, fsync it, then rename over `path`. A write
+    the machine refuses is a one-line SaveError naming `path`, with the old file untouched."""
     path = Path(path)
+    try:
+        _write_then_rename(path, data)
+    except OSError as e:
+        raise SaveError(f"could not write {path}: {e.strerror or e}") from None
+
+
+def _write_then_rename(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -183,7 +191,12 @@ def save_train_state(run_dir: Path, model: torch.nn.Module | dict[str, torch.Ten
     opt_tensors, groups = optimizer_tensors(opt)
     tensors = {f"model.{k}": v for k, v in model_tensors(model).items()} | opt_tensors
     save_safetensors(run_dir / name, tensors, {"step": step})
-    commit_train_state(run_dir, name, groups, state)
+    try:
+        commit_train_state(run_dir, name, groups, state)
+    except SaveError:  # if not committed, the new weights file is nobody's and takes space
+        if (read_state_json(run_dir) or {}).get("weights_file") != name:
+            _remove(Path(run_dir) / name)
+        raise
 
 
 def commit_train_state(run_dir: Path, name: str, groups: list[Any], state: dict[str, Any]

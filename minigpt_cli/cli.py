@@ -16,7 +16,7 @@ from rich.text import Text
 # typer vendors its own click (pinned in constraints.txt); its exceptions live here.
 from typer._click import exceptions as click_errors
 
-from minigpt_cli.errors import UserError
+from minigpt_cli.errors import SaveError, UserError
 
 app = typer.Typer(
     add_completion=False,
@@ -323,10 +323,10 @@ def bench(
     raise typer.Exit(code)
 
 
-def _fail(message: str) -> NoReturn:
+def _fail(message: str, code: int = 2) -> NoReturn:
     # Plain text: paths or ranges like "(0, 1]" must not be read as markup.
     err.print(Text.assemble(("error:", "bold red"), " ", message), soft_wrap=True)
-    sys.exit(2)
+    sys.exit(code)
 
 
 def main() -> None:
@@ -346,6 +346,8 @@ def main() -> None:
         _fail(" ".join(e.format_message().split()) + where)
     except typer.Abort:
         sys.exit(130)
+    except SaveError as e:  # the machine refused a write: not bad input
+        _fail(str(e), code=1)
     except UserError as e:
         _fail(str(e))
     sys.exit(code if isinstance(code, int) else 0)

@@ -31,7 +31,8 @@ from minigpt_cli import distributed, optim, scheduled, sharding
 from minigpt_cli import tokenizer as tok
 from minigpt_cli.config import Config
 from minigpt_cli.device import DTYPES, keep_freed_memory, resolve_device, synchronize, train_dtype
-from minigpt_cli.errors import UserError
+from minigpt_cli.errors import SaveError, UserError
+from minigpt_cli.faults import crash_point
 from minigpt_cli.model import GPT, GPTConfig
 from minigpt_cli.step import accumulate_gradients, clip_gradients, evaluate, lr_at
 
@@ -93,6 +94,15 @@ def _metrics_after_resume(run_dir: Path, step: int) -> list[dict[str, Any]]:
     ckpt.atomic_write_text(run_dir / ckpt.METRICS_FILE, "".join(ckpt.to_json(r) + "\n"
                                                                  for r in keep))
     return keep
+
+
+def _last_good(run_dir: Path) -> str:
+    """What a user whose save failed still has, and what to do next."""
+    step = (ckpt.read_state_json(run_dir) or {}).get("step")
+    if step is None:
+        return "nothing of this run was saved yet: make room (or fix the folder) and start again"
+    return (f"the last good checkpoint (step {step}) in {run_dir} is intact: make room (or fix "
+            "the folder) and continue with --resume")
 
 
 def _number(value: Any, default: float) -> float:
@@ -171,6 +181,8 @@ def train(cfg: Config, resume: bool = False, console: Console | None = None) -> 
         resume = True  # torchrun restarted the group after a failure: on from the last save
     try:
         return _train(cfg, resume, console or Console(stderr=True), ranks)
+    except SaveError as e:
+        raise SaveError(f"{e}; {_last_good(Path(cfg.out_dir))}") from None
     except RuntimeError as e:
         lost = distributed.peer_lost(e, ranks)
         if lost is None:
@@ -272,12 +284,17 @@ def _train(cfg: Config, resume: bool, console: Console, ranks: distributed.Ranks
     val_batches = D.eval_batches(tokens.val, t.batch_size, T, t.eval_steps)
     train_eval_batches = D.eval_batches(tokens.train, t.batch_size, T, t.eval_steps)
     tokens_per_step = t.batch_size * T * t.grad_accum_steps
-    metrics: Any = ((run_dir / ckpt.METRICS_FILE).open("a", encoding="utf-8") if ranks.main
-                    else io.StringIO())
+    # Unbuffered: a line the disk refuses is not held back to fail again when the file closes.
+    metrics: Any = ((run_dir / ckpt.METRICS_FILE).open("ab", buffering=0) if ranks.main
+                    else io.BytesIO())
 
     def log(record: dict[str, Any]) -> None:
-        metrics.write(ckpt.to_json(record) + "\n")
-        metrics.flush()
+        try:
+            crash_point(f"{ckpt.METRICS_FILE}:append")
+            metrics.write((ckpt.to_json(record) + "\n").encode())
+        except OSError as e:
+            raise SaveError(f"could not write {run_dir / ckpt.METRICS_FILE}: {e.strerror}"
+                            ) from None
 
     def model_meta(step: int, val_loss: float | None) -> dict[str, Any]:
         """What makes a weights file self-describing: shape, tokenizer, provenance."""
