@@ -196,10 +196,12 @@ def run_bench(*, checkpoint: str | None, config: str | None, lengths: list[int],
     (cached from uncached, or speculative from plain)."""
     if not lengths or min(lengths) < 1:
         raise UserError("--lengths needs positive integers, e.g. 64,128,256")
-    for flag, value in (("--prompt-len", prompt_len), ("--batch-size", batch_size),
-                        ("--repeats", repeats)):
-        if value < 1:
-            raise UserError(f"{flag} must be at least 1, got {value}")
+    if prompt_len < 1:
+        raise UserError(f"--prompt-len must be at least 1, got {prompt_len}")
+    # Upper bounds too: a batch allocates a KV cache per row; repeats multiply the run's time.
+    for flag, value, most in (("--batch-size", batch_size, 4096), ("--repeats", repeats, 1000)):
+        if not 1 <= value <= most:
+            raise UserError(f"{flag} must be in [1, {most}], got {value}")
     check_output_paths(json=json_path, plot=plot_path)
     native.check_engine_name(engine)
     from minigpt_cli.quantize import check_mode

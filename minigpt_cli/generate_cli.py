@@ -57,6 +57,9 @@ def _json_record(c: Completion) -> dict:
             "token_ids": c.tokens, "finish_reason": c.finish_reason}
 
 
+MAX_ROWS = 4096  # beams or samples decoded as one batch: each holds a KV cache of its own
+
+
 def run_generate(
     *, prompt: str, checkpoint: str | None, max_new_tokens: int, temperature: float, top_k: int,
     top_p: float, min_p: float, repetition_penalty: float, repeat_last_n: int, seed: int | None,
@@ -71,11 +74,11 @@ def run_generate(
     settings.validate()
     if max_new_tokens < 1:
         raise UserError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
-    if num_beams < 1:
-        raise UserError(f"--num-beams must be at least 1, got {num_beams}")
+    if not 1 <= num_beams <= MAX_ROWS:
+        raise UserError(f"--num-beams must be in [1, {MAX_ROWS}], got {num_beams}")
     lookup.check_options(prompt_lookup, draft_k, draft)
-    if num_samples < 1:
-        raise UserError(f"--num-samples must be at least 1, got {num_samples}")
+    if not 1 <= num_samples <= MAX_ROWS:
+        raise UserError(f"--num-samples must be in [1, {MAX_ROWS}], got {num_samples}")
     if stop and not all(stop):
         raise UserError("--stop must not be empty: an empty string would stop before the "
                         "first token")

@@ -174,6 +174,36 @@ CASES = [
     c("eval", "--quantize", "int4", says="--quantize must be one of none, int8"),
 ]
 
+HUGE = str(10**30)
+# Extreme but well-typed values that are out of range: refused in one line like any other.
+CASES += [
+    c("generate", "--temperature", "nan", says="--temperature must be a finite number"),
+    c("generate", "--temperature", "inf", says="--temperature must be a finite number"),
+    c("generate", "--top-p", "nan", says="--top-p must be a finite number"),
+    c("generate", "--min-p", "-inf", says="--min-p must be a finite number"),
+    c("generate", "--repetition-penalty", "1e999", says="--repetition-penalty must be a finite"),
+    c("generate", "--num-samples", HUGE, says="--num-samples must be in [1, 4096]"),
+    c("generate", "--num-beams", HUGE, says="--num-beams must be in [1, 4096]"),
+    c("generate", "--max-new-tokens", "1e308", says="--max-new-tokens"),
+    c("generate", "--seed", "5e-324", says="--seed"),
+    c("serve", "--port", HUGE, says="--port"),
+    c("serve", "--max-batch", HUGE, says="--max-batch"),
+    c("serve", "--max-tokens", "-0", says="--max-tokens"),
+    c("bench", "--batch-size", HUGE, says="--batch-size must be in [1, 4096]"),
+    c("bench", "--repeats", HUGE, says="--repeats must be in [1, 1000]"),
+    c("eval", "--stride", HUGE, says="--stride"),
+    c("eval", "--exposure", "--context", HUGE, "--length", "8", says="--context"),
+]
+# Extreme values inside the range: they must simply work (exit 0, text out, no traceback).
+_GEN = ("--checkpoint", "runs/tiny", "--max-new-tokens", "4", "--no-stream")
+VALID = [c("generate", *_GEN, flag, value, says="")
+         for flag, values in (("--temperature", ("5e-324", "1e308", "-0.0")),
+                              ("--top-p", ("5e-324",)), ("--min-p", ("5e-324", "0.9999999")),
+                              ("--repetition-penalty", ("5e-324", "1e308")),
+                              ("--seed", (HUGE, "-" + HUGE, "-0")),
+                              ("--top-k", (HUGE,)), ("--repeat-last-n", (HUGE,)))
+         for value in values]
+
 # Options that take any value of their type; the reason stands in for a case.
 ANY_VALUE = {
     ("generate", "--prompt"): "any text is a prompt",
@@ -333,8 +363,9 @@ def outcomes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Out
         train(config_from_dict(tiny_raw(base / "corpus.txt", base / "run", max_steps=5)))
     _other_tokenizer_run(base / "other")
     shared = _tree(base / "run")
+    everything = CASES + VALID
     roots = []
-    for i, _ in enumerate(CASES):
+    for i, _ in enumerate(everything):
         roots.append(base / f"case{i}")
         roots[-1].mkdir()
         _fixtures(roots[-1], base / "run")
@@ -345,15 +376,15 @@ def outcomes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Out
     try:
         with socket.create_server(("127.0.0.1", 0)) as taken, ThreadPoolExecutor(2) as pool:
             port = taken.getsockname()[1]
-            halves = [pool.submit(lambda k: [_run(CASES[i], roots[i], port, servers[k])
-                                             for i in range(k, len(CASES), 2)], k)
+            halves = [pool.submit(lambda k: [_run(everything[i], roots[i], port, servers[k])
+                                             for i in range(k, len(everything), 2)], k)
                       for k in range(2)]
             done = [h.result() for h in halves]
     finally:
         for server in servers:
             server.close()
-    results = [done[i % 2][i // 2] for i in range(len(CASES))]
-    yield {case.id: r for case, r in zip(CASES, results, strict=True)}
+    results = [done[i % 2][i // 2] for i in range(len(everything))]
+    yield {case.id: r for case, r in zip(everything, results, strict=True)}
     assert _tree(base / "run") == shared, "a case wrote into the trained run"
     shutil.rmtree(base, ignore_errors=True)
 
@@ -367,6 +398,14 @@ def test_bad_input_is_one_line_and_exit_2(case: Case, outcomes: dict[str, Outcom
     assert case.says in lines[0], lines[0]
     assert out.stdout == ""
     assert out.changed == [], f"written: {out.changed}"
+
+
+@pytest.mark.parametrize("case", VALID, ids=[case.id for case in VALID])
+def test_extreme_values_in_range_just_work(case: Case, outcomes: dict[str, Outcome]) -> None:
+    out = outcomes[case.id]
+    assert out.code == 0, (out.code, out.stderr[-2000:])
+    assert "Traceback" not in out.stderr and "error:" not in out.stderr
+    assert out.stdout.strip()
 
 
 def test_every_option_has_a_case() -> None:

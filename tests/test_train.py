@@ -21,7 +21,7 @@ from minigpt_cli import checkpoint as ckpt
 from minigpt_cli import step as train_step
 from minigpt_cli import train as train_module
 from minigpt_cli.config import TrainConfig, config_from_dict
-from minigpt_cli.errors import UserError
+from minigpt_cli.errors import SaveError, UserError
 from minigpt_cli.model import GPT, GPTConfig
 from minigpt_cli.step import lr_at
 from minigpt_cli.train import Interrupted, train
@@ -355,7 +355,7 @@ def test_atomic_write_leaves_old_file_on_failure(tmp_path: Path, monkeypatch) ->
             raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(ckpt, "crash_point", disk_full)
-    with pytest.raises(OSError, match="No space"):
+    with pytest.raises(SaveError, match=f"could not write {target}: No space"):
         ckpt.atomic_write_bytes(target, b"new contents!")
     assert seen == [b"new co"]  # it failed mid-write, with the temp file half written
     assert target.read_bytes() == b"good"
