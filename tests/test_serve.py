@@ -8,6 +8,7 @@ under load. Every bad input gets its status and OpenAI error object, and the ser
 
 from __future__ import annotations
 
+import http.client
 import json
 import signal
 import socket
@@ -231,6 +232,19 @@ def test_slow_reader_does_not_stall_others(server: Server) -> None:
         assert b'"finish_reason": "length"' in received
     finally:
         sock.close()
+
+
+def test_an_idle_keep_alive_connection_outlives_a_client_pool(server: Server) -> None:
+    """A client that keeps its connection for the next request after 5.5 s idle (httpx's pool
+    keeps one 5 s) finds it open: the server does not close it under the client's feet."""
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    for _ in range(2):
+        conn.request("GET", "/health")
+        r = conn.getresponse()
+        assert r.status == 200 and r.getheader("connection", "").lower() != "close"
+        r.read()
+        time.sleep(5.5)
+    conn.close()
 
 
 def test_metrics_report_latencies_and_batches(server: Server) -> None:

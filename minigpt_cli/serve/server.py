@@ -18,6 +18,12 @@ from minigpt_cli.engine import lookup
 from minigpt_cli.errors import UserError
 from minigpt_cli.serve.app import ServeOptions, create_app
 
+# An idle keep-alive connection is kept this long. uvicorn's default, 5 s, is the same as
+# httpx's pool expiry, so a client could send its next request on a connection the server
+# was closing at that moment ("Server disconnected without sending a response"). The server
+# must outlive its clients' pools: they close first, and no request meets a closing socket.
+KEEP_ALIVE_S = 75
+
 
 class _Server(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, app: Any) -> None:
@@ -98,7 +104,7 @@ def run_serve(*, checkpoint: str | None, host: str, port: int, options: ServeOpt
 
     app = create_app(lambda: (model, enc, found.parent.name, draft), options, on_load_error=stop)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
-                            timeout_graceful_shutdown=5)
+                            timeout_graceful_shutdown=5, timeout_keep_alive=KEEP_ALIVE_S)
     server.append(_Server(config, app))
     server[0].run()
     if app.state.load_error is not None:
