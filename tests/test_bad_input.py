@@ -202,7 +202,11 @@ VALID = [c("generate", *_GEN, flag, value, says="")
                               ("--repetition-penalty", ("5e-324", "1e308")),
                               ("--seed", (HUGE, "-" + HUGE, "-0")),
                               ("--top-k", (HUGE,)), ("--repeat-last-n", (HUGE,)))
-         for value in values]
+         for value in values] + [
+    c("generate", *_GEN, "--prompt-lookup", "2", "--temperature", "1e-300", "--seed", "1",
+      says=""),  # speculative acceptance at a temperature that small
+    c("generate", *_GEN, "--num-beams", "3", "--repetition-penalty", "5e-324", says=""),
+]
 
 # Options that take any value of their type; the reason stands in for a case.
 ANY_VALUE = {

@@ -312,6 +312,25 @@ def test_resume_with_another_model_shape_is_refused(tiny_config, corpus_file: Pa
         train(config_from_dict(raw), resume=True)
 
 
+def test_resume_keeps_its_precision_and_warns_when_told_another(
+        tmp_path: Path, corpus_file: Path, data_dir: Path) -> None:
+    """A run started in float32 resumes in float32 under `dtype: auto`; naming bf16 on resume
+    is allowed, says so in a warning, and is recorded for the next resume."""
+    import io
+
+    from rich.console import Console
+
+    run = tmp_path / "run"
+    train(config_from_dict(tiny_raw(corpus_file, run, max_steps=5)))
+    for dtype, steps, warned in (("auto", 10, False), ("bfloat16", 15, True)):
+        out = io.StringIO()
+        raw = {**tiny_raw(corpus_file, run, max_steps=steps), "dtype": dtype}
+        train(config_from_dict(raw), resume=True, console=Console(file=out, width=300))
+        text = out.getvalue()
+        assert ("warning: this run trained in float32 until now" in text) == warned, text
+        assert ckpt.read_state_json(run)["dtype"] == ("bfloat16" if warned else "float32")
+
+
 def test_resume_without_a_run(tiny_config) -> None:
     with pytest.raises(UserError, match="nothing to resume"):
         train(tiny_config, resume=True)
