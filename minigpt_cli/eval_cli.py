@@ -18,10 +18,11 @@ from rich.table import Table
 
 from minigpt_cli import data as D
 from minigpt_cli import tokenizer as tok
-from minigpt_cli.checkpoint import atomic_write_text, check_output_paths, read_metrics, to_json
+from minigpt_cli.checkpoint import read_metrics
 from minigpt_cli.config import config_from_dict
 from minigpt_cli.device import resolve_device, resolve_dtype
 from minigpt_cli.errors import UserError
+from minigpt_cli.files import atomic_write_text, check_output_paths, to_json
 from minigpt_cli.generate import load_for_inference
 from minigpt_cli.scoring import score_text
 from minigpt_cli.scoring import windows as plan_windows

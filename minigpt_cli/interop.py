@@ -21,7 +21,7 @@ import torch
 import yaml
 
 from minigpt_cli import checkpoint as ckpt
-from minigpt_cli import hf_tokenizer, tokenizer_json
+from minigpt_cli import files, hf_tokenizer, tokenizer_json
 from minigpt_cli import tokenizer as tok
 from minigpt_cli.config import Config, ModelConfig, TokenizerConfig
 from minigpt_cli.errors import UserError
@@ -159,13 +159,13 @@ def import_hf(hf_dir: Path, out_dir: Path) -> Path:
     meta = {"model_config": asdict(gpt_cfg), "tokenizer": tok_desc, "step": 0, "val_loss": None,
             "config": cfg.to_dict(), "imported_from": str(hf_dir)}
     out_dir.mkdir(parents=True, exist_ok=True)
-    ckpt.atomic_write_text(out_dir / ckpt.CONFIG_FILE, yaml.safe_dump(cfg.to_dict(),
+    files.atomic_write_text(out_dir / ckpt.CONFIG_FILE, yaml.safe_dump(cfg.to_dict(),
                                                                        sort_keys=False))
     ckpt.save_model(out_dir / ckpt.MODEL_FILE, model, meta)
     if kind == "bpe":  # minigpt's own ranks file, or the one made from tokenizer.json
         tok.save_ranks(enc, out_dir / tok.TOKENIZER_FILE)
     elif kind == "hf":  # the folder's own tokenizer.json, run by the tokenizers library
-        ckpt.atomic_write_text(out_dir / tok.JSON_FILE, enc.source)
+        files.atomic_write_text(out_dir / tok.JSON_FILE, enc.source)
     # A step-0 resume point with a fresh optimizer: `minigpt train CONFIG --resume` fine-tunes.
     opt = torch.optim.AdamW(model.optimizer_groups(0.1), lr=1e-4)
     ckpt.save_train_state(out_dir, model, opt, {"step": 0, "best_val_loss": float("inf"),
@@ -190,10 +190,10 @@ def export_hf(run: str | Path, out_dir: Path) -> Path:
         tensors = minigpt_to_hf(ckpt.model_tensors(model))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    ckpt.atomic_write_text(out_dir / "config.json", json.dumps(hf_config, indent=2))
+    files.atomic_write_text(out_dir / "config.json", json.dumps(hf_config, indent=2))
     from safetensors.torch import save
 
-    ckpt.atomic_write_bytes(out_dir / "model.safetensors", save(tensors, {"format": "pt"}))
+    files.atomic_write_bytes(out_dir / "model.safetensors", save(tensors, {"format": "pt"}))
     tok.copy_tokenizer_file(meta["tokenizer"], path.parent, out_dir)
     try:
         enc = tok.load(meta["tokenizer"], path.parent)
@@ -234,7 +234,7 @@ def write_hf_tokenizer(enc: tiktoken.Encoding, out_dir: Path, eot: int) -> bool:
     tokenizer.json (kind hf) is written as it came."""
     name = enc.decode_single_token_bytes(eot).decode("utf-8", errors="replace")
     if isinstance(enc, tokenizer_json.JsonTokenizer):  # its post-processor decides on BOS
-        ckpt.atomic_write_text(out_dir / tok.JSON_FILE, enc.source)
+        files.atomic_write_text(out_dir / tok.JSON_FILE, enc.source)
         _tokenizer_config(out_dir, {"eos_token": name})
         return True
     try:
@@ -258,7 +258,7 @@ def write_hf_tokenizer(enc: tiktoken.Encoding, out_dir: Path, eot: int) -> bool:
         if added.get("content") in enc._special_tokens:
             added["id"] = spec["model"]["vocab"][added["content"]] = \
                 enc._special_tokens[added["content"]]
-    ckpt.atomic_write_text(out_dir / "tokenizer.json", json.dumps(spec, ensure_ascii=False))
+    files.atomic_write_text(out_dir / "tokenizer.json", json.dumps(spec, ensure_ascii=False))
     _tokenizer_config(out_dir, {"bos_token": name, "eos_token": name, "unk_token": name,
                                 "add_bos_token": False})
     return True
@@ -267,4 +267,4 @@ def write_hf_tokenizer(enc: tiktoken.Encoding, out_dir: Path, eot: int) -> bool:
 def _tokenizer_config(out_dir: Path, tokens: dict[str, Any]) -> None:
     config = {"tokenizer_class": "PreTrainedTokenizerFast", **tokens,
               "model_max_length": 1 << 30, "clean_up_tokenization_spaces": False}
-    ckpt.atomic_write_text(out_dir / "tokenizer_config.json", json.dumps(config, indent=2))
+    files.atomic_write_text(out_dir / "tokenizer_config.json", json.dumps(config, indent=2))

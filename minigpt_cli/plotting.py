@@ -6,8 +6,8 @@ import io
 from pathlib import Path
 from typing import Any
 
-from minigpt_cli.checkpoint import atomic_write_bytes
 from minigpt_cli.errors import UserError
+from minigpt_cli.files import atomic_write_bytes
 
 
 def pyplot() -> Any:

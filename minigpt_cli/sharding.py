@@ -28,6 +28,7 @@ import torch
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from minigpt_cli import checkpoint as ckpt
+from minigpt_cli import files
 from minigpt_cli.errors import UserError
 
 MARKER = "minigpt.json"
@@ -135,11 +136,11 @@ def save(run_dir: Path, step: int, model: torch.nn.Module, opt: torch.optim.Opti
     dcp.save(resume_tensors(model, opt),
              storage_writer=HuggingFaceStorageWriter(str(tmp), save_distributed=True))
     if main:  # dcp.save returns on rank 0 after every rank's files are written and synced
-        ckpt.atomic_write_text(tmp / MARKER, json.dumps({"step": step, "format": "dcp"}))
+        files.atomic_write_text(tmp / MARKER, json.dumps({"step": step, "format": "dcp"}))
         final = run_dir / name
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-        ckpt.fsync_dir(run_dir)
+        files.fsync_dir(run_dir)
     return name
 
 

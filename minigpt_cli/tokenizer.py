@@ -93,7 +93,7 @@ def fingerprint(enc: tiktoken.Encoding, kind: str) -> str:
 
 def save_ranks(enc: tiktoken.Encoding, path: Path) -> None:
     """Write merges in tiktoken's own `.tiktoken` format: base64 token, space, rank."""
-    from minigpt_cli.checkpoint import atomic_write_bytes
+    from minigpt_cli.files import atomic_write_bytes
 
     lines = [
         f"{base64.b64encode(tok).decode()} {rank}"
@@ -106,7 +106,7 @@ def copy_tokenizer_file(desc: dict[str, Any], src_dir: Path, out_dir: Path) -> N
     """A trained BPE's ranks file (or an imported tokenizer.json) goes wherever its weights go
     (export-hf, quantize): the weights alone cannot be decoded. Other tokenizers are named,
     not stored."""
-    from minigpt_cli.checkpoint import atomic_write_bytes
+    from minigpt_cli.files import atomic_write_bytes
 
     if desc.get("kind") not in ("bpe", "hf"):
         return

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from minigpt_cli import checkpoint as ckpt
 from minigpt_cli import data as D
-from minigpt_cli import distributed, optim, scheduled, sharding
+from minigpt_cli import distributed, files, optim, scheduled, sharding
 from minigpt_cli import tokenizer as tok
 from minigpt_cli.config import Config
 from minigpt_cli.device import DTYPES, keep_freed_memory, resolve_device, synchronize, train_dtype
@@ -66,7 +66,7 @@ def _start_fresh(run_dir: Path) -> None:
     can be read as this run's."""
     ckpt.clean_stale_state_files(run_dir)
     (run_dir / ckpt.BEST_FILE).unlink(missing_ok=True)
-    ckpt.atomic_write_text(run_dir / ckpt.METRICS_FILE, "")
+    files.atomic_write_text(run_dir / ckpt.METRICS_FILE, "")
 
 
 def _check_same_run(run_dir: Path, cfg: Config) -> None:
@@ -91,7 +91,7 @@ def _check_same_run(run_dir: Path, cfg: Config) -> None:
 def _metrics_after_resume(run_dir: Path, step: int) -> list[dict[str, Any]]:
     """Drop metric lines past the resumed step, so the log reads like one unbroken run."""
     keep = [r for r in ckpt.read_metrics(run_dir) if r.get("step", 0) <= step]
-    ckpt.atomic_write_text(run_dir / ckpt.METRICS_FILE, "".join(ckpt.to_json(r) + "\n"
+    files.atomic_write_text(run_dir / ckpt.METRICS_FILE, "".join(files.to_json(r) + "\n"
                                                                  for r in keep))
     return keep
 
@@ -272,7 +272,7 @@ def _train(cfg: Config, resume: bool, console: Console, ranks: distributed.Ranks
             raise UserError(f"out_dir {run_dir} cannot be created ({e.strerror}); choose "
                             "another with --set out_dir=PATH") from None
         _start_fresh(run_dir)
-        ckpt.atomic_write_text(run_dir / ckpt.CONFIG_FILE, yaml.safe_dump(cfg.to_dict(),
+        files.atomic_write_text(run_dir / ckpt.CONFIG_FILE, yaml.safe_dump(cfg.to_dict(),
                                                                            sort_keys=False))
         if cfg.tokenizer.kind == "bpe":
             tok.save_ranks(enc, run_dir / tok.TOKENIZER_FILE)
@@ -291,7 +291,7 @@ def _train(cfg: Config, resume: bool, console: Console, ranks: distributed.Ranks
     def log(record: dict[str, Any]) -> None:
         try:
             crash_point(f"{ckpt.METRICS_FILE}:append")
-            metrics.write((ckpt.to_json(record) + "\n").encode())
+            metrics.write((files.to_json(record) + "\n").encode())
         except OSError as e:
             raise SaveError(f"could not write {run_dir / ckpt.METRICS_FILE}: {e.strerror}"
                             ) from None

@@ -18,6 +18,7 @@ import torch
 import yaml
 
 from minigpt_cli import checkpoint as ckpt
+from minigpt_cli import files
 from minigpt_cli import step as train_step
 from minigpt_cli import train as train_module
 from minigpt_cli.config import TrainConfig, config_from_dict
@@ -365,7 +366,7 @@ def test_atomic_write_leaves_old_file_on_failure(tmp_path: Path, monkeypatch) ->
     """An error with half the new bytes in the temp file (a full disk, say): the old file
     stays whole and the temp file goes. (A kill at that point: tests/test_crash.py.)"""
     target = tmp_path / "x.bin"
-    ckpt.atomic_write_bytes(target, b"good")
+    files.atomic_write_bytes(target, b"good")
     seen = []
 
     def disk_full(point: str) -> None:
@@ -373,9 +374,9 @@ def test_atomic_write_leaves_old_file_on_failure(tmp_path: Path, monkeypatch) ->
             seen.extend(p.read_bytes() for p in tmp_path.glob(".x.bin.*.tmp"))
             raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(ckpt, "crash_point", disk_full)
+    monkeypatch.setattr(files, "crash_point", disk_full)
     with pytest.raises(SaveError, match=f"could not write {target}: No space"):
-        ckpt.atomic_write_bytes(target, b"new contents!")
+        files.atomic_write_bytes(target, b"new contents!")
     assert seen == [b"new co"]  # it failed mid-write, with the temp file half written
     assert target.read_bytes() == b"good"
     assert not list(tmp_path.glob(".*.tmp"))
