@@ -160,7 +160,7 @@ def import_hf(hf_dir: Path, out_dir: Path) -> Path:
             "config": cfg.to_dict(), "imported_from": str(hf_dir)}
     out_dir.mkdir(parents=True, exist_ok=True)
     files.atomic_write_text(out_dir / ckpt.CONFIG_FILE, yaml.safe_dump(cfg.to_dict(),
-                                                                       sort_keys=False))
+                                                                        sort_keys=False))
     ckpt.save_model(out_dir / ckpt.MODEL_FILE, model, meta)
     if kind == "bpe":  # minigpt's own ranks file, or the one made from tokenizer.json
         tok.save_ranks(enc, out_dir / tok.TOKENIZER_FILE)

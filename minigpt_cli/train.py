@@ -92,7 +92,7 @@ def _metrics_after_resume(run_dir: Path, step: int) -> list[dict[str, Any]]:
     """Drop metric lines past the resumed step, so the log reads like one unbroken run."""
     keep = [r for r in ckpt.read_metrics(run_dir) if r.get("step", 0) <= step]
     files.atomic_write_text(run_dir / ckpt.METRICS_FILE, "".join(files.to_json(r) + "\n"
-                                                                 for r in keep))
+                                                                  for r in keep))
     return keep
 
 
@@ -273,7 +273,7 @@ def _train(cfg: Config, resume: bool, console: Console, ranks: distributed.Ranks
                             "another with --set out_dir=PATH") from None
         _start_fresh(run_dir)
         files.atomic_write_text(run_dir / ckpt.CONFIG_FILE, yaml.safe_dump(cfg.to_dict(),
-                                                                           sort_keys=False))
+                                                                            sort_keys=False))
         if cfg.tokenizer.kind == "bpe":
             tok.save_ranks(enc, run_dir / tok.TOKENIZER_FILE)
     distributed.barrier(ranks)  # rank 0 has set the directory up before anyone goes on
@@ -415,8 +415,7 @@ def _train(cfg: Config, resume: bool, console: Console, ranks: distributed.Ranks
             if is_save:
                 save(step, val_loss if val_loss is not None else last["val_loss"])
             progress.update(task, completed=step, loss=last["loss"],
-                            val=_val_field(last["val_loss"]),
-                            lr=lr, tps=tps)
+                            val=_val_field(last["val_loss"]), lr=lr, tps=tps)
             if stopping and step < t.max_steps:
                 raise Interrupted(f"interrupted at step {step}; checkpoint saved in {run_dir}: "
                                   f"continue with --resume")
