@@ -24,9 +24,9 @@ from pathlib import Path
 
 import torch
 
-from minigpt_cli import optim
 from minigpt_cli.config import Config, load_config
-from minigpt_cli.model import GPT, GPTConfig
+from minigpt_cli.model.gpt import GPT, GPTConfig
+from minigpt_cli.training import optim
 
 LLAMA = ["model.norm=rmsnorm", "model.position=rotary", "model.mlp=swiglu", "model.bias=false"]
 VARIANTS: dict[str, list[str]] = {

@@ -15,8 +15,8 @@ import time
 
 import torch
 
-from minigpt_cli.model import GPT, GPTConfig, KVCache
-from minigpt_cli.native import NativeStep
+from minigpt_cli.inference.native import NativeStep
+from minigpt_cli.model.gpt import GPT, GPTConfig, KVCache
 
 SHAPES = {"tiny": GPTConfig(vocab_size=2048, block_size=256, n_layer=4, n_head=4, n_embd=128),
           "gpt2-124M": GPTConfig(vocab_size=50257, block_size=1024, n_layer=12, n_head=12,

@@ -2,7 +2,7 @@
 
 Decodes 200 tokens greedily through the KV cache on a random model of configs/tiny.yaml's shape
 (4 layers, width 128, vocabulary 2,048): eager, then `torch.compile(dynamic=True)`, then
-minigpt's fused C step (minigpt_cli/native.py), and prints ms per token for each plus the
+minigpt's fused C step (minigpt_cli/inference/native/), and prints ms per token for each plus the
 one-off compile time.
 
     python benchmarks/compiled_decode.py
@@ -14,8 +14,8 @@ import time
 
 import torch
 
-from minigpt_cli.model import GPT, GPTConfig, KVCache
-from minigpt_cli.native import NativeStep
+from minigpt_cli.inference.native import NativeStep
+from minigpt_cli.model.gpt import GPT, GPTConfig, KVCache
 
 
 def ms_per_token(model: torch.nn.Module, cfg: GPTConfig, fused: bool = False, n: int = 200,

@@ -27,10 +27,11 @@ import time
 import torch
 
 from minigpt_cli import tokenizer as tok
-from minigpt_cli.engine.runner import ModelRunner
-from minigpt_cli.generate import Timings, generate, load_draft, load_for_inference
-from minigpt_cli.model import GPT, GPTConfig
-from minigpt_cli.sampling import SamplerSettings
+from minigpt_cli.inference.engine.runner import ModelRunner
+from minigpt_cli.inference.generate import Timings, generate
+from minigpt_cli.inference.loading import load_draft, load_for_inference
+from minigpt_cli.inference.sampling import SamplerSettings
+from minigpt_cli.model.gpt import GPT, GPTConfig
 
 PROMPTS = ["ROMEO:\nWhat say you", "KING HENRY:\nNow, lords,", "First Citizen:\nWe are",
            "JULIET:\nO, swear not", "HAMLET:\nThere is"]

@@ -30,10 +30,10 @@ from rich.console import Console
 
 from minigpt_cli import tokenizer as tok
 from minigpt_cli.config import config_from_dict
-from minigpt_cli.eval_cli import run_eval
-from minigpt_cli.exposure import continue_contexts
-from minigpt_cli.generate import load_for_inference
-from minigpt_cli.train import train
+from minigpt_cli.evaluation.eval_cli import run_eval
+from minigpt_cli.evaluation.exposure import continue_contexts
+from minigpt_cli.inference.loading import load_for_inference
+from minigpt_cli.training.loop import train
 
 
 def _train(out: Path, data: str, model: dict, steps: int, seed: int, **train_extra) -> float:

@@ -29,12 +29,12 @@ import tiktoken
 import torch
 from transformers import GPT2LMHeadModel
 
-from minigpt_cli import checkpoint as ckpt
 from minigpt_cli import tokenizer as tok
-from minigpt_cli.generate import generate
-from minigpt_cli.interop import export_hf
-from minigpt_cli.model import GPT, GPTConfig
-from minigpt_cli.sampling import SamplerSettings
+from minigpt_cli.convert.hf import export_hf
+from minigpt_cli.inference.generate import generate
+from minigpt_cli.inference.sampling import SamplerSettings
+from minigpt_cli.model import store
+from minigpt_cli.model.gpt import GPT, GPTConfig
 
 SHAPES = {"tiny": dict(n_layer=4, n_head=4, n_embd=128, block_size=256),
           "gpt2-124M": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024)}
@@ -58,7 +58,7 @@ def compare(shape: str, new_tokens: int, repeats: int, workdir: Path) -> dict:
     cfg = GPTConfig(vocab_size=enc.n_vocab, dropout=0.0, **SHAPES[shape])
     ours = GPT(cfg).eval()
     run = workdir / shape
-    ckpt.save_model(run / ckpt.MODEL_FILE, ours, {"model_config": vars(cfg),
+    store.save_model(run / store.MODEL_FILE, ours, {"model_config": vars(cfg),
                                                   "tokenizer": {"kind": "synthetic"}})
     export_hf(run, workdir / f"{shape}-hf")
     hf = GPT2LMHeadModel.from_pretrained(workdir / f"{shape}-hf").eval()

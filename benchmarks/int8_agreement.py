@@ -13,9 +13,9 @@ import copy
 
 import torch
 
-from minigpt_cli.eval_cli import eval_tokens
-from minigpt_cli.generate import load_for_inference
-from minigpt_cli.quantize import quantize_model
+from minigpt_cli.evaluation.eval_cli import eval_tokens
+from minigpt_cli.inference.loading import load_for_inference
+from minigpt_cli.model.int8 import quantize_model
 
 
 def main() -> None:

@@ -24,9 +24,9 @@ from pathlib import Path
 
 import torch
 
-from minigpt_cli.model import GPT, GPTConfig, KVCache
-from minigpt_cli.native import NativeStep
-from minigpt_cli.quantize import quantize_model
+from minigpt_cli.inference.native import NativeStep
+from minigpt_cli.model.gpt import GPT, GPTConfig, KVCache
+from minigpt_cli.model.int8 import quantize_model
 
 SHAPE = GPTConfig(vocab_size=50257, block_size=1024, n_layer=12, n_head=12, n_embd=768)
 
@@ -44,7 +44,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     if args.run:
-        from minigpt_cli.generate import load_for_inference
+        from minigpt_cli.inference.loading import load_for_inference
 
         base = load_for_inference(args.run, "cpu", "float32")[0]
     else:

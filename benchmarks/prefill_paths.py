@@ -15,8 +15,8 @@ import time
 
 import torch
 
-from minigpt_cli.engine import ModelRunner
-from minigpt_cli.model import GPT, GPTConfig
+from minigpt_cli.inference.engine import ModelRunner
+from minigpt_cli.model.gpt import GPT, GPTConfig
 
 
 def median_ms(fn, repeats: int) -> float:

@@ -18,8 +18,9 @@ import statistics
 import torch
 
 from minigpt_cli import tokenizer as tok
-from minigpt_cli.generate import generate, load_for_inference
-from minigpt_cli.sampling import SamplerSettings
+from minigpt_cli.inference.generate import generate
+from minigpt_cli.inference.loading import load_for_inference
+from minigpt_cli.inference.sampling import SamplerSettings
 
 PASSAGE = ("To be, or not to be, that is the question: whether 'tis nobler in the mind to "
            "suffer the slings and arrows of outrageous fortune, or to take arms against a sea "

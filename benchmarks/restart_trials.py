@@ -26,7 +26,7 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from minigpt_cli.checkpoint import read_metrics
+from minigpt_cli.training.run_state import read_metrics
 from tests.conftest import make_text, tiny_raw
 from tests.test_distributed import _free_port, _rank_pids
 

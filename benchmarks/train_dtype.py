@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from minigpt_cli.device import autocast, bf16_pays_off, cpu_bf16_flags
-from minigpt_cli.model import GPT, GPTConfig
+from minigpt_cli.model.gpt import GPT, GPTConfig
 
 LLAMA = {"norm": "rmsnorm", "position": "rotary", "mlp": "swiglu", "bias": False}
 # (width, context, batch, vocabulary): nanoGPT's CPU recipe, tiny.yaml, small.yaml's width,

@@ -31,9 +31,9 @@ CASES = {
 MODES = ("kept", "glibc")
 CHILD = """
 import json, resource, sys
-import minigpt_cli.train as T
+import minigpt_cli.training.loop as T
 from minigpt_cli.config import load_config
-from minigpt_cli.train import train
+from minigpt_cli.training.loop import train
 if sys.argv[1] == "glibc":  # glibc's default policy: the call that changes it is skipped
     T.keep_freed_memory = lambda: ""
 cfg = load_config("configs/tiny.yaml", sys.argv[2:])

@@ -32,7 +32,7 @@ from collections.abc import Callable
 
 import torch
 
-from minigpt_cli.model import GPT, GPTConfig
+from minigpt_cli.model.gpt import GPT, GPTConfig
 
 SHAPES = {"nanogpt": {"vocab": 65, "block": 64, "batch": 12},
           "tiny": {"vocab": 2048, "block": 256, "batch": 16}}
@@ -62,7 +62,7 @@ def minigpt_step(vocab: int, block: int, dropout: float = 0.0, compiled: bool = 
 def hf_step(vocab: int, block: int, arch: str = "gpt2") -> Callable:
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-    from minigpt_cli.layers import mlp_hidden
+    from minigpt_cli.model.layers import mlp_hidden
 
     torch.manual_seed(0)
     if arch == "llama":  # tiny.yaml's architecture: the same widths, tied head, no biases

@@ -44,9 +44,9 @@ def train(
     from minigpt_cli.config import load_config
 
     cfg = load_config(config, set_)  # before torch is imported: a bad config fails at once
-    from minigpt_cli.distributed import PeerLost
-    from minigpt_cli.train import Interrupted
-    from minigpt_cli.train import train as run_train
+    from minigpt_cli.training.distributed import PeerLost
+    from minigpt_cli.training.loop import Interrupted
+    from minigpt_cli.training.loop import train as run_train
 
     try:
         run_train(cfg, resume=resume, console=err)
@@ -64,7 +64,7 @@ def prepare(
                       ] = "shakespeare",
 ) -> None:
     """Fetch and convert the built-in corpus now, so training later needs no network."""
-    from minigpt_cli.data import prepare_shakespeare
+    from minigpt_cli.training.data import prepare_shakespeare
 
     if source != "shakespeare":
         raise UserError(f"nothing to prepare for '{source}': only 'shakespeare' is built in")
@@ -122,7 +122,7 @@ def generate(
 ) -> None:
     """Generate text: prefill the prompt once, then one token per step through a KV cache."""
     options = dict(locals())  # every flag above, by name: run_generate's keyword arguments
-    from minigpt_cli.generate_cli import run_generate
+    from minigpt_cli.inference.generate_cli import run_generate
 
     run_generate(**options)
 
@@ -134,7 +134,7 @@ def import_hf(
     out_dir: Annotated[Path, typer.Argument(help="New minigpt run directory.")],
 ) -> None:
     """Import a Hugging Face GPT-2 checkpoint as a minigpt run (tokenizer: gpt2)."""
-    from minigpt_cli.interop import import_hf as run_import
+    from minigpt_cli.convert.hf import import_hf as run_import
 
     path = run_import(hf_dir, out_dir)
     err.print(f"imported {hf_dir} → {path}")
@@ -146,7 +146,7 @@ def export_hf(
     out_dir: Annotated[Path, typer.Argument(help="Folder for GPT2LMHeadModel.from_pretrained.")],
 ) -> None:
     """Export a run as a Hugging Face GPT-2 folder (config.json + model.safetensors)."""
-    from minigpt_cli.interop import export_hf as run_export
+    from minigpt_cli.convert.hf import export_hf as run_export
 
     path = run_export(run_dir, out_dir)
     err.print(f"exported {run_dir} → {path}")
@@ -159,7 +159,7 @@ def quantize(
 ) -> None:
     """Save a run's weights as int8 (groups of 32, a scale each; safetensors, a quarter of the
     size). Every command loads the folder as a run, and the C step reads the int8 directly."""
-    from minigpt_cli.quantize import quantize_run
+    from minigpt_cli.convert.quantize import quantize_run
 
     path = quantize_run(run, out_dir)
     err.print(f"quantized {run} → {path}")
@@ -213,8 +213,8 @@ def serve(
                      ] = None,
 ) -> None:
     """Serve the model over OpenAI's HTTP API with continuous batching, and a web page at /."""
-    from minigpt_cli.serve.app import ServeOptions
-    from minigpt_cli.serve.server import run_serve
+    from minigpt_cli.inference.serve.app import ServeOptions
+    from minigpt_cli.inference.serve.server import run_serve
 
     options = ServeOptions(max_batch=max_batch, max_queue=max_queue, api_key=api_key,
                            engine=engine, max_body_bytes=max_body_bytes, max_tokens=max_tokens,
@@ -260,7 +260,7 @@ def eval_(
     quantize: Annotated[str, typer.Option(help=QUANTIZE_HELP)] = "none",
 ) -> None:
     """Score a whole text (loss, perplexity, bits per byte), or measure exposure bias."""
-    from minigpt_cli.eval_cli import run_eval
+    from minigpt_cli.evaluation.eval_cli import run_eval
 
     run_eval(checkpoint=checkpoint, data=data, stride=stride, batch_size=batch_size,
              json_path=json_path, plot_path=plot_path, device=device, dtype=dtype,
@@ -310,7 +310,7 @@ def bench(
     draft_k: Annotated[int, typer.Option(help="Most draft tokens verified per step.")] = 4,
 ) -> None:
     """Measure generation with the KV cache on against off, and show why they differ."""
-    from minigpt_cli.bench import run_bench
+    from minigpt_cli.bench.run import run_bench
 
     if checkpoint is None and config is None and Path("configs/tiny.yaml").is_file():
         config = "configs/tiny.yaml"

@@ -43,7 +43,7 @@ class ModelConfig:
     block_size: int = 128  # context length in tokens
     dropout: float = 0.1  # embedding, attention and residual dropout; only in model.train()
     bias: bool = True  # biases in Linear and LayerNorm, as GPT-2 has
-    # Architecture options (minigpt_cli/layers.py); the defaults are GPT-2's.
+    # Architecture options (minigpt_cli/model/layers.py); the defaults are GPT-2's.
     norm: Literal["layernorm", "rmsnorm"] = "layernorm"
     position: Literal["learned", "rotary"] = "learned"
     mlp: Literal["gelu", "swiglu", "relu2"] = "gelu"

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Set up, lint, and run the whole test suite (offline: tiktoken files come from ../shared).
+# Set up, lint (ruff, import-linter), and run the whole test suite (offline: tiktoken files come from ../shared).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -8,4 +8,5 @@ if [ -z "${TIKTOKEN_CACHE_DIR:-}" ] && [ -d ../shared/tiktoken-cache ]; then
   export TIKTOKEN_CACHE_DIR="$PWD/../shared/tiktoken-cache"
 fi
 .venv/bin/ruff check .
+.venv/bin/lint-imports  # the layers: training and inference apart, no import circles
 .venv/bin/python -m pytest "$@"

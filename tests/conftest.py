@@ -12,7 +12,7 @@ import torch
 import yaml
 
 from minigpt_cli.config import config_from_dict
-from minigpt_cli.model import GPT, GPTConfig
+from minigpt_cli.model.gpt import GPT, GPTConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 TIKTOKEN_CACHE = ROOT.parent / "shared" / "tiktoken-cache"
@@ -36,7 +36,7 @@ def _needs_c_step(item: pytest.Item) -> bool:
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if os.environ.get("CI") or not any(_needs_c_step(i) for i in items):
         return
-    from minigpt_cli import native
+    from minigpt_cli.inference import native
 
     lib = native.load_library()
     if not isinstance(lib, str):
@@ -97,16 +97,16 @@ def fine_tune_imported(run: Path, corpus: Path) -> tuple[Any, dict, bool, dict]:
     """Three steps of `train RUN/config.yaml --resume` on `corpus`, as a user fine-tunes an
     imported run: (the train summary, the new weights' metadata, whether the embedding moved),
     plus the config dict used, for a test that goes on from it."""
-    from minigpt_cli import checkpoint as ckpt
-    from minigpt_cli.train import train
+    from minigpt_cli.model import store
+    from minigpt_cli.training.loop import train
 
-    cfg = yaml.safe_load((run / ckpt.CONFIG_FILE).read_text())
+    cfg = yaml.safe_load((run / store.CONFIG_FILE).read_text())
     cfg.update(device="cpu", data={"source": str(corpus), "val_fraction": 0.1})
     cfg["train"].update(batch_size=2, max_steps=3, eval_interval=3, eval_steps=1,
                         save_interval=3, warmup_steps=1, lr=1e-3, min_lr=1e-4)
-    before, _ = ckpt.load_safetensors(run / ckpt.MODEL_FILE)
+    before, _ = store.load_safetensors(run / store.MODEL_FILE)
     summary = train(config_from_dict(cfg), resume=True)
-    after, meta = ckpt.load_safetensors(run / ckpt.MODEL_FILE)
+    after, meta = store.load_safetensors(run / store.MODEL_FILE)
     return summary, meta, not torch.equal(before["wte.weight"], after["wte.weight"]), cfg
 
 

@@ -24,7 +24,7 @@ import pytest
 import yaml
 
 from minigpt_cli.config import config_from_dict
-from minigpt_cli.train import train
+from minigpt_cli.training.loop import train
 from tests.conftest import make_text, tiny_raw
 
 
@@ -243,14 +243,14 @@ def _fixtures(root: Path, run: Path) -> None:
 
 def _other_tokenizer_run(out: Path) -> None:
     """A minimal run whose tokenizer (a small BPE) is not the trained run's (bytes)."""
-    from minigpt_cli import checkpoint as ckpt
     from minigpt_cli import tokenizer as tok
-    from minigpt_cli.model import GPT, GPTConfig
+    from minigpt_cli.model import store
+    from minigpt_cli.model.gpt import GPT, GPTConfig
 
     enc = tok.train_bpe([make_text(50)], 300)
     tok.save_ranks(enc, out / tok.TOKENIZER_FILE)
     model = GPT(GPTConfig(vocab_size=300, block_size=32, n_layer=1, n_head=2, n_embd=16))
-    ckpt.save_model(out / ckpt.MODEL_FILE, model, {"model_config": vars(model.config),
+    store.save_model(out / store.MODEL_FILE, model, {"model_config": vars(model.config),
                                                    "tokenizer": tok.describe(enc, "bpe")})
 
 
@@ -283,7 +283,8 @@ _FORK_SERVER = r"""
 import json, os, signal, sys
 import torch  # noqa: F401
 import minigpt_cli.cli as cli
-for module in ("generate_cli", "train", "eval_cli", "bench", "interop", "serve.server"):
+for module in ("inference.generate_cli", "training.loop", "evaluation.eval_cli", "bench.run",
+               "convert.hf", "inference.serve.server"):
     __import__(f"minigpt_cli.{module}")
 for line in sys.stdin:
     spec = json.loads(line)

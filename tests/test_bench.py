@@ -11,9 +11,10 @@ import torch
 import yaml
 from rich.console import Console
 
-from minigpt_cli.bench import kv_cache_bytes, run_bench
-from minigpt_cli.engine import ModelRunner
+from minigpt_cli.bench.measure import kv_cache_bytes
+from minigpt_cli.bench.run import run_bench
 from minigpt_cli.errors import UserError
+from minigpt_cli.inference.engine import ModelRunner
 
 
 @pytest.fixture
@@ -130,15 +131,15 @@ def test_bench_memory_wall_rows(small_config: Path, tmp_path: Path) -> None:
 
 def _random_run(out: Path, n_layer: int, n_embd: int) -> Path:
     """A run directory holding a random byte-level model, as `minigpt train` would leave it."""
-    from minigpt_cli import checkpoint as ckpt
     from minigpt_cli import tokenizer as tok
-    from minigpt_cli.model import GPT, GPTConfig
+    from minigpt_cli.model import store
+    from minigpt_cli.model.gpt import GPT, GPTConfig
 
     out.mkdir()
     torch.manual_seed(n_layer)
     model = GPT(GPTConfig(vocab_size=257, block_size=64, n_layer=n_layer, n_head=2,
                           n_embd=n_embd))
-    ckpt.save_model(out / ckpt.MODEL_FILE, model, {
+    store.save_model(out / store.MODEL_FILE, model, {
         "model_config": vars(model.config),
         "tokenizer": tok.describe(tok.byte_encoding(), "byte")})
     return out

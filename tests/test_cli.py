@@ -125,7 +125,7 @@ def test_trace_survives_markup_like_tokens() -> None:
     import tiktoken
     from rich.console import Console
 
-    from minigpt_cli.generate_cli import _token_repr
+    from minigpt_cli.inference.generate_cli import _token_repr
 
     ranks = {bytes([i]): i for i in range(256)} | {b"[/]": 256, b"[bold]": 257, b"[/x": 258}
     enc = tiktoken.Encoding("markup", pat_str=r"\S+|\s+", mergeable_ranks=ranks,

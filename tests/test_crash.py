@@ -28,12 +28,13 @@ import pytest
 import torch
 import yaml
 
-from minigpt_cli import checkpoint as ckpt
 from minigpt_cli.config import config_from_dict
 from minigpt_cli.errors import UserError
 from minigpt_cli.faults import ENV
-from minigpt_cli.generate import load_for_inference
-from minigpt_cli.train import train
+from minigpt_cli.inference.loading import load_for_inference
+from minigpt_cli.model import store
+from minigpt_cli.training import run_state
+from minigpt_cli.training.loop import train
 from tests.conftest import make_text, tiny_raw
 
 # tiny_raw: 20 steps, saves at 5, 10, 15 and 20, evaluations (and best.safetensors) at 10, 20.
@@ -65,7 +66,7 @@ def _raw(root: Path, dtype: str) -> dict:
 
 
 def _tensors(path: Path) -> dict[str, torch.Tensor]:
-    return ckpt.load_safetensors(path)[0]
+    return store.load_safetensors(path)[0]
 
 
 def _crash(point: str, dtype: str, root: Path) -> subprocess.CompletedProcess:
@@ -133,8 +134,8 @@ def test_crash_then_resume_equals_uninterrupted(point: str, dtype: str, crashed,
     assert code == -signal.SIGKILL, f"the crash point {point} was never reached (exit {code})"
     run = root / "run"
     _loads_or_names_the_problem(run)
-    if (run / ckpt.BEST_FILE).exists():
-        _loads_or_names_the_problem(run / ckpt.BEST_FILE)
+    if (run / store.BEST_FILE).exists():
+        _loads_or_names_the_problem(run / store.BEST_FILE)
 
     monkeypatch.setenv("MINIGPT_DATA_DIR", str(root / "data"))
     cfg = config_from_dict(_raw(root, dtype))
@@ -144,23 +145,23 @@ def test_crash_then_resume_equals_uninterrupted(point: str, dtype: str, crashed,
         assert "drop --resume" in str(e)
         train(cfg)
 
-    want, got = _tensors(straight / ckpt.MODEL_FILE), _tensors(run / ckpt.MODEL_FILE)
+    want, got = _tensors(straight / store.MODEL_FILE), _tensors(run / store.MODEL_FILE)
     assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
-    want_best, got_best = _tensors(straight / ckpt.BEST_FILE), _tensors(run / ckpt.BEST_FILE)
+    want_best, got_best = _tensors(straight / store.BEST_FILE), _tensors(run / store.BEST_FILE)
     assert all(torch.equal(want_best[k], got_best[k]) for k in want_best)
-    assert ckpt.saved_step(run / ckpt.MODEL_FILE) == 20
-    assert ckpt.read_state_json(run)["dtype"] == dtype
+    assert run_state.saved_step(run / store.MODEL_FILE) == 20
+    assert run_state.read_state_json(run)["dtype"] == dtype
     assert [p.name for p in run.glob("train_state-*.safetensors")] == [
-        ckpt.read_state_json(run)["weights_file"]]
+        run_state.read_state_json(run)["weights_file"]]
     assert not list(run.glob(".*.tmp"))
-    steps = [json.loads(x)["step"] for x in (run / ckpt.METRICS_FILE).read_text().splitlines()
+    steps = [json.loads(x)["step"] for x in (run / run_state.METRICS_FILE).read_text().splitlines()
              if "val_loss" in x]
     assert steps == [10, 20]  # the log reads like one unbroken run
 
 
 def test_the_precisions_train_differently(straights: dict[str, Path]) -> None:
     """The bf16 cases above test bf16: its run is not the float32 one."""
-    f32, bf16 = (_tensors(straights[d] / ckpt.MODEL_FILE) for d in ("float32", "bfloat16"))
+    f32, bf16 = (_tensors(straights[d] / store.MODEL_FILE) for d in ("float32", "bfloat16"))
     assert not all(torch.equal(f32[k], bf16[k]) for k in f32)
 
 
@@ -177,7 +178,7 @@ def finished(straight: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
 
 
 def _state(run: Path) -> dict:
-    return json.loads((run / ckpt.STATE_JSON).read_text())
+    return json.loads((run / run_state.STATE_JSON).read_text())
 
 
 @pytest.mark.parametrize(("damage", "message"), [
@@ -192,7 +193,7 @@ def _state(run: Path) -> dict:
 ])
 def test_damaged_state_json_is_one_line(finished, damage, message: str) -> None:
     run, cfg = finished
-    path = run / ckpt.STATE_JSON
+    path = run / run_state.STATE_JSON
     path.write_text(damage(path.read_text()))
     before = sorted(p.name for p in run.iterdir())
     with pytest.raises(UserError) as info:
@@ -205,7 +206,7 @@ def test_state_naming_weights_of_another_model(finished, tmp_path: Path) -> None
     run, cfg = finished
     state = _state(run)
     other = torch.nn.Linear(3, 3)
-    ckpt.save_safetensors(run / state["weights_file"],
+    store.save_safetensors(run / state["weights_file"],
                           {f"model.{k}": v for k, v in other.state_dict().items()},
                           {"step": state["step"]})
     with pytest.raises(UserError, match="does not match its model config"):
@@ -223,5 +224,5 @@ def test_stale_state_files_are_cleared_by_a_resume(finished, straight: Path) -> 
     train(cfg, resume=True)
     assert sorted(p.name for p in run.glob("train_state-*")) == [name]
     assert not list(run.glob(".*.tmp"))
-    want, got = _tensors(straight / ckpt.MODEL_FILE), _tensors(run / ckpt.MODEL_FILE)
+    want, got = _tensors(straight / store.MODEL_FILE), _tensors(run / store.MODEL_FILE)
     assert all(torch.equal(want[k], got[k]) for k in want)

@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from minigpt_cli import data as D
 from minigpt_cli import tokenizer as tok
 from minigpt_cli.errors import UserError
+from minigpt_cli.training import data as D
 
 _PLAY = """# The Tragedy of Testing
 

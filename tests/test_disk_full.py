@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from minigpt_cli import checkpoint as ckpt
 from minigpt_cli.faults import ERRNO_ENV, FAIL_ENV
+from minigpt_cli.model import store
+from minigpt_cli.training import run_state
 from tests.conftest import make_text, tiny_raw
 
 # (where the write fails, the errno, what the line must say is intact)
@@ -75,26 +76,26 @@ def test_a_failed_save_is_one_line_and_loses_nothing(point: str, code: str, inta
                      intact)
     assert name.split("-")[0] in line
     assert not list(run.glob(".*.tmp")), "a temporary file was left behind"
-    state = ckpt.read_state_json(run)
+    state = run_state.read_state_json(run)
     if state is None:
         assert "start again" in line
         assert not list(run.glob("train_state-*")), "an uncommitted weights file was left"
     else:
         assert "--resume" in line
         assert sorted(p.name for p in run.glob("train_state-*")) == [state["weights_file"]]
-        ckpt.load_safetensors(run / state["weights_file"])  # whole, and loads
+        store.load_safetensors(run / state["weights_file"])  # whole, and loads
     # And the user's next command, as the line says, finishes the run.
     again = _minigpt(["train", "cfg.yaml"] + (["--resume"] if state else []), root)
     assert again.returncode == 0, again.stderr
-    assert ckpt.saved_step(run / ckpt.MODEL_FILE) == 20
-    assert [json.loads(x)["step"] for x in (run / ckpt.METRICS_FILE).read_text().splitlines()
+    assert run_state.saved_step(run / store.MODEL_FILE) == 20
+    assert [json.loads(x)["step"] for x in (run / run_state.METRICS_FILE).read_text().splitlines()
             if "val_loss" in x] == [10, 20]
 
 
 def test_other_commands_say_which_file(failed) -> None:
     """export-hf, quantize, eval --json and the data cache: the same one line, exit 1."""
     root = failed["train_state-*.safetensors:partial"][0]  # finished by the test above, or now
-    if ckpt.saved_step(root / "run" / ckpt.MODEL_FILE) != 20:
+    if run_state.saved_step(root / "run" / store.MODEL_FILE) != 20:
         assert _minigpt(["train", "cfg.yaml"], root).returncode == 0
     _one_line(_minigpt(["export-hf", "run", "hf"], root, "config.json:partial"), "config.json")
     _one_line(_minigpt(["quantize", "run", "q"], root, "model.safetensors:synced"),

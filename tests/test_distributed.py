@@ -25,10 +25,11 @@ import torch.multiprocessing as mp
 import yaml
 from rich.console import Console
 
-from minigpt_cli import checkpoint as ckpt
 from minigpt_cli.config import config_from_dict
 from minigpt_cli.errors import UserError
-from minigpt_cli.train import train
+from minigpt_cli.model import store
+from minigpt_cli.training import run_state
+from minigpt_cli.training.loop import train
 from tests.conftest import make_text, tiny_raw
 
 
@@ -59,7 +60,7 @@ def _alone(raw: dict, tmp: Path, resume: bool = False) -> None:
 
 
 def _weights(run: Path) -> dict[str, torch.Tensor]:
-    return ckpt.load_safetensors(run / ckpt.MODEL_FILE)[0]
+    return store.load_safetensors(run / store.MODEL_FILE)[0]
 
 
 def _close(a: Path, b: Path, tol: float = 1e-6) -> float:
@@ -71,7 +72,7 @@ def _close(a: Path, b: Path, tol: float = 1e-6) -> float:
 
 
 def _evals(run: Path) -> list[dict]:
-    return [json.loads(x) for x in (run / ckpt.METRICS_FILE).read_text().splitlines()
+    return [json.loads(x) for x in (run / run_state.METRICS_FILE).read_text().splitlines()
             if "val_bpb" in x]
 
 
@@ -88,7 +89,7 @@ def test_two_ranks_end_with_one_process_weights(tmp_path: Path, corpus_file: Pat
         assert a["step"] == b["step"]
         for key in ("train_loss", "val_loss", "val_bpb"):
             assert a[key] == pytest.approx(b[key], rel=1e-6), key
-    logged = [[r["loss"] for r in map(json.loads, (tmp_path / run / ckpt.METRICS_FILE)
+    logged = [[r["loss"] for r in map(json.loads, (tmp_path / run / run_state.METRICS_FILE)
                                       .read_text().splitlines()) if "loss" in r]
               for run in ("one", "two")]
     assert len(logged[0]) == 4 and logged[0] == pytest.approx(logged[1], rel=1e-6)
@@ -100,7 +101,7 @@ def test_two_ranks_end_with_one_process_weights(tmp_path: Path, corpus_file: Pat
 
 
 def _logged(run: Path, key: str) -> list[float]:
-    return [r[key] for r in map(json.loads, (run / ckpt.METRICS_FILE).read_text().splitlines())
+    return [r[key] for r in map(json.loads, (run / run_state.METRICS_FILE).read_text().splitlines())
             if key in r]
 
 
@@ -124,12 +125,12 @@ def test_fsdp2_two_ranks_end_with_one_process_weights(tmp_path: Path, corpus_fil
         assert _logged(tmp_path / "one", key) == pytest.approx(_logged(tmp_path / "two", key),
                                                               rel=1e-5), key
     dcp_dir = tmp_path / "two" / "train_state-0000008.dcp"
-    assert json.loads((tmp_path / "two" / ckpt.STATE_JSON).read_text())["weights_file"] == \
+    assert json.loads((tmp_path / "two" / run_state.STATE_JSON).read_text())["weights_file"] == \
         dcp_dir.name
     assert sorted(p.suffix for p in dcp_dir.iterdir()) == [".json", ".safetensors", ".safetensors"]
     assert not list((tmp_path / "two").glob("train_state-0000004*"))  # the previous one went
     # The full export loads into a plain model, with no process group.
-    ckpt.load_model(tmp_path / "two" / ckpt.MODEL_FILE)
+    store.load_model(tmp_path / "two" / store.MODEL_FILE)
 
     _ranks(2, tiny_raw(corpus_file, tmp_path / "one", **{**fsdp, "max_steps": 12}), tmp_path,
            resume=True)
@@ -159,11 +160,11 @@ def test_two_ranks_in_bf16_agree_with_one_process_within_its_rounding(
     _close(tmp_path / "one", tmp_path / "two", tol=1e-2)
     assert _logged(tmp_path / "one", "loss") == pytest.approx(_logged(tmp_path / "two", "loss"),
                                                              rel=1e-4)
-    assert json.loads((tmp_path / "two" / ckpt.STATE_JSON).read_text())["dtype"] == "bfloat16"
+    assert json.loads((tmp_path / "two" / run_state.STATE_JSON).read_text())["dtype"] == "bfloat16"
 
 
 def test_accumulation_must_divide_among_ranks() -> None:
-    from minigpt_cli.distributed import Ranks
+    from minigpt_cli.training.distributed import Ranks
 
     assert list(Ranks(1, 2).micro_batches(4)) == [2, 3]
     with pytest.raises(UserError, match=r"grad_accum_steps \(3\) must be divisible"):
@@ -232,7 +233,7 @@ def _torchrun(tmp: Path, corpus: Path, launch: list[str], agents: int = 1,
     deadline, killed = time.monotonic() + 120, None
     try:
         while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
-            logged = [r.get("step", 0) for r in ckpt.read_metrics(tmp / "run")]
+            logged = [r.get("step", 0) for r in run_state.read_metrics(tmp / "run")]
             if killed is None and logged and max(logged) >= kill_at:
                 killed = _rank_pids(tmp)[1]
                 os.kill(killed, signal.SIGKILL)
@@ -270,7 +271,7 @@ def test_torchrun_restarts_a_killed_rank_and_ends_uninterrupted(
         "--rdzv-endpoint", f"127.0.0.1:{port}", "-m", "minigpt_cli", "train"], parallel="fsdp")
     assert code == 0, out[-3000:]
     assert re.search(r"resuming run at step [1-9]\d*", out), out[-3000:]
-    assert ckpt.read_state_json(tmp_path / "run")["weights_file"].endswith(".dcp")
+    assert run_state.read_state_json(tmp_path / "run")["weights_file"].endswith(".dcp")
     _close(uninterrupted, tmp_path / "run")
 
 
@@ -292,6 +293,6 @@ def test_two_agents_as_two_nodes_and_a_rank_dying_without_restarts(
     assert "[rank0]: Traceback" not in "".join(out for _, out in results)
     run = tmp_path / "run"
     assert not list(run.glob(".*.tmp")) and not list(run.glob("*.tmp"))
-    assert ckpt.read_state_json(run)["step"] >= 10  # saved by the two-node group
+    assert run_state.read_state_json(run)["step"] >= 10  # saved by the two-node group
     _alone(tiny_raw(corpus_file, run, **_KILL_RUN), tmp_path, resume=True)
     _close(uninterrupted, run)

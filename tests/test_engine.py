@@ -12,10 +12,17 @@ import pytest
 import torch
 
 from minigpt_cli import tokenizer as tok
-from minigpt_cli.engine import Engine, ModelRunner, QueueFull, Scheduler, Sequence, TokenEvent
-from minigpt_cli.model import GPT, GPTConfig
-from minigpt_cli.sampling import SamplerSettings
-from minigpt_cli.serve.metrics import Metrics
+from minigpt_cli.inference.engine import (
+    Engine,
+    ModelRunner,
+    QueueFull,
+    Scheduler,
+    Sequence,
+    TokenEvent,
+)
+from minigpt_cli.inference.sampling import SamplerSettings
+from minigpt_cli.inference.serve.metrics import Metrics
+from minigpt_cli.model.gpt import GPT, GPTConfig
 
 GREEDY = SamplerSettings(temperature=0.0)
 SAMPLED = SamplerSettings(temperature=1.0, top_p=0.9, top_k=40)

@@ -15,13 +15,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 from rich.console import Console
 
-from minigpt_cli import exposure as X
 from minigpt_cli import tokenizer as tok
 from minigpt_cli.config import config_from_dict
 from minigpt_cli.errors import UserError
-from minigpt_cli.eval_cli import run_eval
-from minigpt_cli.scoring import score_text, windows
-from minigpt_cli.train import train
+from minigpt_cli.evaluation import exposure as X
+from minigpt_cli.evaluation.eval_cli import run_eval
+from minigpt_cli.evaluation.scoring import score_text, windows
+from minigpt_cli.training.loop import train
 from tests.conftest import tiny_raw
 
 

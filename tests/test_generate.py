@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from minigpt_cli import tokenizer as tok
-from minigpt_cli.engine import TextStream
-from minigpt_cli.generate import Decoder, beam_search, generate
-from minigpt_cli.model import GPT, GPTConfig
-from minigpt_cli.sampling import SamplerSettings
+from minigpt_cli.inference.engine import TextStream
+from minigpt_cli.inference.generate import Decoder, beam_search, generate
+from minigpt_cli.inference.sampling import SamplerSettings
+from minigpt_cli.model.gpt import GPT, GPTConfig
 
 GREEDY = SamplerSettings(temperature=0.0)
 
@@ -96,14 +96,14 @@ def test_same_seed_same_text(tiny_model, enc) -> None:
 def test_loading_puts_the_model_in_eval_mode(tmp_path) -> None:
     """A checkpoint saved from a model in training mode, with heavy dropout, loads for
     inference with every module in eval mode, so two equal calls give equal answers."""
-    from minigpt_cli import checkpoint as ckpt
-    from minigpt_cli.generate import load_for_inference
+    from minigpt_cli.inference.loading import load_for_inference
+    from minigpt_cli.model import store
 
     torch.manual_seed(0)
     trained = GPT(GPTConfig(vocab_size=257, block_size=32, n_layer=2, n_head=2, n_embd=32,
                             dropout=0.5)).train()
     path = tmp_path / "model.safetensors"
-    ckpt.save_model(path, trained, {"model_config": vars(trained.config),
+    store.save_model(path, trained, {"model_config": vars(trained.config),
                                     "tokenizer": tok.describe(tok.byte_encoding(), "byte")})
     model, enc, _, _ = load_for_inference(str(path), "cpu", "float32")
     assert not any(m.training for m in model.modules())

@@ -12,12 +12,13 @@ import pytest
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from minigpt_cli import hf_tokenizer
 from minigpt_cli import tokenizer as tok
+from minigpt_cli.convert.hf import export_hf, import_hf
 from minigpt_cli.errors import UserError
-from minigpt_cli.generate import generate, load_for_inference
-from minigpt_cli.interop import export_hf, import_hf
-from minigpt_cli.sampling import SamplerSettings
+from minigpt_cli.inference.generate import generate
+from minigpt_cli.inference.loading import load_for_inference
+from minigpt_cli.inference.sampling import SamplerSettings
+from minigpt_cli.tokenizer import hf as hf_tokenizer
 from tests.conftest import fine_tune_imported
 
 WORDS = ["the", "quick", "brown", "fox", "don't", "it's", "we'll", "2024", "3.14159", "x=1+2",

@@ -11,13 +11,13 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from minigpt_cli import checkpoint as ckpt
 from minigpt_cli import tokenizer as tok
-from minigpt_cli.bench import timed_greedy
+from minigpt_cli.bench.measure import timed_greedy
+from minigpt_cli.convert.hf import export_hf, import_hf
 from minigpt_cli.errors import UserError
-from minigpt_cli.generate import Decoder
-from minigpt_cli.interop import export_hf, import_hf
-from minigpt_cli.model import GPT, GPTConfig
+from minigpt_cli.inference.generate import Decoder
+from minigpt_cli.model import store
+from minigpt_cli.model.gpt import GPT, GPTConfig
 
 # Only what reads the gpt2 tokenizer's files needs them; exports of byte- and BPE-tokenized
 # runs, and refusals of bad folders, run everywhere.
@@ -50,7 +50,7 @@ def imported(request, tmp_path: Path) -> tuple[GPT2LMHeadModel, GPT]:
     hf = _hf_model(random_biases=request.param[0], eps=request.param[1])
     hf.save_pretrained(tmp_path / "hf")
     import_hf(tmp_path / "hf", tmp_path / "run")
-    ours, meta = ckpt.load_model(tmp_path / "run" / ckpt.MODEL_FILE)
+    ours, meta = store.load_model(tmp_path / "run" / store.MODEL_FILE)
     assert meta["tokenizer"]["kind"] == "gpt2" and not ours.training
     return hf, ours
 
@@ -99,7 +99,7 @@ def _minigpt_run(tmp_path: Path, vocab: int = 300) -> Path:
     run = tmp_path / "ours"
     enc = tok.build("gpt2") if vocab == VOCAB else tok.byte_encoding()
     kind = "gpt2" if vocab == VOCAB else "byte"
-    ckpt.save_model(run / ckpt.MODEL_FILE, model, {"model_config": vars(model.config),
+    store.save_model(run / store.MODEL_FILE, model, {"model_config": vars(model.config),
                                                    "tokenizer": tok.describe(enc, kind),
                                                    "step": 5})
     return run
@@ -111,7 +111,7 @@ def test_export_loads_in_hf_without_warnings_and_matches(tmp_path: Path) -> None
     hf, info = GPT2LMHeadModel.from_pretrained(tmp_path / "hf", output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
     assert not info["mismatched_keys"] and not info["error_msgs"]
-    ours, _ = ckpt.load_model(run / ckpt.MODEL_FILE)
+    ours, _ = store.load_model(run / store.MODEL_FILE)
     ids = torch.randint(0, 300, (2, 48))
     with torch.no_grad():
         assert (hf.eval()(ids).logits - ours(ids)[0]).abs().max().item() < 1e-4
@@ -122,8 +122,8 @@ def test_round_trip_is_bit_identical(tmp_path: Path) -> None:
     run = _minigpt_run(tmp_path, vocab=VOCAB)
     export_hf(run, tmp_path / "hf")
     import_hf(tmp_path / "hf", tmp_path / "back")
-    a, _ = ckpt.load_safetensors(run / ckpt.MODEL_FILE)
-    b, _ = ckpt.load_safetensors(tmp_path / "back" / ckpt.MODEL_FILE)
+    a, _ = store.load_safetensors(run / store.MODEL_FILE)
+    b, _ = store.load_safetensors(tmp_path / "back" / store.MODEL_FILE)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -131,7 +131,7 @@ def test_export_refuses_a_model_without_biases(tmp_path: Path) -> None:
     model = GPT(GPTConfig(vocab_size=300, block_size=16, n_layer=1, n_head=2, n_embd=16,
                           bias=False))
     run = tmp_path / "nobias"
-    ckpt.save_model(run / ckpt.MODEL_FILE, model, {"model_config": vars(model.config),
+    store.save_model(run / store.MODEL_FILE, model, {"model_config": vars(model.config),
                                                    "tokenizer": {"kind": "byte"}})
     with pytest.raises(UserError, match="bias"):
         export_hf(run, tmp_path / "hf")
@@ -172,7 +172,7 @@ def test_exported_greedy_generation_matches_hf(tmp_path: Path) -> None:
     run = _minigpt_run(tmp_path)
     export_hf(run, tmp_path / "hf")
     hf = GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
-    ours, _ = ckpt.load_model(run / ckpt.MODEL_FILE)
+    ours, _ = store.load_model(run / store.MODEL_FILE)
     prompt = torch.tensor([[5, 17, 42]])
     ref = hf.generate(prompt, max_new_tokens=40, min_new_tokens=40, do_sample=False,
                       pad_token_id=0)[0, 3:].tolist()
@@ -186,11 +186,12 @@ def test_imported_run_generates_benches_and_fine_tunes(tmp_path: Path, corpus_fi
     """An imported folder is a normal run: generate, bench and train --resume accept it."""
     from rich.console import Console
 
-    from minigpt_cli.bench import run_bench
+    from minigpt_cli.bench.run import run_bench
     from minigpt_cli.config import config_from_dict
-    from minigpt_cli.generate import generate, load_for_inference
-    from minigpt_cli.sampling import SamplerSettings
-    from minigpt_cli.train import train
+    from minigpt_cli.inference.generate import generate
+    from minigpt_cli.inference.loading import load_for_inference
+    from minigpt_cli.inference.sampling import SamplerSettings
+    from minigpt_cli.training.loop import train
 
     _hf_model().save_pretrained(tmp_path / "hf")
     run = tmp_path / "imported"
@@ -208,9 +209,9 @@ def test_imported_run_generates_benches_and_fine_tunes(tmp_path: Path, corpus_fi
         "model": {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 64, "dropout": 0.0},
         "train": {"batch_size": 4, "max_steps": 6, "eval_interval": 3, "eval_steps": 1,
                   "save_interval": 3, "warmup_steps": 2, "lr": 1e-3, "min_lr": 1e-4}})
-    before, _ = ckpt.load_safetensors(run / ckpt.MODEL_FILE)
+    before, _ = store.load_safetensors(run / store.MODEL_FILE)
     summary = train(cfg, resume=True)
-    after, meta = ckpt.load_safetensors(run / ckpt.MODEL_FILE)
+    after, meta = store.load_safetensors(run / store.MODEL_FILE)
     assert summary.step == 6 and meta["step"] == 6
     assert not torch.equal(before["wte.weight"], after["wte.weight"])  # it really trained
 
@@ -221,7 +222,7 @@ def test_exported_tokenizer_loads_in_auto_tokenizer(tmp_path: Path, kind: str) -
     and encodes and decodes exactly as minigpt does."""
     from transformers import AutoTokenizer
 
-    from minigpt_cli.interop import write_hf_tokenizer
+    from minigpt_cli.convert.hf import write_hf_tokenizer
     from tests.conftest import make_text
 
     enc = (tok.byte_encoding() if kind == "byte" else
@@ -242,7 +243,7 @@ def test_eval_scores_an_imported_run(tmp_path: Path) -> None:
     loss Hugging Face computes for the same tokens."""
     from rich.console import Console
 
-    from minigpt_cli.eval_cli import run_eval
+    from minigpt_cli.evaluation.eval_cli import run_eval
 
     hf = _hf_model()
     hf.save_pretrained(tmp_path / "hf")

@@ -12,13 +12,13 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from minigpt_cli import checkpoint as ckpt
 from minigpt_cli import tokenizer as tok
+from minigpt_cli.convert.hf import export_hf, import_hf
 from minigpt_cli.errors import UserError
-from minigpt_cli.generate import Decoder, generate
-from minigpt_cli.interop import export_hf, import_hf
-from minigpt_cli.model import GPT, GPTConfig
-from minigpt_cli.sampling import SamplerSettings
+from minigpt_cli.inference.generate import Decoder, generate
+from minigpt_cli.inference.sampling import SamplerSettings
+from minigpt_cli.model import store
+from minigpt_cli.model.gpt import GPT, GPTConfig
 
 LLAMA = {"norm": "rmsnorm", "position": "rotary", "mlp": "swiglu"}
 
@@ -35,7 +35,7 @@ def _run(tmp_path: Path, bias: bool = False, **arch: object) -> Path:
                 p.add_(torch.randn_like(p) * 0.2)
     run = tmp_path / "run"
     run.mkdir()
-    ckpt.save_model(run / ckpt.MODEL_FILE, model, {
+    store.save_model(run / store.MODEL_FILE, model, {
         "model_config": vars(cfg), "tokenizer": tok.describe(tok.byte_encoding(), "byte")})
     return run
 
@@ -55,7 +55,7 @@ def test_export_loads_in_transformers_and_matches(tmp_path: Path, bias: bool, ep
     hf, info = LlamaForCausalLM.from_pretrained(out, output_loading_info=True)
     assert not any(info.values()), info  # no missing, unexpected or mismatched keys
     hf.eval()
-    ours, _ = ckpt.load_model(run / ckpt.MODEL_FILE)
+    ours, _ = store.load_model(run / store.MODEL_FILE)
     ids = _ids(3, 40, 1)
     with torch.no_grad():
         ref = hf(ids).logits
@@ -73,10 +73,10 @@ def test_export_loads_in_transformers_and_matches(tmp_path: Path, bias: bool, ep
 def test_round_trip_is_bit_identical(tmp_path: Path) -> None:
     run = _run(tmp_path, bias=True)
     import_hf(export_hf(run, tmp_path / "hf"), tmp_path / "back")
-    a, _ = ckpt.load_safetensors(run / ckpt.MODEL_FILE)
-    b, _ = ckpt.load_safetensors(tmp_path / "back" / ckpt.MODEL_FILE)
+    a, _ = store.load_safetensors(run / store.MODEL_FILE)
+    b, _ = store.load_safetensors(tmp_path / "back" / store.MODEL_FILE)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    _, meta = ckpt.load_model(tmp_path / "back" / ckpt.MODEL_FILE)
+    _, meta = store.load_model(tmp_path / "back" / store.MODEL_FILE)
     assert meta["tokenizer"]["kind"] == "byte" and meta["model_config"]["mlp"] == "swiglu"
 
 
@@ -105,7 +105,7 @@ def _smollm_folder(path: Path, eps: float = 1e-5) -> LlamaForCausalLM:
 def test_smollm_shaped_folder_imports_with_the_same_logits(tmp_path: Path, eps: float) -> None:
     hf = _smollm_folder(tmp_path / "hf", eps)
     import_hf(tmp_path / "hf", tmp_path / "run")
-    ours, _ = ckpt.load_model(tmp_path / "run" / ckpt.MODEL_FILE)
+    ours, _ = store.load_model(tmp_path / "run" / store.MODEL_FILE)
     assert ours.config.mlp_hidden == 80 and ours.config.n_head == 6
     assert ours.config.norm_eps == eps
     ids = _ids(2, 30, 4)

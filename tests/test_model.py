@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from minigpt_cli.model import GPT, GPTConfig, KVCache
+from minigpt_cli.model.gpt import GPT, GPTConfig, KVCache
 
 
 def test_causal_mask_future_tokens_do_not_change_past_logits(tiny_model: GPT) -> None:

@@ -16,13 +16,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from minigpt_cli import native
 from minigpt_cli import tokenizer as tok
-from minigpt_cli.engine import ModelRunner
 from minigpt_cli.errors import UserError
-from minigpt_cli.generate import Decoder, beam_search, generate
-from minigpt_cli.model import GPT, GPTConfig, KVCache
-from minigpt_cli.sampling import SamplerSettings
+from minigpt_cli.inference import native
+from minigpt_cli.inference.engine import ModelRunner
+from minigpt_cli.inference.generate import Decoder, beam_search, generate
+from minigpt_cli.inference.sampling import SamplerSettings
+from minigpt_cli.model.gpt import GPT, GPTConfig, KVCache
 
 GREEDY = SamplerSettings(temperature=0.0)
 
@@ -75,7 +75,7 @@ def test_native_step_matches_torch_for_every_architecture(arch: dict) -> None:
     model = _model(block_size=16, **arch)
     assert _lockstep(model, [[7], [1, 2, 3, 4, 5, 6, 7, 8, 9], [200, 100, 50]], 40) < 1e-4
     int8 = _model(block_size=16, **arch)
-    from minigpt_cli.quantize import quantize_model
+    from minigpt_cli.model.int8 import quantize_model
 
     quantize_model(int8)
     assert _lockstep(int8, [[3, 1, 4, 1, 5]], 20) < 1e-4
@@ -201,9 +201,9 @@ def test_native_odd_shapes_and_row_blocks(n_embd: int, n_head: int, rows: int) -
 
 _BUILD_AND_STEP = """
 import pathlib, sys, time, torch
-from minigpt_cli import native
-from minigpt_cli.engine import ModelRunner
-from minigpt_cli.model import GPT, GPTConfig
+from minigpt_cli.inference import native
+from minigpt_cli.inference.engine import ModelRunner
+from minigpt_cli.model.gpt import GPT, GPTConfig
 ready, go = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
 ready.touch()
 while not go.exists():

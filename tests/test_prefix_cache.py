@@ -12,9 +12,9 @@ import random
 import pytest
 
 from minigpt_cli import tokenizer as tok
-from minigpt_cli.engine import Engine, ModelRunner, Scheduler, Sequence, TokenEvent
-from minigpt_cli.model import GPT
-from minigpt_cli.sampling import SamplerSettings
+from minigpt_cli.inference.engine import Engine, ModelRunner, Scheduler, Sequence, TokenEvent
+from minigpt_cli.inference.sampling import SamplerSettings
+from minigpt_cli.model.gpt import GPT
 from tests.test_engine import GREEDY, SAMPLED
 
 

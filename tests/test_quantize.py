@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from minigpt_cli.quantize import GROUP, dequantize, quantize, quantize_model
+from minigpt_cli.model.int8 import GROUP, dequantize, quantize, quantize_model
 from tests.test_eval import _eval, run  # noqa: F401 (the trained-run fixture)
 
 
@@ -79,7 +79,7 @@ def test_int8_bits_per_byte_within_one_percent_of_float32(run) -> None:  # noqa:
 
 
 def _native():
-    from minigpt_cli import native
+    from minigpt_cli.inference import native
 
     lib = native.load_library()
     if isinstance(lib, str):
@@ -121,8 +121,8 @@ def test_int8_native_step_equals_torch_on_the_rounded_model() -> None:
     """A whole model through the C step reading int8 agrees with PyTorch on the same rounded
     weights, and a row decodes the same alone as in a batch."""
     _native()
-    from minigpt_cli.engine import ModelRunner
-    from minigpt_cli.model import GPT, GPTConfig
+    from minigpt_cli.inference.engine import ModelRunner
+    from minigpt_cli.model.gpt import GPT, GPTConfig
 
     torch.manual_seed(5)
     model = GPT(GPTConfig(vocab_size=263, block_size=64, n_layer=2, n_head=4, n_embd=64)).eval()
@@ -146,8 +146,8 @@ def test_int8_next_token_agrees_with_float32(run) -> None:  # noqa: F811
     positions of the run's validation text."""
     import copy
 
-    from minigpt_cli.eval_cli import eval_tokens
-    from minigpt_cli.generate import load_for_inference
+    from minigpt_cli.evaluation.eval_cli import eval_tokens
+    from minigpt_cli.inference.loading import load_for_inference
 
     model, enc, meta, _ = load_for_inference(str(run), "cpu", "float32")
     rounded = copy.deepcopy(model)
@@ -169,17 +169,18 @@ def test_quantize_command_saves_int8_that_loads_as_the_rounded_model(run, tmp_pa
     hands the C step its int8 values); a second quantize and a non-empty OUT are refused."""
     import copy
 
-    from minigpt_cli import checkpoint as ckpt
+    from minigpt_cli.convert.quantize import quantize_run
     from minigpt_cli.errors import UserError
-    from minigpt_cli.quantize import int8_pairs, quantize_run
+    from minigpt_cli.model import store
+    from minigpt_cli.model.int8 import int8_pairs
 
     path = quantize_run(str(run), tmp_path / "q8")
-    assert path.stat().st_size < 0.4 * (run / ckpt.MODEL_FILE).stat().st_size
-    raw, meta = ckpt.load_safetensors(path)
+    assert path.stat().st_size < 0.4 * (run / store.MODEL_FILE).stat().st_size
+    raw, meta = store.load_safetensors(path)
     assert raw["h.0.mlp.c_fc.weight.int8"].dtype == torch.int8
     assert meta["quantize"] == {"kind": "int8", "group": GROUP}
-    loaded, _ = ckpt.load_model(path)
-    original, _ = ckpt.load_model(run / ckpt.MODEL_FILE)
+    loaded, _ = store.load_model(path)
+    original, _ = store.load_model(run / store.MODEL_FILE)
     rounded = copy.deepcopy(original)
     quantize_model(rounded)
     want, got = rounded.state_dict(), loaded.state_dict()

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from minigpt_cli.errors import UserError
-from minigpt_cli.sampling import (
+from minigpt_cli.inference.sampling import (
     FLOAT32_MAX,
     SamplerSettings,
     apply_repetition_penalty,

@@ -23,8 +23,9 @@ import openai
 import pytest
 
 from minigpt_cli import tokenizer as tok
-from minigpt_cli.generate import generate, load_for_inference
-from minigpt_cli.sampling import SamplerSettings
+from minigpt_cli.inference.generate import generate
+from minigpt_cli.inference.loading import load_for_inference
+from minigpt_cli.inference.sampling import SamplerSettings
 from tests.serving import ROOT, Server, serving, train_run
 
 PROMPTS = ["ROMEO:\n", "JULIET:\nGood", "the king", "NURSE:\nMy lord, sweet", "O", "FRIAR:",

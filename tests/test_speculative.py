@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from minigpt_cli import tokenizer as tok
-from minigpt_cli.engine.lookup import propose
-from minigpt_cli.generate import generate
-from minigpt_cli.model import GPT, GPTConfig
-from minigpt_cli.sampling import SamplerSettings, accept_or_resample
+from minigpt_cli.inference.engine.lookup import propose
+from minigpt_cli.inference.generate import generate
+from minigpt_cli.inference.sampling import SamplerSettings, accept_or_resample
+from minigpt_cli.model.gpt import GPT, GPTConfig
 
 ENGINES = ["native", "torch"]
 
@@ -63,8 +63,8 @@ def test_prompt_lookup_under_load_equals_alone() -> None:
     """The server's case: six requests through four slots (some wait, slots are reused),
     greedy and seeded, all with prompt lookup, give what each gives alone without it; and
     the server's metrics count the drafts."""
-    from minigpt_cli.engine import Engine, Sequence
-    from minigpt_cli.serve.metrics import Metrics
+    from minigpt_cli.inference.engine import Engine, Sequence
+    from minigpt_cli.inference.serve.metrics import Metrics
 
     enc = tok.byte_encoding()
     model = _model(64)
@@ -192,7 +192,7 @@ def test_draft_model_sampling_keeps_its_own_guesses(engine: str) -> None:
 def test_draft_model_under_load_equals_alone() -> None:
     """Six requests through four slots with a draft model, greedy and seeded sampling (one
     with a repetition penalty), give what each gives alone with it."""
-    from minigpt_cli.engine import Engine, Sequence
+    from minigpt_cli.inference.engine import Engine, Sequence
 
     enc = tok.byte_encoding()
     target, draft = _model(64), _model(64, seed=12, n_layer=1, n_embd=16)
@@ -216,8 +216,8 @@ def test_drafter_guesses_are_the_draft_models_own_greedy_text(engine: str) -> No
     """The drafter's k greedy guesses for a context are what the draft model alone generates
     greedily from that context, also when the context overflows the draft's window (its
     prefill keeps the last block, then every guess slides it)."""
-    from minigpt_cli.engine import Sequence
-    from minigpt_cli.engine.draft import Drafter
+    from minigpt_cli.inference.engine import Sequence
+    from minigpt_cli.inference.engine.draft import Drafter
 
     enc = tok.byte_encoding()
     draft = _model(16, seed=12, n_layer=1, n_embd=16)

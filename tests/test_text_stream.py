@@ -17,7 +17,7 @@ import itertools
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from minigpt_cli.engine import TextStream
+from minigpt_cli.inference.engine import TextStream
 
 
 class Chunks:

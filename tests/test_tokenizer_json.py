@@ -16,12 +16,13 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 
 from minigpt_cli import tokenizer as tok
 from minigpt_cli.config import config_from_dict
+from minigpt_cli.convert.hf import export_hf, import_hf
 from minigpt_cli.errors import UserError
-from minigpt_cli.generate import generate, load_for_inference
-from minigpt_cli.interop import export_hf, import_hf
-from minigpt_cli.sampling import SamplerSettings
-from minigpt_cli.tokenizer_json import JsonTokenizer
-from minigpt_cli.train import train
+from minigpt_cli.inference.generate import generate
+from minigpt_cli.inference.loading import load_for_inference
+from minigpt_cli.inference.sampling import SamplerSettings
+from minigpt_cli.tokenizer.json_file import JsonTokenizer
+from minigpt_cli.training.loop import train
 from tests.conftest import fine_tune_imported
 
 WORDS = ["the", "quick", "brown", "fox", "don't", "it's", "2024", "3.14159", "x=1+2", "café",

@@ -17,15 +17,16 @@ import pytest
 import torch
 import yaml
 
-from minigpt_cli import checkpoint as ckpt
 from minigpt_cli import files
-from minigpt_cli import step as train_step
-from minigpt_cli import train as train_module
 from minigpt_cli.config import TrainConfig, config_from_dict
 from minigpt_cli.errors import SaveError, UserError
-from minigpt_cli.model import GPT, GPTConfig
-from minigpt_cli.step import lr_at
-from minigpt_cli.train import Interrupted, train
+from minigpt_cli.model import store
+from minigpt_cli.model.gpt import GPT, GPTConfig
+from minigpt_cli.training import loop as train_module
+from minigpt_cli.training import run_state
+from minigpt_cli.training import step as train_step
+from minigpt_cli.training.loop import Interrupted, train
+from minigpt_cli.training.step import lr_at
 from tests.conftest import tiny_raw
 
 
@@ -43,37 +44,37 @@ def test_lr_schedule_warmup_then_cosine() -> None:
 def test_train_writes_a_complete_run(tiny_config) -> None:
     summary = train(tiny_config)
     run = Path(tiny_config.out_dir)
-    for name in (ckpt.MODEL_FILE, ckpt.BEST_FILE, ckpt.STATE_JSON, ckpt.CONFIG_FILE,
-                 ckpt.METRICS_FILE):
+    for name in (store.MODEL_FILE, store.BEST_FILE, run_state.STATE_JSON, store.CONFIG_FILE,
+                 run_state.METRICS_FILE):
         assert (run / name).is_file(), name
     assert summary.step == 20 and math.isfinite(summary.val_bpb)
     assert len(list(run.glob("train_state-*.safetensors"))) == 1  # old resume files removed
-    model, meta = ckpt.load_model(run / ckpt.MODEL_FILE)
+    model, meta = store.load_model(run / store.MODEL_FILE)
     assert meta["step"] == 20 and meta["tokenizer"]["kind"] == "byte"
-    records = [json.loads(x) for x in (run / ckpt.METRICS_FILE).read_text().splitlines()]
+    records = [json.loads(x) for x in (run / run_state.METRICS_FILE).read_text().splitlines()]
     evals = [r for r in records if "val_bpb" in r]
     assert [r["step"] for r in evals] == [10, 20]
     assert evals[-1]["val_loss"] < evals[0]["val_loss"] or evals[-1]["val_loss"] < 5.0
-    assert not any(k.startswith("_orig_mod") for k in ckpt.model_tensors(model))
+    assert not any(k.startswith("_orig_mod") for k in store.model_tensors(model))
 
 
 def test_checkpoint_round_trip(tiny_model, tmp_path: Path) -> None:
     path = tmp_path / "m.safetensors"
-    ckpt.save_model(path, tiny_model, {"model_config": vars(tiny_model.config),
+    store.save_model(path, tiny_model, {"model_config": vars(tiny_model.config),
                                        "tokenizer": {"kind": "byte"}, "step": 3})
-    back, meta = ckpt.load_model(path)
+    back, meta = store.load_model(path)
     assert meta["step"] == 3
     for (k, a), (_, b) in zip(tiny_model.state_dict().items(), back.state_dict().items(),
                               strict=True):
         assert torch.equal(a, b), k
-    assert "lm_head.weight" not in ckpt.load_safetensors(path)[0]  # tied: stored once
+    assert "lm_head.weight" not in store.load_safetensors(path)[0]  # tied: stored once
 
 
 def test_tied_head_follows_every_weight_change(tiny_model) -> None:
     """The head is the embedding: logits are x @ wte.T, computed here independently, with and
     without grad, before and after in-place changes (including through `.data`, which the
     autograd version counter does not see), and a new inference session sees them too."""
-    from minigpt_cli.engine import ModelRunner
+    from minigpt_cli.inference.engine import ModelRunner
 
     x = torch.randint(0, 257, (1, 8))
 
@@ -102,7 +103,7 @@ def _hidden(model: GPT, x: torch.Tensor) -> torch.Tensor:
 
 
 def _final_weights(run: Path) -> dict[str, torch.Tensor]:
-    tensors, _ = ckpt.load_safetensors(run / ckpt.MODEL_FILE)
+    tensors, _ = store.load_safetensors(run / store.MODEL_FILE)
     return tensors
 
 
@@ -183,12 +184,12 @@ def test_ctrl_c_then_resume_equals_uninterrupted(tmp_path: Path, corpus_file: Pa
     train(straight)
     if "grad_clip" in accum_clip:  # the clip was active: every logged norm is above it
         norms = [json.loads(x).get("grad_norm") for x in
-                 (tmp_path / "a" / ckpt.METRICS_FILE).read_text().splitlines()]
+                 (tmp_path / "a" / run_state.METRICS_FILE).read_text().splitlines()]
         norms = [n for n in norms if n is not None]
         assert norms and min(norms) > 0.05
     if "scheduled_sampling" in accum_clip:  # it ran: the logged share ramps up to 0.5
         shares = [json.loads(x).get("scheduled_sampling_prob", 0) for x in
-                  (tmp_path / "a" / ckpt.METRICS_FILE).read_text().splitlines()]
+                  (tmp_path / "a" / run_state.METRICS_FILE).read_text().splitlines()]
         assert max(shares) == 0.5
     # The same 20-step run gets a real SIGINT while fetching step 10's batch: it finishes that
     # step, saves (save_interval is 5, so step 11 is an off-interval save), and stops.
@@ -203,7 +204,7 @@ def test_ctrl_c_then_resume_equals_uninterrupted(tmp_path: Path, corpus_file: Pa
     with pytest.raises(Interrupted, match="step 11"):
         train(config_from_dict(raw(tmp_path / "b")))
     monkeypatch.setattr(train_module.D, "train_batch", real_batch)
-    assert ckpt.read_state_json(tmp_path / "b")["step"] == 11
+    assert run_state.read_state_json(tmp_path / "b")["step"] == 11
     train(config_from_dict(raw(tmp_path / "b")), resume=True)
     a, b = _final_weights(tmp_path / "a"), _final_weights(tmp_path / "b")
     assert a.keys() == b.keys()
@@ -224,7 +225,7 @@ def _write_cfg(tmp_path: Path, raw: dict, name: str = "cfg.yaml") -> Path:
 def _wait_for_step(run: Path, step: int, proc: subprocess.Popen, timeout: float = 60) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline and proc.poll() is None:
-        state = ckpt.read_state_json(run) if (run / ckpt.STATE_JSON).exists() else None
+        state = run_state.read_state_json(run) if (run / run_state.STATE_JSON).exists() else None
         if state and state["step"] >= step:
             return
         time.sleep(0.02)
@@ -251,7 +252,7 @@ def test_kill_9_mid_training_then_resume_matches(tmp_path: Path, corpus_file: Pa
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-    state = ckpt.read_state_json(tmp_path / "killed")
+    state = run_state.read_state_json(tmp_path / "killed")
     assert state is not None and 6 <= state["step"] < 60, "kill did not land mid-run"
     done = _cli("train", str(cfg_path), "--resume", cwd=tmp_path, env=env)
     assert done.returncode == 0, done.stderr
@@ -267,7 +268,7 @@ def test_ctrl_c_saves_and_exits_cleanly(tmp_path: Path, corpus_file: Path,
     cfg_path = _write_cfg(tmp_path, raw)
     proc, _ = _spawn_train(cfg_path, tmp_path, data_dir, stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE, text=True)
-    metrics = tmp_path / "run" / ckpt.METRICS_FILE
+    metrics = tmp_path / "run" / run_state.METRICS_FILE
     deadline = time.time() + 60
     while time.time() < deadline and not (metrics.exists() and metrics.read_text().strip()):
         time.sleep(0.05)
@@ -275,15 +276,15 @@ def test_ctrl_c_saves_and_exits_cleanly(tmp_path: Path, corpus_file: Path,
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     assert "Traceback" not in err and "--resume" in err
-    state = ckpt.read_state_json(tmp_path / "run")
+    state = run_state.read_state_json(tmp_path / "run")
     assert state is not None and state["step"] >= 5  # saved although save_interval is 1000
 
 
 def test_nan_loss_stops_and_keeps_last_checkpoint(tiny_config, monkeypatch) -> None:
     train(tiny_config)
     run = Path(tiny_config.out_dir)
-    before = (run / ckpt.MODEL_FILE).read_bytes()
-    from minigpt_cli.model import GPT
+    before = (run / store.MODEL_FILE).read_bytes()
+    from minigpt_cli.model.gpt import GPT
 
     real_forward = GPT.forward
 
@@ -295,8 +296,8 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(tiny_config, monkeypatch) -> N
     again = config_from_dict(tiny_raw(Path(tiny_config.data.source), run, max_steps=40))
     with pytest.raises(UserError, match="loss became nan"):
         train(again, resume=True)
-    assert (run / ckpt.MODEL_FILE).read_bytes() == before
-    assert ckpt.read_state_json(run)["step"] == 20
+    assert (run / store.MODEL_FILE).read_bytes() == before
+    assert run_state.read_state_json(run)["step"] == 20
 
 
 def test_existing_run_is_not_overwritten(tiny_config) -> None:
@@ -329,7 +330,7 @@ def test_resume_keeps_its_precision_and_warns_when_told_another(
         train(config_from_dict(raw), resume=True, console=Console(file=out, width=300))
         text = out.getvalue()
         assert ("warning: this run trained in float32 until now" in text) == warned, text
-        assert ckpt.read_state_json(run)["dtype"] == ("bfloat16" if warned else "float32")
+        assert run_state.read_state_json(run)["dtype"] == ("bfloat16" if warned else "float32")
 
 
 def test_resume_without_a_run(tiny_config) -> None:
@@ -339,7 +340,7 @@ def test_resume_without_a_run(tiny_config) -> None:
 
 def test_truncated_checkpoint_on_resume(tiny_config) -> None:
     train(tiny_config)
-    state = ckpt.read_state_json(Path(tiny_config.out_dir))
+    state = run_state.read_state_json(Path(tiny_config.out_dir))
     weights = Path(tiny_config.out_dir) / state["weights_file"]
     weights.write_bytes(weights.read_bytes()[:1000])
     with pytest.raises(UserError, match="corrupt or truncated"):
@@ -391,7 +392,7 @@ def test_resume_of_a_finished_run_reports_it(tiny_config) -> None:
 
 def test_resume_survives_a_metrics_line_cut_by_a_crash(tiny_config, corpus_file: Path) -> None:
     train(config_from_dict(tiny_raw(corpus_file, Path(tiny_config.out_dir), max_steps=10)))
-    metrics = Path(tiny_config.out_dir) / ckpt.METRICS_FILE
+    metrics = Path(tiny_config.out_dir) / run_state.METRICS_FILE
     metrics.write_text(metrics.read_text() + '{"step": 11, "loss": 4.')  # kill -9 mid-append
     done = train(config_from_dict(tiny_raw(corpus_file, Path(tiny_config.out_dir),
                                            max_steps=20)), resume=True)
@@ -438,19 +439,19 @@ def test_run_directory_json_is_strict_before_the_first_evaluation(
     """A save before any evaluation has no val loss and no best yet: null, not NaN/Infinity;
     and a resume reads the nulls back as 'none yet'."""
     run = tmp_path / "run"
-    commit = ckpt.commit_train_state
+    commit = run_state.commit_train_state
 
     def commit_then_stop(*args: object, **kw: object) -> None:
         commit(*args, **kw)  # type: ignore[arg-type]
         raise _Stop  # the run ends at its first save (step 5), before any evaluation
 
-    monkeypatch.setattr(ckpt, "commit_train_state", commit_then_stop)
+    monkeypatch.setattr(run_state, "commit_train_state", commit_then_stop)
     with pytest.raises(_Stop):
         train(config_from_dict(tiny_raw(corpus_file, run, max_steps=10, eval_interval=10)))
-    monkeypatch.setattr(ckpt, "commit_train_state", commit)
-    state = _strict((run / ckpt.STATE_JSON).read_text())
+    monkeypatch.setattr(run_state, "commit_train_state", commit)
+    state = _strict((run / run_state.STATE_JSON).read_text())
     assert state["best_val_loss"] is None and state["val_loss"] is None  # type: ignore[index]
-    for line in (run / ckpt.METRICS_FILE).read_text().splitlines():
+    for line in (run / run_state.METRICS_FILE).read_text().splitlines():
         _strict(line)
     from safetensors import safe_open
     with safe_open(str(run / state["weights_file"]), framework="pt") as f:  # type: ignore[index]

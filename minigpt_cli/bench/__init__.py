@@ -1,0 +1,1 @@
+"""`minigpt bench`: what measures both phases."""

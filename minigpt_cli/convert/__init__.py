@@ -1,0 +1,1 @@
+"""What moves a run in and out of other tools' formats."""

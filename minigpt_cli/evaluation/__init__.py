@@ -1,0 +1,1 @@
+"""`minigpt eval`: scoring text and measuring exposure bias."""

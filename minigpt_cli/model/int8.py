@@ -1,0 +1,129 @@
+"""Weight-only int8, in llama.cpp's Q8_0 style: what it does to a model's numbers.
+
+Every matrix a product reads (the four per block, and the tied embedding that is also the
+output head) is split into groups of GROUP consecutive input rows; each group of each output
+column keeps one float32 scale, max |w| / 127, and 8-bit integers round(w / scale). Biases,
+LayerNorm gains, activations and the KV cache stay float32.
+
+This module is the reference: `quantize` and `dequantize` define the format, and
+`quantize_model` puts the dequantized values into a model in place, so every engine (PyTorch
+on any device, the C step) computes with exactly the numbers an int8 kernel would hold. It
+changes accuracy, not speed: a speed gain needs a kernel that reads the int8 bytes instead of
+floats (issue #13), since decoding one token is bound by the bytes of weight it streams.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+GROUP = 32
+MODES = ("none", "int8")
+
+
+def check_mode(mode: str) -> None:
+    """Refuse an unknown --quantize before anything is loaded."""
+    if mode not in MODES:
+        from minigpt_cli.errors import UserError
+
+        raise UserError(f"--quantize must be one of {', '.join(MODES)}, got '{mode}'")
+
+
+def quantize(w: torch.Tensor, group: int = GROUP) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [in, out] -> (q int8 [in, out], scales float32 [ceil(in / group), out]).
+    A group that is all zeros gets scale 0 and zeros, never a division by zero."""
+    n_in, n_out = w.shape
+    pad = (-n_in) % group
+    blocks = F.pad(w.detach().float(), (0, 0, 0, pad)).view(-1, group, n_out)
+    scales = blocks.abs().amax(dim=1) / 127.0
+    inverse = torch.where(scales > 0, 1.0 / scales, torch.zeros_like(scales))
+    q = torch.round(blocks * inverse[:, None, :]).clamp_(-127, 127).to(torch.int8)
+    return q.view(-1, n_out)[:n_in].contiguous(), scales
+
+
+def dequantize(q: torch.Tensor, scales: torch.Tensor, group: int = GROUP) -> torch.Tensor:
+    """The float32 matrix an int8 product multiplies by: q times its group's scale."""
+    return q.float() * scales.repeat_interleave(group, dim=0)[: q.shape[0]]
+
+
+@dataclass
+class QuantizeReport:
+    matrices: int
+    float_bytes: int  # what the quantized matrices take in float32
+    int8_bytes: int  # the same as int8 plus their scales
+
+    def describe(self) -> str:
+        return (f"int8 weights: {self.matrices} matrices, {self.float_bytes / 1e6:.1f} MB as "
+                f"float32 -> {self.int8_bytes / 1e6:.1f} MB as int8 + scales")
+
+
+@torch.no_grad()
+def quantize_model(model: torch.nn.Module, group: int = GROUP) -> QuantizeReport:
+    """Round every product's weight to its int8 value in place (the tied embedding, stored
+    [vocab, C], is grouped along C: the head's input)."""
+    from minigpt_cli.model.gpt import Linear
+
+    matrices = float_bytes = int8_bytes = 0
+
+    def round_in_place(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        nonlocal matrices, float_bytes, int8_bytes
+        q, scales = quantize(w, group)
+        w.copy_(dequantize(q, scales, group).to(w.dtype))
+        matrices += 1
+        float_bytes += w.numel() * 4
+        int8_bytes += q.numel() + scales.numel() * 4
+        return q, scales
+
+    # The int8 values stay beside the weights (plain attributes, so no state dict changes)
+    # for the C step, which multiplies by them directly (native.py).
+    for module in model.modules():
+        if isinstance(module, Linear):
+            module.int8 = round_in_place(module.weight)
+    model.head_int8 = round_in_place(model.wte.weight.t())  # a view: lands in the embedding
+    return QuantizeReport(matrices, float_bytes, int8_bytes)
+
+
+def int8_pairs(model: torch.nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The int8 values quantize_model left beside the weights, by weight name. The tied
+    embedding's pair is the head's orientation, [C, vocab]."""
+    pairs = {f"{name}.weight": module.int8 for name, module in model.named_modules()
+             if getattr(module, "int8", None) is not None}
+    if getattr(model, "head_int8", None) is not None:
+        pairs["wte.weight"] = model.head_int8
+    return pairs
+
+
+def pack(tensors: dict[str, torch.Tensor], pairs: dict[str, tuple[torch.Tensor, torch.Tensor]]
+         ) -> dict[str, torch.Tensor]:
+    """A state dict to save with each rounded matrix as NAME.int8 + NAME.scale (safetensors
+    holds int8 as it is): a quarter of the float32 bytes."""
+    out = {k: v for k, v in tensors.items() if k not in pairs}
+    for name, (q, scales) in pairs.items():
+        out[f"{name}.int8"], out[f"{name}.scale"] = q.contiguous(), scales.contiguous()
+    return out
+
+
+def unpack(tensors: dict[str, torch.Tensor], group: int
+           ) -> tuple[dict[str, torch.Tensor], dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """The inverse of pack: float tensors (the int8 ones dequantized) and the int8 pairs."""
+    out, pairs = dict(tensors), {}
+    for key in [k for k in tensors if k.endswith(".int8")]:
+        name = key.removesuffix(".int8")
+        q, scales = out.pop(key), out.pop(f"{name}.scale", None)
+        if scales is None or q.dtype != torch.int8:
+            raise ValueError(f"{key} has no float scales beside it")
+        pairs[name] = (q, scales.float())
+        w = dequantize(q, scales.float(), group)
+        out[name] = w.t().contiguous() if name == "wte.weight" else w
+    return out, pairs
+
+
+def attach(model: torch.nn.Module, pairs: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Give a model loaded from an int8 file its int8 values back, for the C step."""
+    for name, pair in pairs.items():
+        if name == "wte.weight":
+            model.head_int8 = pair
+        else:
+            model.get_submodule(name.removesuffix(".weight")).int8 = pair

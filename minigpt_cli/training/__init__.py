@@ -1,0 +1,1 @@
+"""The training side: the loop, data, optimizers, ranks, shards, resume state."""

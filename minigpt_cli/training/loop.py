@@ -1,0 +1,438 @@
+"""The training loop: parallel teacher forcing, AdamW, warmup + cosine, exact resume.
+
+One optimizer step = `grad_accum_steps` forward passes, each over every position of a batch of
+windows at once (causal mask, targets shifted by one). Dropout is on (`model.train()`); every
+evaluation switches to `model.eval()` + no-grad and back.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import signal
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+from torch import Tensor
+
+from minigpt_cli import files
+from minigpt_cli import tokenizer as tok
+from minigpt_cli.config import Config
+from minigpt_cli.device import DTYPES, keep_freed_memory, resolve_device, synchronize, train_dtype
+from minigpt_cli.errors import SaveError, UserError
+from minigpt_cli.faults import crash_point
+from minigpt_cli.model import store
+from minigpt_cli.model.gpt import GPT, GPTConfig
+from minigpt_cli.training import data as D
+from minigpt_cli.training import distributed, optim, run_state, scheduled, sharding
+from minigpt_cli.training.step import accumulate_gradients, clip_gradients, evaluate, lr_at
+
+# What may change between a run and its resume. New data is how an imported or trained model
+# is fine-tuned; the model's shape and tokenizer must stay as they were.
+_RESUMABLE_CHANGES = {"train", "data"}
+_RESUMABLE_KEYS = {("model", "dropout")}
+
+
+def _check_out_dir(run_dir: Path, resume: bool) -> None:
+    if resume and not (run_dir / run_state.STATE_JSON).is_file():
+        raise UserError(f"nothing to resume in {run_dir}: no {run_state.STATE_JSON} "
+                        "(drop --resume to start)")
+    # Checked without creating anything: a run refused later (bad data, say) leaves no trace.
+    existing = run_dir.absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        why = "a file is in the way" if not existing.is_dir() else "permission denied"
+        raise UserError(f"out_dir {run_dir} is not writable ({why} at {existing}); choose "
+                        "another with --set out_dir=PATH")
+    has_run = (run_dir / run_state.STATE_JSON).exists() or (run_dir / store.MODEL_FILE).exists()
+    if has_run and not resume:
+        raise UserError(f"out_dir {run_dir} already holds a run: add --resume to continue it, "
+                        "or --set out_dir=NEW_DIR to start fresh")
+
+
+def _start_fresh(run_dir: Path) -> None:
+    """A new run in a directory with no resume point: whatever a first attempt that died
+    before its first commit left (weights, a best file, metric lines) goes, so none of it
+    can be read as this run's."""
+    run_state.clean_stale_state_files(run_dir)
+    (run_dir / store.BEST_FILE).unlink(missing_ok=True)
+    files.atomic_write_text(run_dir / run_state.METRICS_FILE, "")
+
+
+def _check_same_run(run_dir: Path, cfg: Config) -> None:
+    """A resume must use the model shape, data and tokenizer the run was started with."""
+    path = run_dir / store.CONFIG_FILE
+    if not path.is_file():
+        return
+    saved = yaml.safe_load(path.read_text()) or {}
+    now = cfg.to_dict()
+    for section, values in now.items():
+        if section in _RESUMABLE_CHANGES or not isinstance(values, dict):
+            continue
+        for key, value in values.items():
+            if (section, key) in _RESUMABLE_KEYS:
+                continue
+            before = (saved.get(section) or {}).get(key, value)
+            if before != value:
+                raise UserError(f"{run_dir} was trained with {section}.{key}={before}, the config "
+                                f"says {value}: use the original config or another out_dir")
+
+
+def _metrics_after_resume(run_dir: Path, step: int) -> list[dict[str, Any]]:
+    """Drop metric lines past the resumed step, so the log reads like one unbroken run."""
+    keep = [r for r in run_state.read_metrics(run_dir) if r.get("step", 0) <= step]
+    files.atomic_write_text(run_dir / run_state.METRICS_FILE, "".join(files.to_json(r) + "\n"
+                                                                  for r in keep))
+    return keep
+
+
+def _last_good(run_dir: Path) -> str:
+    """What a user whose save failed still has, and what to do next."""
+    step = (run_state.read_state_json(run_dir) or {}).get("step")
+    if step is None:
+        return "nothing of this run was saved yet: make room (or fix the folder) and start again"
+    return (f"the last good checkpoint (step {step}) in {run_dir} is intact: make room (or fix "
+            "the folder) and continue with --resume")
+
+
+def _number(value: Any, default: float) -> float:
+    """A loss read back from JSON: null (written for NaN or infinity) is `default`."""
+    return default if value is None else float(value)
+
+
+def _val_field(val_loss: float) -> str:
+    """The progress bar's validation loss: nothing until the first evaluation."""
+    return f"val {val_loss:.4f}" if math.isfinite(val_loss) else ""
+
+
+def _run_dtype(cfg: Config, device: torch.device, state: dict[str, Any] | None,
+               console: Console) -> tuple[torch.dtype, str]:
+    """The precision to train in, and why. A resume keeps the precision its run started with
+    (the same steps, to the bit, on the same machine and thread count) unless the config names
+    another one explicitly, which is allowed and warned about: from there on the run is no
+    longer the one an uninterrupted run would have been."""
+    dtype, why = train_dtype(cfg.dtype, device, cfg.model.n_embd, cfg.model.block_size)
+    before = (state or {}).get("dtype")
+    if before not in DTYPES or DTYPES[before] == dtype:
+        return dtype, why
+    if cfg.dtype == "auto":
+        return DTYPES[before], "auto: what this run started with"
+    console.print(f"[yellow]warning:[/] this run trained in {before} until now; it goes on in "
+                  f"{cfg.dtype}, as configured, so it will not end as an uninterrupted run would")
+    return dtype, why
+
+
+class _StopFlag:
+    """First Ctrl-C asks the loop to save and stop at the next step boundary; a second one
+    interrupts at once (atomic writes keep the last checkpoint intact either way)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+
+    def __enter__(self) -> _StopFlag:
+        try:
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        except ValueError:  # not in the main thread: leave Ctrl-C alone
+            self._previous = None
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc: object) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+class Interrupted(Exception):
+    """Training stopped by Ctrl-C after saving; the CLI exits 130."""
+
+
+@dataclass
+class TrainSummary:
+    run_dir: str
+    step: int
+    train_loss: float
+    val_loss: float
+    val_bpb: float
+    best_val_loss: float
+    tokens_per_s: float
+    seconds: float
+
+
+def train(cfg: Config, resume: bool = False, console: Console | None = None) -> TrainSummary:
+    """One process, or one rank of a torchrun job (distributed.py); the group is left in the
+    end whatever happens, so a failing rank does not hold the others."""
+    ranks = distributed.from_env(os.environ.get("MINIGPT_DIST_INIT"))
+    if distributed.restarted() and (Path(cfg.out_dir) / run_state.STATE_JSON).is_file():
+        resume = True  # torchrun restarted the group after a failure: on from the last save
+    try:
+        return _train(cfg, resume, console or Console(stderr=True), ranks)
+    except SaveError as e:
+        raise SaveError(f"{e}; {_last_good(Path(cfg.out_dir))}") from None
+    except RuntimeError as e:
+        lost = distributed.peer_lost(e, ranks)
+        if lost is None:
+            raise
+        raise distributed.PeerLost(f"{lost}; the last checkpoint in {cfg.out_dir} is kept: "
+                                   "torchrun --max-restarts N resumes from it, as does "
+                                   "--resume") from None
+    finally:
+        distributed.shutdown(ranks)
+
+
+def _train(cfg: Config, resume: bool, console: Console, ranks: distributed.Ranks
+           ) -> TrainSummary:
+    if not ranks.main:  # rank 0 speaks for the job
+        console = Console(file=io.StringIO())
+    t0 = time.perf_counter()
+    run_dir = Path(cfg.out_dir)
+    mine = ranks.micro_batches(cfg.train.grad_accum_steps)
+    _check_out_dir(run_dir, resume)
+    state: dict[str, Any] | None = None
+    if resume:
+        _check_same_run(run_dir, cfg)
+        state, state_tensors = run_state.load_train_state(run_dir)
+    device = resolve_device(cfg.device)
+    if device.type == "cuda" and ranks.enabled:
+        device = torch.device("cuda", ranks.local_rank)
+    dtype, dtype_why = _run_dtype(cfg, device, state, console)
+    memory = keep_freed_memory() if device.type == "cpu" else ""
+    torch.manual_seed(cfg.seed)
+
+    # Data and tokenizer: a resumed run reuses its own saved tokenizer.
+    corpus = D.load_corpus(cfg.data.source, cfg.data.val_fraction)
+    if resume and cfg.tokenizer.kind in ("bpe", "hf"):  # described in the weights' header
+        desc = store.read_meta(run_dir / store.MODEL_FILE).get("tokenizer")  # (imports' too)
+        enc = (tok.load(desc, run_dir) if isinstance(desc, dict)
+               and desc.get("kind") == cfg.tokenizer.kind
+               else tok.load_bpe_file(run_dir / tok.TOKENIZER_FILE))
+    else:
+        enc = D.tokenizer_for(corpus, cfg.tokenizer.kind, cfg.tokenizer.vocab_size)
+    tokens = D.tokenize_corpus(corpus, enc, cfg.tokenizer.kind)
+    T = cfg.model.block_size
+    if len(tokens.val) <= T + 1 or len(tokens.train) <= T + 1:
+        raise UserError(f"model.block_size ({T}) is larger than the data (train {len(tokens.train)}"
+                        f", val {len(tokens.val)} tokens): lower block_size or add text")
+    token_bytes = torch.tensor(tok.token_byte_lengths(enc), dtype=torch.float32, device=device)
+
+    mcfg = GPTConfig(vocab_size=enc.n_vocab, **asdict(cfg.model))
+    model = GPT(mcfg)
+    if state is not None and state_tensors:
+        model_sd = {k.removeprefix("model."): v for k, v in state_tensors.items()
+                    if k.startswith("model.")}
+        model = store.build_model(model_sd, asdict(mcfg), run_dir / state["weights_file"])
+    model.to(device)
+    t = cfg.train
+    # DDP wraps the model; FSDP2 shards it in place, before the optimizer sees its parameters.
+    fwd = distributed.wrap(model, ranks, t.parallel, dtype)
+    sharded = sharding.is_sharded(model)
+    opt = optim.build(model, t, device)
+    start_step = 0
+    best_val = math.inf
+    last = {"train_loss": math.nan, "val_loss": math.nan, "val_bpb": math.nan, "loss": math.nan}
+    if state is not None:
+        if state_tensors:  # one safetensors file (one process or DDP wrote it)
+            sharding.load_optimizer(opt, state_tensors, state["param_groups"])
+        else:  # a DCP directory (FSDP2 wrote it), at whatever world size
+            sharding.load(run_dir / state["weights_file"], model, opt, state["param_groups"])
+        run_state.set_rng_state(state["rng"])
+        start_step = state["step"]
+        best_val = _number(state.get("best_val_loss"), math.inf)  # null: no evaluation yet
+        history = _metrics_after_resume(run_dir, start_step) if ranks.main else []
+        if ranks.main:
+            run_state.clean_stale_state_files(run_dir)
+        evals = [r for r in history if "val_loss" in r]
+        if evals:
+            last.update({k: _number(evals[-1].get(k), math.nan)
+                         for k in ("train_loss", "val_loss", "val_bpb")})
+        if start_step >= cfg.train.max_steps:
+            console.print(f"{escape(str(run_dir))} is already complete at step {start_step} "
+                          f"(train.max_steps={cfg.train.max_steps}); raise it with --set "
+                          "train.max_steps=N to train further")
+        else:
+            console.print(f"[bold]resuming[/] {escape(str(run_dir))} at step {start_step}")
+    elif ranks.main:
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"out_dir {run_dir} cannot be created ({e.strerror}); choose "
+                            "another with --set out_dir=PATH") from None
+        _start_fresh(run_dir)
+        files.atomic_write_text(run_dir / store.CONFIG_FILE, yaml.safe_dump(cfg.to_dict(),
+                                                                            sort_keys=False))
+        if cfg.tokenizer.kind == "bpe":
+            tok.save_ranks(enc, run_dir / tok.TOKENIZER_FILE)
+    distributed.barrier(ranks)  # rank 0 has set the directory up before anyone goes on
+    fwd = torch.compile(fwd) if cfg.compile else fwd
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+
+    tok_desc = tok.describe(enc, cfg.tokenizer.kind)
+    val_batches = D.eval_batches(tokens.val, t.batch_size, T, t.eval_steps)
+    train_eval_batches = D.eval_batches(tokens.train, t.batch_size, T, t.eval_steps)
+    tokens_per_step = t.batch_size * T * t.grad_accum_steps
+    # Unbuffered: a line the disk refuses is not held back to fail again when the file closes.
+    metrics: Any = ((run_dir / run_state.METRICS_FILE).open("ab", buffering=0) if ranks.main
+                    else io.BytesIO())
+
+    def log(record: dict[str, Any]) -> None:
+        try:
+            crash_point(f"{run_state.METRICS_FILE}:append")
+            metrics.write((files.to_json(record) + "\n").encode())
+        except OSError as e:
+            raise SaveError(f"could not write {run_dir / run_state.METRICS_FILE}: {e.strerror}"
+                            ) from None
+
+    def model_meta(step: int, val_loss: float | None) -> dict[str, Any]:
+        """What makes a weights file self-describing: shape, tokenizer, provenance."""
+        return {"model_config": asdict(mcfg), "tokenizer": tok_desc, "step": step,
+                "val_loss": val_loss, "config": cfg.to_dict()}
+
+    def weights() -> dict[str, Tensor]:
+        """The whole model for rank 0 to write (sharded, every rank takes part in gathering)."""
+        return sharding.full_tensors(model) if sharded or ranks.main else {}
+
+    def save(step: int, val_loss: float | None) -> None:
+        full = weights()
+        info = {"step": step, "best_val_loss": best_val, "seed": cfg.seed, "val_loss": val_loss,
+                "dtype": str(dtype).removeprefix("torch."),
+                # Batches are a pure function of (seed, step): the next step is the data position.
+                "data": {"sampler": "random-windows", "next_step": step}}
+        # The resume state is the commit point, so it goes first: a crash before it leaves the
+        # previous state (or, on a first save, a directory a fresh start may reuse); a crash
+        # after it leaves model.safetensors one save behind, which a resume rewrites.
+        if sharded:  # each rank writes its shards; rank 0 commits
+            name = sharding.save(run_dir, step, model, opt, ranks.main)
+            if ranks.main:
+                run_state.commit_train_state(run_dir, name, opt.state_dict()["param_groups"], info)
+        elif ranks.main:
+            run_state.save_train_state(run_dir, full, opt, info)
+        if ranks.main:
+            store.save_model(run_dir / store.MODEL_FILE, full, model_meta(step, val_loss))
+        distributed.barrier(ranks)  # saved before any rank goes on (or stops)
+
+    if state is not None and run_state.saved_step(run_dir / store.MODEL_FILE) != start_step:
+        # The run died between committing its resume state and writing model.safetensors.
+        full = weights()
+        if ranks.main:
+            store.save_model(run_dir / store.MODEL_FILE, full,
+                            model_meta(start_step, state.get("val_loss", last["val_loss"])))
+
+    def micro_batches(step: int, ss_prob: float) -> Iterator[tuple[Tensor, Tensor]]:
+        """This rank's micro-batches, each a function of (seed, step, global index) alone:
+        its windows, its dropout masks, and (scheduled sampling) its own-prediction inputs."""
+        for m in mine:
+            x, y = D.train_batch(tokens.train, t.batch_size, T, cfg.seed, step, m)
+            torch.manual_seed(D.micro_seed(cfg.seed, step, m) ^ 0xD209)
+            if ss_prob > 0:  # scheduled sampling: a no-grad pass first, then mixed inputs
+                x = scheduled.own_predictions_as_inputs(fwd, x, ss_prob, cfg.seed, step, m,
+                                                        device, dtype)
+            yield x, y
+
+    console.print(f"[bold]training[/] {model.num_params() / 1e6:.2f}M params on {device} "
+                  f"({str(dtype).removeprefix('torch.')}: {dtype_why}), vocab {enc.n_vocab}, "
+                  f"{len(tokens.train):,} train / {len(tokens.val):,} val tokens"
+                  + (f"; {memory}" if memory else ""))
+    console.print(f"global batch {t.batch_size} x {T} tokens x {t.grad_accum_steps} "
+                  f"micro-batches = {tokens_per_step:,} tokens per step"
+                  + (f", over {ranks.world} ranks ({len(mine)} micro-batches each, "
+                     f"{'FSDP2' if sharded else 'DDP'})" if ranks.enabled else ""))
+    progress = Progress(
+        TextColumn("[bold]step {task.completed}/{task.total}"), BarColumn(),
+        TextColumn("loss {task.fields[loss]:.4f}  {task.fields[val]}  "
+                   "lr {task.fields[lr]:.2e}  {task.fields[tps]:,.0f} tok/s"),
+        TimeRemainingColumn(), console=console, transient=False,
+    )
+    model.train()
+    step = start_step
+    window_t, window_steps, tps = time.perf_counter(), 0, 0.0
+    with _StopFlag() as stop, progress, metrics:
+        task = progress.add_task("train", total=t.max_steps, completed=step, loss=math.nan,
+                                 val=_val_field(last["val_loss"]), lr=0.0, tps=0.0)
+        while step < t.max_steps:
+            lr = lr_at(step, t)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            ss_prob = scheduled.probability(step, t.scheduled_sampling)
+            mean_loss = accumulate_gradients(fwd, micro_batches(step, ss_prob), len(mine),
+                                             scaler, device, dtype)
+            grad_norm = clip_gradients(model, opt, scaler, t.grad_clip)
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            window_steps += 1
+            # Read the Ctrl-C flag once: a signal landing later in this block is handled at the
+            # next boundary, so "stop" always means "saved first".
+            stopping = distributed.any_rank(stop.requested, ranks)
+            is_eval = step % t.eval_interval == 0 or step == t.max_steps
+            is_save = step % t.save_interval == 0 or step == t.max_steps or stopping
+            if step % t.log_interval == 0 or is_eval or is_save:
+                train_loss = distributed.all_sum([mean_loss.item()], ranks)[0] / ranks.world
+                if not math.isfinite(train_loss):
+                    raise UserError(f"loss became {train_loss} at step {step}; the last good "
+                                    f"checkpoint in {run_dir} is kept: lower train.lr or use "
+                                    "dtype float32")
+                synchronize(device)
+                now = time.perf_counter()
+                tps = window_steps * tokens_per_step / (now - window_t)
+                window_t, window_steps = now, 0
+                last["loss"] = train_loss
+                norm = None if grad_norm is None else grad_norm.item()
+                log({"step": step, "loss": train_loss, "lr": lr, "grad_norm": norm,
+                     "tokens_per_s": tps, "elapsed_s": now - t0,
+                     **({"scheduled_sampling_prob": ss_prob} if ss_prob > 0 else {})})
+            val_loss = None
+            if is_eval:
+                judge = model if ranks.enabled else fwd  # each rank scores a share
+                tr = evaluate(judge, train_eval_batches, token_bytes, device, dtype, ranks)
+                va = evaluate(judge, val_batches, token_bytes, device, dtype, ranks)
+                val_loss = va.loss
+                last.update(train_loss=tr.loss, val_loss=va.loss, val_bpb=va.bpb)
+                log({"step": step, "train_loss": tr.loss, "val_loss": va.loss, "val_bpb": va.bpb})
+                if va.loss < best_val:
+                    best_val = va.loss
+                    full = weights()
+                    if ranks.main:
+                        store.save_model(run_dir / store.BEST_FILE, full, model_meta(step, va.loss))
+                if not console.is_terminal:
+                    console.print(f"step {step}: train {tr.loss:.4f}  val {va.loss:.4f}  "
+                                  f"val bpb {va.bpb:.4f}  {tps:,.0f} tok/s")
+                window_t = time.perf_counter()  # evaluation time is not training throughput
+            if is_save:
+                save(step, val_loss if val_loss is not None else last["val_loss"])
+            progress.update(task, completed=step, loss=last["loss"],
+                            val=_val_field(last["val_loss"]), lr=lr, tps=tps)
+            if stopping and step < t.max_steps:
+                raise Interrupted(f"interrupted at step {step}; checkpoint saved in {run_dir}: "
+                                  f"continue with --resume")
+
+    summary = TrainSummary(run_dir=str(run_dir), step=step, train_loss=last["train_loss"],
+                           val_loss=last["val_loss"], val_bpb=last["val_bpb"],
+                           best_val_loss=best_val, tokens_per_s=tps,
+                           seconds=time.perf_counter() - t0)
+    table = Table(title=f"run {escape(str(run_dir))}", show_header=False)
+    for name, value in (("steps", f"{step}"), ("train loss", f"{summary.train_loss:.4f}"),
+                        ("val loss", f"{summary.val_loss:.4f}"),
+                        ("val bits/byte", f"{summary.val_bpb:.4f}"),
+                        ("best val loss", f"{best_val:.4f}"),
+                        ("throughput", f"{tps:,.0f} tok/s"),
+                        ("wall time", f"{summary.seconds:.1f} s"),
+                        ("weights", str(run_dir / store.MODEL_FILE))):
+        table.add_row(name, escape(value))
+    console.print(table)
+    return summary
