@@ -2,7 +2,7 @@
 
 Greedy decoding through `generate` (the engine, the C step), each round running both modes on
 both prompts; prints decode tokens/s, the ratio, drafts kept and tokens per step. The outputs
-are checked equal (they must be: tests/test_speculative.py). `--temperature T` samples
+are checked equal (they must be: tests/inference/test_speculative.py). `--temperature T` samples
 instead (seeded, so still equal): text that does not fall into the loops greedy decoding of a
 small model does, the honest case for "open" text.
 

@@ -26,18 +26,46 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from minigpt_cli.training.data import prepare_shakespeare
 from minigpt_cli.training.run_state import read_metrics
-from tests.conftest import make_text, tiny_raw
-from tests.test_distributed import _free_port, _rank_pids
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from serve_load import free_port  # noqa: E402
+
+
+def tiny_config(corpus: Path) -> dict:
+    """A byte-level 2-layer model on a slice of the built-in corpus: seconds a step, not hours."""
+    return {"out_dir": "run", "seed": 7, "device": "cpu", "dtype": "float32",
+            "data": {"source": str(corpus), "val_fraction": 0.1}, "tokenizer": {"kind": "byte"},
+            "model": {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 32, "dropout": 0.1},
+            "train": {"batch_size": 8, "grad_accum_steps": 2, "max_steps": 300, "lr": 3e-3,
+                      "min_lr": 3e-4, "warmup_steps": 4, "eval_interval": 100, "eval_steps": 2,
+                      "save_interval": 20, "log_interval": 10}}
+
+
+def rank_pids(work: Path) -> dict[int, int]:
+    """The training processes of this trial (found by their data dir in /proc), by RANK."""
+    marker = f"MINIGPT_DATA_DIR={work / 'data'}".encode()
+    pids = {}
+    for proc in Path("/proc").iterdir():
+        try:
+            env = (proc / "environ").read_bytes().split(b"\0") if proc.name.isdigit() else []
+        except OSError:
+            continue
+        rank = [e for e in env if e.startswith(b"RANK=")]
+        if marker in env and rank and b"TORCHELASTIC_RUN_ID=" in b" ".join(env):
+            pids[int(rank[0].split(b"=")[1])] = int(proc.name)
+    return pids
 
 
 def trial(work: Path, launch: str, extra_env: dict[str, str]) -> tuple[bool, bool]:
     corpus = work / "corpus.txt"
-    corpus.write_text(make_text(), encoding="utf-8")
-    raw = tiny_raw(corpus, Path("run"), grad_accum_steps=2, max_steps=300, save_interval=20,
-                   eval_interval=100, log_interval=10)
+    text = prepare_shakespeare().read_text(encoding="utf-8")
+    corpus.write_text(text[:200_000], encoding="utf-8")
+    raw = tiny_config(corpus)
     (work / "cfg.yaml").write_text(yaml.safe_dump(raw))
-    port = _free_port()
+    port = free_port()
     torchrun = str(Path(sys.executable).parent / "torchrun")
     forms = {
         "standalone": [["--standalone", "--nproc-per-node", "2"]],
@@ -55,14 +83,14 @@ def trial(work: Path, launch: str, extra_env: dict[str, str]) -> tuple[bool, boo
     deadline, killed = time.monotonic() + 180, False
     while any(a.poll() is None for a in agents) and time.monotonic() < deadline:
         steps = [r.get("step", 0) for r in read_metrics(work / "run")]
-        if not killed and steps and max(steps) >= 50 and (pid := _rank_pids(work).get(1)):
+        if not killed and steps and max(steps) >= 50 and (pid := rank_pids(work).get(1)):
             os.kill(pid, signal.SIGKILL)
             killed = True
         time.sleep(0.05)
     for a in agents:  # a hung trial: stop the agents, then the ranks (each in its own session)
         if a.poll() is None:
             os.killpg(a.pid, signal.SIGKILL)
-    for pid in _rank_pids(work).values():
+    for pid in rank_pids(work).values():
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     outputs = [a.communicate()[0] for a in agents]

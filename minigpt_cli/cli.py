@@ -133,7 +133,7 @@ def import_hf(
                                                 "model.safetensors.")],
     out_dir: Annotated[Path, typer.Argument(help="New minigpt run directory.")],
 ) -> None:
-    """Import a Hugging Face GPT-2 checkpoint as a minigpt run (tokenizer: gpt2)."""
+    """Import a Hugging Face GPT-2 or Llama-architecture folder as a minigpt run."""
     from minigpt_cli.convert.hf import import_hf as run_import
 
     path = run_import(hf_dir, out_dir)
@@ -143,9 +143,9 @@ def import_hf(
 @app.command("export-hf")
 def export_hf(
     run_dir: Annotated[Path, typer.Argument(help="minigpt run directory or .safetensors file.")],
-    out_dir: Annotated[Path, typer.Argument(help="Folder for GPT2LMHeadModel.from_pretrained.")],
+    out_dir: Annotated[Path, typer.Argument(help="Folder for transformers' from_pretrained.")],
 ) -> None:
-    """Export a run as a Hugging Face GPT-2 folder (config.json + model.safetensors)."""
+    """Export a run as a Hugging Face folder (GPT-2 or Llama: config.json, weights, tokenizer)."""
     from minigpt_cli.convert.hf import export_hf as run_export
 
     path = run_export(run_dir, out_dir)

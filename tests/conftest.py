@@ -12,6 +12,7 @@ import torch
 import yaml
 
 from minigpt_cli.config import config_from_dict
+from minigpt_cli.inference.sampling import SamplerSettings
 from minigpt_cli.model.gpt import GPT, GPTConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -139,3 +140,37 @@ def enc():
     from minigpt_cli import tokenizer as tok
 
     return tok.byte_encoding()
+
+
+# A tiny trained run and `minigpt eval` on it (the evaluation and int8 tests share them).
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny run whose evaluations cover its whole validation split (8 x 8 windows of 32)."""
+    root = tmp_path_factory.mktemp("eval")
+    (root / "corpus.txt").write_text(make_text())
+    from minigpt_cli.training.loop import train
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MINIGPT_DATA_DIR", str(root / "data"))
+        train(config_from_dict(tiny_raw(root / "corpus.txt", root / "run", max_steps=200,
+                                        eval_interval=200, save_interval=200, eval_steps=8)))
+    return root / "run"
+
+
+def score(run: Path, **kw) -> dict:
+    """`minigpt eval` of `run` on its own validation text, as a dict."""
+    import io
+
+    from rich.console import Console
+
+    from minigpt_cli.evaluation.eval_cli import run_eval
+
+    args = {"checkpoint": str(run), "data": None, "stride": None, "batch_size": 8,
+            "json_path": None, "plot_path": None, "device": "cpu", "dtype": "float32",
+            "console": Console(file=io.StringIO(), width=200)}
+    return run_eval(**{**args, **kw})
+
+
+# Sampler settings the engine's oracle tests run under.
+GREEDY = SamplerSettings(temperature=0.0)
+SAMPLED = SamplerSettings(temperature=1.0, top_p=0.9, top_k=40)

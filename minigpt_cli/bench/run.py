@@ -73,13 +73,11 @@ def build_bench_model(checkpoint: str | None, config: str | None, lengths: list[
             None)
 
 
-def run_bench(*, checkpoint: str | None, config: str | None, lengths: list[int], prompt_len: int,
-              batch_size: int, repeats: int, device: str, dtype: str, json_path: Path | None,
-              plot_path: Path | None, train: bool, console: Console, engine: str = "auto",
-              quantize: str = "none", prompt_lookup: int = 0, draft: str | None = None,
-              draft_k: int = 4) -> int:
-    """Measure, print, write JSON/plot. Returns the exit code: 1 if any greedy output differs
-    (cached from uncached, or speculative from plain)."""
+def _check_options(*, lengths: list[int], prompt_len: int, batch_size: int, repeats: int,
+                   json_path: Path | None, plot_path: Path | None, engine: str, quantize: str,
+                   prompt_lookup: int, draft: str | None, draft_k: int,
+                   checkpoint: str | None) -> None:
+    """Every flag's range, before any model is built."""
     if not lengths or min(lengths) < 1:
         raise UserError("--lengths needs positive integers, e.g. 64,128,256")
     if prompt_len < 1:
@@ -90,15 +88,40 @@ def run_bench(*, checkpoint: str | None, config: str | None, lengths: list[int],
             raise UserError(f"{flag} must be in [1, {most}], got {value}")
     check_output_paths(json=json_path, plot=plot_path)
     native.check_engine_name(engine)
+    from minigpt_cli.inference.engine.lookup import check_options
     from minigpt_cli.model.int8 import check_mode
 
     check_mode(quantize)
-    from minigpt_cli.inference.engine.lookup import check_options
-
     check_options(prompt_lookup, draft_k, draft, both=True)
     if (prompt_lookup or draft) and checkpoint is None:
         raise UserError("--prompt-lookup/--draft time real text generation: pass --checkpoint "
                         "(a run, with its tokenizer)")
+
+
+def _write(report: dict, results: list[LengthResult], json_path: Path | None,
+           plot_path: Path | None, console: Console) -> None:
+    """The JSON report and the plot, where asked for."""
+    if json_path:
+        atomic_write_text(json_path, to_json(report, indent=1))
+        console.print(f"wrote {json_path}")
+    if plot_path:
+        from minigpt_cli.bench.plot import plot
+
+        plot(results, report["header"], plot_path)
+        console.print(f"wrote {plot_path}")
+
+
+def run_bench(*, checkpoint: str | None, config: str | None, lengths: list[int], prompt_len: int,
+              batch_size: int, repeats: int, device: str, dtype: str, json_path: Path | None,
+              plot_path: Path | None, train: bool, console: Console, engine: str = "auto",
+              quantize: str = "none", prompt_lookup: int = 0, draft: str | None = None,
+              draft_k: int = 4) -> int:
+    """Measure, print, write JSON/plot. Returns the exit code: 1 if any greedy output differs
+    (cached from uncached, or speculative from plain)."""
+    _check_options(lengths=lengths, prompt_len=prompt_len, batch_size=batch_size,
+                   repeats=repeats, json_path=json_path, plot_path=plot_path, engine=engine,
+                   quantize=quantize, prompt_lookup=prompt_lookup, draft=draft, draft_k=draft_k,
+                   checkpoint=checkpoint)
     model, dev, dt, source, lengths, enc = build_bench_model(
         checkpoint, config, sorted(lengths), prompt_len, device, dtype, console)
     draft_model = None
@@ -153,14 +176,7 @@ def run_bench(*, checkpoint: str | None, config: str | None, lengths: list[int],
     console.print("peak memory: " + ", ".join(f"{k.removesuffix('_bytes').replace('_', ' ')} "
                                               f"{v / 1e6:,.0f} MB"
                                               for k, v in report["memory"].items()))
-    if json_path:
-        atomic_write_text(json_path, to_json(report, indent=1))
-        console.print(f"wrote {json_path}")
-    if plot_path:
-        from minigpt_cli.bench.plot import plot
-
-        plot(results, header, plot_path)
-        console.print(f"wrote {plot_path}")
+    _write(report, results, json_path, plot_path, console)
     return 0 if all(r.ok for r in results) and speculative_ok else 1
 
 

@@ -53,6 +53,41 @@ def _json_record(c: Completion) -> dict:
 MAX_ROWS = 4096  # beams or samples decoded as one batch: each holds a KV cache of its own
 
 
+def _check_options(*, max_new_tokens: int, num_beams: int, num_samples: int,
+                   stop: list[str] | None, several: bool, prompt_lookup: int, draft_k: int,
+                   draft: str | None) -> None:
+    """Every flag's range and every combination that cannot work, before any loading."""
+    if max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+    if not 1 <= num_beams <= MAX_ROWS:
+        raise UserError(f"--num-beams must be in [1, {MAX_ROWS}], got {num_beams}")
+    lookup.check_options(prompt_lookup, draft_k, draft)
+    if not 1 <= num_samples <= MAX_ROWS:
+        raise UserError(f"--num-samples must be in [1, {MAX_ROWS}], got {num_samples}")
+    if stop and not all(stop):
+        raise UserError("--stop must not be empty: an empty string would stop before the "
+                        "first token")
+    if num_beams > 1 and several:
+        raise UserError("--num-beams takes a single prompt: drop --num-samples/--prompts-file/"
+                        "--trace")
+    if num_beams > 1 and (prompt_lookup or draft):
+        raise UserError("--num-beams does not speculate: drop --prompt-lookup/--draft")
+
+
+def _encode_prompts(texts: list[str], enc: tiktoken.Encoding, block: int, err: Console
+                    ) -> list[list[int]]:
+    """Token ids for each prompt; one longer than the context keeps its last `block` tokens."""
+    prompts = []
+    for text in texts:
+        ids = tok.encode(enc, text) or [enc.eot_token]  # empty prompt: start a new document
+        if len(ids) > block:
+            err.print(f"[yellow]warning:[/] prompt is {len(ids)} tokens, longer than block_size "
+                      f"{block}: keeping the last {block}")
+            ids = ids[-block:]
+        prompts.append(ids)
+    return prompts
+
+
 def run_generate(
     *, prompt: str, checkpoint: str | None, max_new_tokens: int, temperature: float, top_k: int,
     top_p: float, min_p: float, repetition_penalty: float, repeat_last_n: int, seed: int | None,
@@ -65,36 +100,16 @@ def run_generate(
                                repetition_penalty=repetition_penalty,
                                repeat_last_n=repeat_last_n)
     settings.validate()
-    if max_new_tokens < 1:
-        raise UserError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
-    if not 1 <= num_beams <= MAX_ROWS:
-        raise UserError(f"--num-beams must be in [1, {MAX_ROWS}], got {num_beams}")
-    lookup.check_options(prompt_lookup, draft_k, draft)
-    if not 1 <= num_samples <= MAX_ROWS:
-        raise UserError(f"--num-samples must be in [1, {MAX_ROWS}], got {num_samples}")
-    if stop and not all(stop):
-        raise UserError("--stop must not be empty: an empty string would stop before the "
-                        "first token")
-    if num_beams > 1 and (num_samples > 1 or prompts_file or trace):
-        raise UserError("--num-beams takes a single prompt: drop --num-samples/--prompts-file/"
-                        "--trace")
-    if num_beams > 1 and (prompt_lookup or draft):
-        raise UserError("--num-beams does not speculate: drop --prompt-lookup/--draft")
+    _check_options(max_new_tokens=max_new_tokens, num_beams=num_beams, num_samples=num_samples,
+                   stop=stop, several=bool(num_samples > 1 or prompts_file or trace),
+                   prompt_lookup=prompt_lookup, draft_k=draft_k, draft=draft)
     texts = _read_prompts(prompts_file) if prompts_file else [prompt] * num_samples
 
     out = Console(highlight=False, soft_wrap=True)
     err = Console(stderr=True, highlight=False, soft_wrap=True)
     model, enc, _, path = load_for_inference(checkpoint, device, dtype, quantize)
     drafter = load_draft(draft, model, enc, device, dtype, quantize) if draft else None
-    block = model.config.block_size
-    prompts = []
-    for text in texts:
-        ids = tok.encode(enc, text) or [enc.eot_token]  # empty prompt: start a new document
-        if len(ids) > block:
-            err.print(f"[yellow]warning:[/] prompt is {len(ids)} tokens, longer than block_size "
-                      f"{block}: keeping the last {block}")
-            ids = ids[-block:]
-        prompts.append(ids)
+    prompts = _encode_prompts(texts, enc, model.config.block_size, err)
 
     # Check the engine before anything is printed, so a refusal is the only output.
     native.choose_engine(engine, model, cache)

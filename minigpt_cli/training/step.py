@@ -1,7 +1,7 @@
 """The arithmetic of training, apart from the loop's bookkeeping: the learning-rate schedule,
 one optimizer step's gradient (accumulation, clipping), and evaluation.
 
-Kept apart so each can be tested against an independent computation (tests/test_train.py):
+Kept apart so each can be tested against an independent computation (tests/training/test_loop.py):
 accumulation over k micro-batches against one batch k times larger, clipping against the
 global-norm bound, bits per byte against uniform logits.
 """

@@ -6,8 +6,8 @@ product runs on one core. The C step does a whole step in one call, with every p
 over the cores, for up to 64 rows at once (each row one token of one sequence, in its own
 cache slot), which also carries prompts (chunked prefill). It is an inference-only fast path
 for float32 on the CPU. Training, the uncached loop, echo-with-logprobs scoring and every other
-device stay in PyTorch, and the two must agree (tests/test_native.py, tests/test_engine.py,
-and `minigpt bench`'s ✓ column).
+device stay in PyTorch, and the two must agree (tests/inference/test_native.py,
+tests/inference/test_engine.py, and `minigpt bench`'s ✓ column).
 
 The library is compiled on first use with the system C compiler (`$CC`, else `cc`) into the
 user cache directory, keyed by a hash of the source, the flags and the CPU, and written

@@ -20,7 +20,7 @@
  * 0..col of that slot, so sequences of different lengths share a step with no padding.
  *
  * Built on first use by minigpt_cli/native.py with the system C compiler; when there is none,
- * minigpt decodes with PyTorch instead. tests/test_native.py holds it to the PyTorch path.
+ * minigpt decodes with PyTorch instead. tests/inference/test_native.py holds it to the PyTorch path.
  */
 #include <math.h>
 #include <stddef.h>
@@ -423,7 +423,7 @@ static void matvec(int B, int n_in, int n_out, const float *x, const float *P, c
  * eps is the model's own (GPT-2 and most Llamas: 1e-5; some Llamas 1e-6). One machine-code
  * copy for every call site (no inlining, no clone specialised for B = 1): copies may sum in
  * different orders, and a row's norm must round the same wherever a step is split (see
- * minigpt_decode_step; tests/test_native.py checks the bits). */
+ * minigpt_decode_step; tests/inference/test_native.py checks the bits). */
 #if defined(__clang__)
 __attribute__((noinline))
 #else
@@ -669,7 +669,7 @@ int minigpt_decode_step(const int64_t *dims, const float *fp, const float *const
 }
 
 /* y = x @ W + bias for B rows through matvec, float (Q NULL) or int8: the kernels alone, for
- * tests/test_quantize.py to hold against a NumPy product. Returns -1 on bad arguments. */
+ * tests/model/test_int8.py to hold against a NumPy product. Returns -1 on bad arguments. */
 int minigpt_product(int B, int n_in, int n_out, const float *x, const float *P, const int8_t *Q,
                     const float *S, const float *W, const float *bias, float *y, int threads) {
     if (B < 1 || B > MAX_BATCH || n_in < 1 || n_out < 1 || threads < 1) return -1;

@@ -3,9 +3,9 @@
 It reads the published schema (/openapi.json) and sends what the schema allows and what it
 does not, then runs every check it has (`--checks all`): no 5xx, every status and content
 type documented, every response body as the schema says, requests the schema allows accepted
-(but for a prompt over the token limit, schemathesis.toml and tests/fuzz/hooks.py), requests it
-forbids refused. Seeded and bounded, so the run is the same each time and takes ~20 s; the
-server's --max-tokens is small so each request is quick, and the schema says so.
+(but for a prompt over the token limit: schemathesis.toml and tests/inference/fuzz_hooks.py),
+requests it forbids refused. Seeded and bounded, so the run is the same each time and takes
+~20 s; the server's --max-tokens is small so each request is quick, and the schema says so.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.serving import ROOT, serving, train_run
+from tests.inference.serving import ROOT, serving, train_run
 
 EXAMPLES = 150  # per operation
 

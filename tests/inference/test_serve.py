@@ -26,7 +26,7 @@ from minigpt_cli import tokenizer as tok
 from minigpt_cli.inference.generate import generate
 from minigpt_cli.inference.loading import load_for_inference
 from minigpt_cli.inference.sampling import SamplerSettings
-from tests.serving import ROOT, Server, serving, train_run
+from tests.inference.serving import ROOT, Server, serving, train_run
 
 PROMPTS = ["ROMEO:\n", "JULIET:\nGood", "the king", "NURSE:\nMy lord, sweet", "O", "FRIAR:",
            "Come, gentle night", "love"]

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from minigpt_cli.model.int8 import GROUP, dequantize, quantize, quantize_model
-from tests.test_eval import _eval, run  # noqa: F401 (the trained-run fixture)
+from tests.conftest import score
 
 
 def _reference_product(x: np.ndarray, w: np.ndarray, group: int) -> np.ndarray:
@@ -69,10 +69,10 @@ def test_quantize_model_rounds_every_product_and_the_tied_head(tiny_model) -> No
     assert report.int8_bytes < report.float_bytes / 3
 
 
-def test_int8_bits_per_byte_within_one_percent_of_float32(run) -> None:  # noqa: F811
+def test_int8_bits_per_byte_within_one_percent_of_float32(run) -> None:
     """The issue's accuracy bar, on a trained tiny model (the eval command's --quantize)."""
-    full = _eval(run, stride=32)
-    int8 = _eval(run, stride=32, quantize="int8")
+    full = score(run, stride=32)
+    int8 = score(run, stride=32, quantize="int8")
     assert int8["quantize"].startswith("int8 weights") and full["quantize"] == "none"
     assert int8["bits_per_byte"] != full["bits_per_byte"]  # the rounding did happen
     assert abs(int8["bits_per_byte"] / full["bits_per_byte"] - 1) < 0.01
@@ -141,7 +141,7 @@ def test_int8_native_step_equals_torch_on_the_rounded_model() -> None:
     assert torch.equal(alone.decode([3], [tokens[3]])[0], got[3])
 
 
-def test_int8_next_token_agrees_with_float32(run) -> None:  # noqa: F811
+def test_int8_next_token_agrees_with_float32(run) -> None:
     """Issue #13's bar: the int8 model's most likely next token is float32's at >= 98% of the
     positions of the run's validation text."""
     import copy
@@ -162,7 +162,7 @@ def test_int8_next_token_agrees_with_float32(run) -> None:  # noqa: F811
     assert windows.numel() >= 500 and agreement >= 0.98, agreement
 
 
-def test_quantize_command_saves_int8_that_loads_as_the_rounded_model(run, tmp_path) -> None:  # noqa: F811
+def test_quantize_command_saves_int8_that_loads_as_the_rounded_model(run, tmp_path) -> None:
     """`minigpt quantize RUN OUT`: safetensors with int8 matrices and float scales, well under
     half the float32 file (a third for tiny.yaml's run; here the header and the small float
     tensors weigh more), which loads as exactly the model --quantize int8 makes (and

@@ -365,7 +365,7 @@ def test_unwritable_out_dir(tmp_path: Path, corpus_file: Path, data_dir: Path) -
 
 def test_atomic_write_leaves_old_file_on_failure(tmp_path: Path, monkeypatch) -> None:
     """An error with half the new bytes in the temp file (a full disk, say): the old file
-    stays whole and the temp file goes. (A kill at that point: tests/test_crash.py.)"""
+    stays whole and the temp file goes. (A kill at that point: tests/training/test_crash.py.)"""
     target = tmp_path / "x.bin"
     files.atomic_write_bytes(target, b"good")
     seen = []

@@ -19,10 +19,9 @@ from minigpt_cli import tokenizer as tok
 from minigpt_cli.config import config_from_dict
 from minigpt_cli.errors import UserError
 from minigpt_cli.evaluation import exposure as X
-from minigpt_cli.evaluation.eval_cli import run_eval
 from minigpt_cli.evaluation.scoring import score_text, windows
 from minigpt_cli.training.loop import train
-from tests.conftest import tiny_raw
+from tests.conftest import score, tiny_raw
 
 
 @given(n=st.integers(2, 300), window=st.integers(1, 64), stride=st.integers(1, 64))
@@ -57,47 +56,26 @@ def test_sliding_window_score_equals_direct_per_token_computation(tiny_model) ->
     assert got.perplexity == pytest.approx(math.exp(nats / count), rel=1e-5)
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny run whose evaluations cover its whole validation split (8 x 8 windows of 32)."""
-    from tests.conftest import make_text
-
-    root = tmp_path_factory.mktemp("eval")
-    (root / "corpus.txt").write_text(make_text())
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MINIGPT_DATA_DIR", str(root / "data"))
-        train(config_from_dict(tiny_raw(root / "corpus.txt", root / "run", max_steps=200,
-                                        eval_interval=200, save_interval=200, eval_steps=8)))
-    return root / "run"
-
-
-def _eval(run: Path, **kw) -> dict:
-    args = {"checkpoint": str(run), "data": None, "stride": None, "batch_size": 8,
-            "json_path": None, "plot_path": None, "device": "cpu", "dtype": "float32",
-            "console": Console(file=io.StringIO(), width=200)}
-    return run_eval(**{**args, **kw})
-
-
 def test_own_validation_split_agrees_with_the_training_log(run: Path, tmp_path: Path) -> None:
     """Non-overlapping windows score what training's evaluation samples: the same text and
     the same context lengths, all of it rather than 64 windows of it."""
     logged = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     val_bpb = [r["val_bpb"] for r in logged if "val_bpb" in r][-1]
-    flat = _eval(run, stride=32, json_path=tmp_path / "e.json", plot_path=tmp_path / "e.png")
+    flat = score(run, stride=32, json_path=tmp_path / "e.json", plot_path=tmp_path / "e.png")
     assert flat["train_log_val_bpb"] == pytest.approx(val_bpb)
     assert flat["bits_per_byte"] == pytest.approx(val_bpb, rel=0.03)
     strict = json.loads((tmp_path / "e.json").read_text(),
                         parse_constant=lambda c: pytest.fail(f"{c} in the JSON"))
     assert strict["tokens"] == flat["tokens"]
     assert (tmp_path / "e.png").read_bytes()[:4] == b"\x89PNG"
-    overlapping = _eval(run)  # stride 16: past the first window, 16+ tokens of context
+    overlapping = score(run)  # stride 16: past the first window, 16+ tokens of context
     assert overlapping["tokens"] == flat["tokens"] and overlapping["stride"] == 16
     assert overlapping["windows"] == 2 * flat["windows"] - 1
 
 
 def test_exposure_against_itself_is_zero_and_undefined(run: Path, tmp_path: Path) -> None:
     out = io.StringIO()
-    r = _eval(run, exposure=True, oracle=str(run), context=8, length=16, samples=2, windows=6,
+    r = score(run, exposure=True, oracle=str(run), context=8, length=16, samples=2, windows=6,
               console=Console(file=out, width=250), plot_path=tmp_path / "x.png")
     assert max(max(v) for v in r["R"].values()) < 1e-6
     assert all(c["value"] is None for c in r["ex_acc_err_greedy"].values())
@@ -110,7 +88,7 @@ def test_exposure_with_another_oracle_and_without_one(run: Path, tmp_path: Path)
         mp.setenv("MINIGPT_DATA_DIR", str(tmp_path / "data"))
         raw = tiny_raw(run.parent / "corpus.txt", tmp_path / "oracle", max_steps=120)
         train(config_from_dict(raw))
-    r = _eval(run, exposure=True, oracle=str(tmp_path / "oracle"), context=8, length=16,
+    r = score(run, exposure=True, oracle=str(tmp_path / "oracle"), context=8, length=16,
               samples=2, windows=8)
     assert r["levels"] == [8, 16]
     for kind in ("data", "greedy", "sampled"):
@@ -119,7 +97,7 @@ def test_exposure_with_another_oracle_and_without_one(run: Path, tmp_path: Path)
     cell = r["ex_acc_err_greedy"]["16"]
     assert math.isfinite(cell["value"]) and cell["ci95"][0] <= cell["value"] <= cell["ci95"][1]
     out = io.StringIO()
-    alone = _eval(run, exposure=True, context=8, length=16, samples=2, windows=8,
+    alone = score(run, exposure=True, context=8, length=16, samples=2, windows=8,
                   console=Console(file=out, width=250))
     assert "R" not in alone and "cannot be identified" in out.getvalue()
     assert set(alone["entropy_by_position"]) == {"data", "greedy", "sampled"}
@@ -139,4 +117,4 @@ def test_exposure_refuses_an_oracle_with_another_tokenizer(run: Path, tmp_path: 
         raw["tokenizer"] = {"kind": "bpe", "vocab_size": 300}
         train(config_from_dict(raw))
     with pytest.raises(UserError, match="another tokenizer"):
-        _eval(run, exposure=True, oracle=str(tmp_path / "bpe"), context=8, length=16)
+        score(run, exposure=True, oracle=str(tmp_path / "bpe"), context=8, length=16)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.serving import serving, train_run
+from tests.inference.serving import serving, train_run
 
 
 def _chromium() -> str | None:

@@ -23,10 +23,7 @@ from minigpt_cli.inference.engine import (
 from minigpt_cli.inference.sampling import SamplerSettings
 from minigpt_cli.inference.serve.metrics import Metrics
 from minigpt_cli.model.gpt import GPT, GPTConfig
-
-GREEDY = SamplerSettings(temperature=0.0)
-SAMPLED = SamplerSettings(temperature=1.0, top_p=0.9, top_k=40)
-
+from tests.conftest import GREEDY, SAMPLED
 
 PROMPTS = ["A", "The quick brown fox", "to be or not", "xyz", "Once upon a time there", "q"]
 

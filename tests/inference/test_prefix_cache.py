@@ -15,7 +15,7 @@ from minigpt_cli import tokenizer as tok
 from minigpt_cli.inference.engine import Engine, ModelRunner, Scheduler, Sequence, TokenEvent
 from minigpt_cli.inference.sampling import SamplerSettings
 from minigpt_cli.model.gpt import GPT
-from tests.test_engine import GREEDY, SAMPLED
+from tests.conftest import GREEDY, SAMPLED
 
 
 def _watch(seq: Sequence, firsts: dict[int, int]) -> Sequence:

@@ -18,7 +18,7 @@ import yaml
 
 from tests.conftest import make_text, tiny_raw
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def train_run(root: Path, block_size: int = 64) -> Path:
