@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import tiktoken
 import torch
 import yaml
 from rich.console import Console
@@ -195,244 +196,322 @@ def train(cfg: Config, resume: bool = False, console: Console | None = None) -> 
         distributed.shutdown(ranks)
 
 
-def _train(cfg: Config, resume: bool, console: Console, ranks: distributed.Ranks
-           ) -> TrainSummary:
-    if not ranks.main:  # rank 0 speaks for the job
-        console = Console(file=io.StringIO())
-    t0 = time.perf_counter()
-    run_dir = Path(cfg.out_dir)
-    mine = ranks.micro_batches(cfg.train.grad_accum_steps)
-    _check_out_dir(run_dir, resume)
-    state: dict[str, Any] | None = None
-    if resume:
-        _check_same_run(run_dir, cfg)
-        state, state_tensors = run_state.load_train_state(run_dir)
-    device = resolve_device(cfg.device)
-    if device.type == "cuda" and ranks.enabled:
-        device = torch.device("cuda", ranks.local_rank)
-    dtype, dtype_why = _run_dtype(cfg, device, state, console)
-    memory = keep_freed_memory() if device.type == "cpu" else ""
-    torch.manual_seed(cfg.seed)
+def _encoding(cfg: Config, resume: bool, run_dir: Path, corpus: D.Corpus) -> tiktoken.Encoding:
+    """The run's tokenizer: a resumed run reuses its own saved one (described in the weights'
+    header, imports' too); a new run builds it from the corpus."""
+    if resume and cfg.tokenizer.kind in ("bpe", "hf"):
+        desc = store.read_meta(run_dir / store.MODEL_FILE).get("tokenizer")
+        if isinstance(desc, dict) and desc.get("kind") == cfg.tokenizer.kind:
+            return tok.load(desc, run_dir)
+        return tok.load_bpe_file(run_dir / tok.TOKENIZER_FILE)
+    return D.tokenizer_for(corpus, cfg.tokenizer.kind, cfg.tokenizer.vocab_size)
 
-    # Data and tokenizer: a resumed run reuses its own saved tokenizer.
-    corpus = D.load_corpus(cfg.data.source, cfg.data.val_fraction)
-    if resume and cfg.tokenizer.kind in ("bpe", "hf"):  # described in the weights' header
-        desc = store.read_meta(run_dir / store.MODEL_FILE).get("tokenizer")  # (imports' too)
-        enc = (tok.load(desc, run_dir) if isinstance(desc, dict)
-               and desc.get("kind") == cfg.tokenizer.kind
-               else tok.load_bpe_file(run_dir / tok.TOKENIZER_FILE))
-    else:
-        enc = D.tokenizer_for(corpus, cfg.tokenizer.kind, cfg.tokenizer.vocab_size)
-    tokens = D.tokenize_corpus(corpus, enc, cfg.tokenizer.kind)
-    T = cfg.model.block_size
-    if len(tokens.val) <= T + 1 or len(tokens.train) <= T + 1:
-        raise UserError(f"model.block_size ({T}) is larger than the data (train {len(tokens.train)}"
-                        f", val {len(tokens.val)} tokens): lower block_size or add text")
-    token_bytes = torch.tensor(tok.token_byte_lengths(enc), dtype=torch.float32, device=device)
 
-    mcfg = GPTConfig(vocab_size=enc.n_vocab, **asdict(cfg.model))
-    model = GPT(mcfg)
-    if state is not None and state_tensors:
-        model_sd = {k.removeprefix("model."): v for k, v in state_tensors.items()
-                    if k.startswith("model.")}
-        model = store.build_model(model_sd, asdict(mcfg), run_dir / state["weights_file"])
-    model.to(device)
-    t = cfg.train
-    # DDP wraps the model; FSDP2 shards it in place, before the optimizer sees its parameters.
-    fwd = distributed.wrap(model, ranks, t.parallel, dtype)
-    sharded = sharding.is_sharded(model)
-    opt = optim.build(model, t, device)
-    start_step = 0
-    best_val = math.inf
-    last = {"train_loss": math.nan, "val_loss": math.nan, "val_bpb": math.nan, "loss": math.nan}
-    if state is not None:
-        if state_tensors:  # one safetensors file (one process or DDP wrote it)
-            sharding.load_optimizer(opt, state_tensors, state["param_groups"])
+class _Run:
+    """One training run: what the loop needs at every step, built once (`_train` calls
+    `start`, then `loop`, then `summary`). Each method is one part of a step or a save."""
+
+    def __init__(self, cfg: Config, resume: bool, console: Console,
+                 ranks: distributed.Ranks) -> None:
+        self.cfg, self.t, self.ranks, self.console = cfg, cfg.train, ranks, console
+        self.t0 = time.perf_counter()
+        self.run_dir = Path(cfg.out_dir)
+        self.mine = ranks.micro_batches(cfg.train.grad_accum_steps)
+        _check_out_dir(self.run_dir, resume)
+        self.state: dict[str, Any] | None = None
+        self.state_tensors: dict[str, Tensor] = {}
+        if resume:
+            _check_same_run(self.run_dir, cfg)
+            self.state, self.state_tensors = run_state.load_train_state(self.run_dir)
+        self.device = resolve_device(cfg.device)
+        if self.device.type == "cuda" and ranks.enabled:
+            self.device = torch.device("cuda", ranks.local_rank)
+        self.dtype, self.dtype_why = _run_dtype(cfg, self.device, self.state, console)
+        self.memory = keep_freed_memory() if self.device.type == "cpu" else ""
+        torch.manual_seed(cfg.seed)
+        self._data(resume)
+        self._model()
+        self.start_step, self.best_val = 0, math.inf
+        self.last = {"train_loss": math.nan, "val_loss": math.nan, "val_bpb": math.nan,
+                     "loss": math.nan}
+
+    def _data(self, resume: bool) -> None:
+        cfg, T = self.cfg, self.cfg.model.block_size
+        corpus = D.load_corpus(cfg.data.source, cfg.data.val_fraction)
+        self.enc = _encoding(cfg, resume, self.run_dir, corpus)
+        self.tokens = D.tokenize_corpus(corpus, self.enc, cfg.tokenizer.kind)
+        if len(self.tokens.val) <= T + 1 or len(self.tokens.train) <= T + 1:
+            raise UserError(f"model.block_size ({T}) is larger than the data (train "
+                            f"{len(self.tokens.train)}, val {len(self.tokens.val)} tokens): "
+                            "lower block_size or add text")
+        self.token_bytes = torch.tensor(tok.token_byte_lengths(self.enc), dtype=torch.float32,
+                                        device=self.device)
+        self.val_batches = D.eval_batches(self.tokens.val, self.t.batch_size, T,
+                                          self.t.eval_steps)
+        self.train_eval_batches = D.eval_batches(self.tokens.train, self.t.batch_size, T,
+                                                 self.t.eval_steps)
+
+    def _model(self) -> None:
+        self.mcfg = GPTConfig(vocab_size=self.enc.n_vocab, **asdict(self.cfg.model))
+        model = GPT(self.mcfg)
+        if self.state is not None and self.state_tensors:
+            model_sd = {k.removeprefix("model."): v for k, v in self.state_tensors.items()
+                        if k.startswith("model.")}
+            model = store.build_model(model_sd, asdict(self.mcfg),
+                                      self.run_dir / self.state["weights_file"])
+        self.model = model.to(self.device)
+        # DDP wraps the model; FSDP2 shards it in place, before the optimizer sees it.
+        self.fwd = distributed.wrap(self.model, self.ranks, self.t.parallel, self.dtype)
+        self.sharded = sharding.is_sharded(self.model)
+        self.opt = optim.build(self.model, self.t, self.device)
+
+    def start(self) -> None:
+        """Pick up the resume state, or set the run directory up; then the last pieces."""
+        if self.state is not None:
+            self._restore(self.state)
+        elif self.ranks.main:
+            self._prepare_dir()
+        distributed.barrier(self.ranks)  # rank 0 has set the directory up before anyone goes on
+        self.fwd = torch.compile(self.fwd) if self.cfg.compile else self.fwd
+        self.scaler = torch.amp.GradScaler(self.device.type,
+                                           enabled=self.dtype == torch.float16)
+        self.tok_desc = tok.describe(self.enc, self.cfg.tokenizer.kind)
+        # Unbuffered: a line the disk refuses is not held back to fail again at close.
+        self.metrics: Any = ((self.run_dir / run_state.METRICS_FILE).open("ab", buffering=0)
+                             if self.ranks.main else io.BytesIO())
+        state = self.state
+        if state is not None and (run_state.saved_step(self.run_dir / store.MODEL_FILE)
+                                  != self.start_step):
+            # The run died between committing its resume state and writing model.safetensors.
+            full = self.weights()
+            if self.ranks.main:
+                store.save_model(self.run_dir / store.MODEL_FILE, full, self.model_meta(
+                    self.start_step, state.get("val_loss", self.last["val_loss"])))
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        run_dir, ranks = self.run_dir, self.ranks
+        if self.state_tensors:  # one safetensors file (one process or DDP wrote it)
+            sharding.load_optimizer(self.opt, self.state_tensors, state["param_groups"])
         else:  # a DCP directory (FSDP2 wrote it), at whatever world size
-            sharding.load(run_dir / state["weights_file"], model, opt, state["param_groups"])
+            sharding.load(run_dir / state["weights_file"], self.model, self.opt,
+                          state["param_groups"])
         run_state.set_rng_state(state["rng"])
-        start_step = state["step"]
-        best_val = _number(state.get("best_val_loss"), math.inf)  # null: no evaluation yet
-        history = _metrics_after_resume(run_dir, start_step) if ranks.main else []
+        self.start_step = state["step"]
+        self.best_val = _number(state.get("best_val_loss"), math.inf)  # null: none yet
+        history = _metrics_after_resume(run_dir, self.start_step) if ranks.main else []
         if ranks.main:
             run_state.clean_stale_state_files(run_dir)
         evals = [r for r in history if "val_loss" in r]
         if evals:
-            last.update({k: _number(evals[-1].get(k), math.nan)
-                         for k in ("train_loss", "val_loss", "val_bpb")})
-        if start_step >= cfg.train.max_steps:
-            console.print(f"{escape(str(run_dir))} is already complete at step {start_step} "
-                          f"(train.max_steps={cfg.train.max_steps}); raise it with --set "
-                          "train.max_steps=N to train further")
+            self.last.update({k: _number(evals[-1].get(k), math.nan)
+                              for k in ("train_loss", "val_loss", "val_bpb")})
+        if self.start_step >= self.t.max_steps:
+            self.console.print(f"{escape(str(run_dir))} is already complete at step "
+                               f"{self.start_step} (train.max_steps={self.t.max_steps}); raise "
+                               "it with --set train.max_steps=N to train further")
         else:
-            console.print(f"[bold]resuming[/] {escape(str(run_dir))} at step {start_step}")
-    elif ranks.main:
+            self.console.print(f"[bold]resuming[/] {escape(str(run_dir))} at step "
+                               f"{self.start_step}")
+
+    def _prepare_dir(self) -> None:
+        run_dir = self.run_dir
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise UserError(f"out_dir {run_dir} cannot be created ({e.strerror}); choose "
                             "another with --set out_dir=PATH") from None
         _start_fresh(run_dir)
-        files.atomic_write_text(run_dir / store.CONFIG_FILE, yaml.safe_dump(cfg.to_dict(),
-                                                                            sort_keys=False))
-        if cfg.tokenizer.kind == "bpe":
-            tok.save_ranks(enc, run_dir / tok.TOKENIZER_FILE)
-    distributed.barrier(ranks)  # rank 0 has set the directory up before anyone goes on
-    fwd = torch.compile(fwd) if cfg.compile else fwd
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+        files.atomic_write_text(run_dir / store.CONFIG_FILE,
+                                yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
+        if self.cfg.tokenizer.kind == "bpe":
+            tok.save_ranks(self.enc, run_dir / tok.TOKENIZER_FILE)
 
-    tok_desc = tok.describe(enc, cfg.tokenizer.kind)
-    val_batches = D.eval_batches(tokens.val, t.batch_size, T, t.eval_steps)
-    train_eval_batches = D.eval_batches(tokens.train, t.batch_size, T, t.eval_steps)
-    tokens_per_step = t.batch_size * T * t.grad_accum_steps
-    # Unbuffered: a line the disk refuses is not held back to fail again when the file closes.
-    metrics: Any = ((run_dir / run_state.METRICS_FILE).open("ab", buffering=0) if ranks.main
-                    else io.BytesIO())
-
-    def log(record: dict[str, Any]) -> None:
+    def log(self, record: dict[str, Any]) -> None:
         try:
             crash_point(f"{run_state.METRICS_FILE}:append")
-            metrics.write((files.to_json(record) + "\n").encode())
+            self.metrics.write((files.to_json(record) + "\n").encode())
         except OSError as e:
-            raise SaveError(f"could not write {run_dir / run_state.METRICS_FILE}: {e.strerror}"
-                            ) from None
+            raise SaveError(f"could not write {self.run_dir / run_state.METRICS_FILE}: "
+                            f"{e.strerror}") from None
 
-    def model_meta(step: int, val_loss: float | None) -> dict[str, Any]:
+    def model_meta(self, step: int, val_loss: float | None) -> dict[str, Any]:
         """What makes a weights file self-describing: shape, tokenizer, provenance."""
-        return {"model_config": asdict(mcfg), "tokenizer": tok_desc, "step": step,
-                "val_loss": val_loss, "config": cfg.to_dict()}
+        return {"model_config": asdict(self.mcfg), "tokenizer": self.tok_desc, "step": step,
+                "val_loss": val_loss, "config": self.cfg.to_dict()}
 
-    def weights() -> dict[str, Tensor]:
+    def weights(self) -> dict[str, Tensor]:
         """The whole model for rank 0 to write (sharded, every rank takes part in gathering)."""
-        return sharding.full_tensors(model) if sharded or ranks.main else {}
+        return sharding.full_tensors(self.model) if self.sharded or self.ranks.main else {}
 
-    def save(step: int, val_loss: float | None) -> None:
-        full = weights()
-        info = {"step": step, "best_val_loss": best_val, "seed": cfg.seed, "val_loss": val_loss,
-                "dtype": str(dtype).removeprefix("torch."),
-                # Batches are a pure function of (seed, step): the next step is the data position.
+    def save(self, step: int, val_loss: float | None) -> None:
+        full, run_dir, ranks = self.weights(), self.run_dir, self.ranks
+        info = {"step": step, "best_val_loss": self.best_val, "seed": self.cfg.seed,
+                "val_loss": val_loss, "dtype": str(self.dtype).removeprefix("torch."),
+                # Batches are a pure function of (seed, step): the next step is the position.
                 "data": {"sampler": "random-windows", "next_step": step}}
         # The resume state is the commit point, so it goes first: a crash before it leaves the
         # previous state (or, on a first save, a directory a fresh start may reuse); a crash
         # after it leaves model.safetensors one save behind, which a resume rewrites.
-        if sharded:  # each rank writes its shards; rank 0 commits
-            name = sharding.save(run_dir, step, model, opt, ranks.main)
+        if self.sharded:  # each rank writes its shards; rank 0 commits
+            name = sharding.save(run_dir, step, self.model, self.opt, ranks.main)
             if ranks.main:
-                run_state.commit_train_state(run_dir, name, opt.state_dict()["param_groups"], info)
+                run_state.commit_train_state(run_dir, name,
+                                             self.opt.state_dict()["param_groups"], info)
         elif ranks.main:
-            run_state.save_train_state(run_dir, full, opt, info)
+            run_state.save_train_state(run_dir, full, self.opt, info)
         if ranks.main:
-            store.save_model(run_dir / store.MODEL_FILE, full, model_meta(step, val_loss))
+            store.save_model(run_dir / store.MODEL_FILE, full, self.model_meta(step, val_loss))
         distributed.barrier(ranks)  # saved before any rank goes on (or stops)
 
-    if state is not None and run_state.saved_step(run_dir / store.MODEL_FILE) != start_step:
-        # The run died between committing its resume state and writing model.safetensors.
-        full = weights()
-        if ranks.main:
-            store.save_model(run_dir / store.MODEL_FILE, full,
-                            model_meta(start_step, state.get("val_loss", last["val_loss"])))
-
-    def micro_batches(step: int, ss_prob: float) -> Iterator[tuple[Tensor, Tensor]]:
+    def micro_batches(self, step: int, ss_prob: float) -> Iterator[tuple[Tensor, Tensor]]:
         """This rank's micro-batches, each a function of (seed, step, global index) alone:
         its windows, its dropout masks, and (scheduled sampling) its own-prediction inputs."""
-        for m in mine:
-            x, y = D.train_batch(tokens.train, t.batch_size, T, cfg.seed, step, m)
+        cfg, T = self.cfg, self.cfg.model.block_size
+        for m in self.mine:
+            x, y = D.train_batch(self.tokens.train, self.t.batch_size, T, cfg.seed, step, m)
             torch.manual_seed(D.micro_seed(cfg.seed, step, m) ^ 0xD209)
             if ss_prob > 0:  # scheduled sampling: a no-grad pass first, then mixed inputs
-                x = scheduled.own_predictions_as_inputs(fwd, x, ss_prob, cfg.seed, step, m,
-                                                        device, dtype)
+                x = scheduled.own_predictions_as_inputs(self.fwd, x, ss_prob, cfg.seed, step,
+                                                        m, self.device, self.dtype)
             yield x, y
 
-    console.print(f"[bold]training[/] {model.num_params() / 1e6:.2f}M params on {device} "
-                  f"({str(dtype).removeprefix('torch.')}: {dtype_why}), vocab {enc.n_vocab}, "
-                  f"{len(tokens.train):,} train / {len(tokens.val):,} val tokens"
-                  + (f"; {memory}" if memory else ""))
-    console.print(f"global batch {t.batch_size} x {T} tokens x {t.grad_accum_steps} "
-                  f"micro-batches = {tokens_per_step:,} tokens per step"
-                  + (f", over {ranks.world} ranks ({len(mine)} micro-batches each, "
-                     f"{'FSDP2' if sharded else 'DDP'})" if ranks.enabled else ""))
-    progress = Progress(
-        TextColumn("[bold]step {task.completed}/{task.total}"), BarColumn(),
-        TextColumn("loss {task.fields[loss]:.4f}  {task.fields[val]}  "
-                   "lr {task.fields[lr]:.2e}  {task.fields[tps]:,.0f} tok/s"),
-        TimeRemainingColumn(), console=console, transient=False,
-    )
-    model.train()
-    step = start_step
-    window_t, window_steps, tps = time.perf_counter(), 0, 0.0
-    with _StopFlag() as stop, progress, metrics:
-        task = progress.add_task("train", total=t.max_steps, completed=step, loss=math.nan,
-                                 val=_val_field(last["val_loss"]), lr=0.0, tps=0.0)
-        while step < t.max_steps:
-            lr = lr_at(step, t)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            ss_prob = scheduled.probability(step, t.scheduled_sampling)
-            mean_loss = accumulate_gradients(fwd, micro_batches(step, ss_prob), len(mine),
-                                             scaler, device, dtype)
-            grad_norm = clip_gradients(model, opt, scaler, t.grad_clip)
-            scaler.step(opt)
-            scaler.update()
-            opt.zero_grad(set_to_none=True)
-            step += 1
-            window_steps += 1
-            # Read the Ctrl-C flag once: a signal landing later in this block is handled at the
-            # next boundary, so "stop" always means "saved first".
-            stopping = distributed.any_rank(stop.requested, ranks)
-            is_eval = step % t.eval_interval == 0 or step == t.max_steps
-            is_save = step % t.save_interval == 0 or step == t.max_steps or stopping
-            if step % t.log_interval == 0 or is_eval or is_save:
-                train_loss = distributed.all_sum([mean_loss.item()], ranks)[0] / ranks.world
-                if not math.isfinite(train_loss):
-                    raise UserError(f"loss became {train_loss} at step {step}; the last good "
-                                    f"checkpoint in {run_dir} is kept: lower train.lr or use "
-                                    "dtype float32")
-                synchronize(device)
-                now = time.perf_counter()
-                tps = window_steps * tokens_per_step / (now - window_t)
-                window_t, window_steps = now, 0
-                last["loss"] = train_loss
-                norm = None if grad_norm is None else grad_norm.item()
-                log({"step": step, "loss": train_loss, "lr": lr, "grad_norm": norm,
-                     "tokens_per_s": tps, "elapsed_s": now - t0,
-                     **({"scheduled_sampling_prob": ss_prob} if ss_prob > 0 else {})})
-            val_loss = None
-            if is_eval:
-                judge = model if ranks.enabled else fwd  # each rank scores a share
-                tr = evaluate(judge, train_eval_batches, token_bytes, device, dtype, ranks)
-                va = evaluate(judge, val_batches, token_bytes, device, dtype, ranks)
-                val_loss = va.loss
-                last.update(train_loss=tr.loss, val_loss=va.loss, val_bpb=va.bpb)
-                log({"step": step, "train_loss": tr.loss, "val_loss": va.loss, "val_bpb": va.bpb})
-                if va.loss < best_val:
-                    best_val = va.loss
-                    full = weights()
-                    if ranks.main:
-                        store.save_model(run_dir / store.BEST_FILE, full, model_meta(step, va.loss))
-                if not console.is_terminal:
-                    console.print(f"step {step}: train {tr.loss:.4f}  val {va.loss:.4f}  "
-                                  f"val bpb {va.bpb:.4f}  {tps:,.0f} tok/s")
-                window_t = time.perf_counter()  # evaluation time is not training throughput
-            if is_save:
-                save(step, val_loss if val_loss is not None else last["val_loss"])
-            progress.update(task, completed=step, loss=last["loss"],
-                            val=_val_field(last["val_loss"]), lr=lr, tps=tps)
-            if stopping and step < t.max_steps:
-                raise Interrupted(f"interrupted at step {step}; checkpoint saved in {run_dir}: "
-                                  f"continue with --resume")
+    def optimizer_step(self, step: int) -> tuple[float, Tensor, Tensor | None, float]:
+        """One step's teacher-forced passes, clipping and update: (lr, mean loss, grad norm,
+        scheduled-sampling probability)."""
+        lr = lr_at(step, self.t)
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        ss_prob = scheduled.probability(step, self.t.scheduled_sampling)
+        mean_loss = accumulate_gradients(self.fwd, self.micro_batches(step, ss_prob),
+                                         len(self.mine), self.scaler, self.device, self.dtype)
+        grad_norm = clip_gradients(self.model, self.opt, self.scaler, self.t.grad_clip)
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        self.opt.zero_grad(set_to_none=True)
+        return lr, mean_loss, grad_norm, ss_prob
 
-    summary = TrainSummary(run_dir=str(run_dir), step=step, train_loss=last["train_loss"],
-                           val_loss=last["val_loss"], val_bpb=last["val_bpb"],
-                           best_val_loss=best_val, tokens_per_s=tps,
-                           seconds=time.perf_counter() - t0)
-    table = Table(title=f"run {escape(str(run_dir))}", show_header=False)
-    for name, value in (("steps", f"{step}"), ("train loss", f"{summary.train_loss:.4f}"),
-                        ("val loss", f"{summary.val_loss:.4f}"),
-                        ("val bits/byte", f"{summary.val_bpb:.4f}"),
-                        ("best val loss", f"{best_val:.4f}"),
-                        ("throughput", f"{tps:,.0f} tok/s"),
-                        ("wall time", f"{summary.seconds:.1f} s"),
-                        ("weights", str(run_dir / store.MODEL_FILE))):
-        table.add_row(name, escape(value))
-    console.print(table)
-    return summary
+    def evaluate(self, step: int, tps: float) -> float:
+        """Train and val loss (each rank scores a share), logged; the best weights kept."""
+        judge = self.model if self.ranks.enabled else self.fwd
+        args = (self.token_bytes, self.device, self.dtype, self.ranks)
+        tr = evaluate(judge, self.train_eval_batches, *args)
+        va = evaluate(judge, self.val_batches, *args)
+        self.last.update(train_loss=tr.loss, val_loss=va.loss, val_bpb=va.bpb)
+        self.log({"step": step, "train_loss": tr.loss, "val_loss": va.loss, "val_bpb": va.bpb})
+        if va.loss < self.best_val:
+            self.best_val = va.loss
+            full = self.weights()
+            if self.ranks.main:
+                store.save_model(self.run_dir / store.BEST_FILE, full,
+                                 self.model_meta(step, va.loss))
+        if not self.console.is_terminal:
+            self.console.print(f"step {step}: train {tr.loss:.4f}  val {va.loss:.4f}  "
+                               f"val bpb {va.bpb:.4f}  {tps:,.0f} tok/s")
+        return va.loss
+
+    def header(self) -> None:
+        t, T, ranks = self.t, self.cfg.model.block_size, self.ranks
+        self.console.print(
+            f"[bold]training[/] {self.model.num_params() / 1e6:.2f}M params on {self.device} "
+            f"({str(self.dtype).removeprefix('torch.')}: {self.dtype_why}), vocab "
+            f"{self.enc.n_vocab}, {len(self.tokens.train):,} train / {len(self.tokens.val):,} "
+            "val tokens" + (f"; {self.memory}" if self.memory else ""))
+        self.console.print(
+            f"global batch {t.batch_size} x {T} tokens x {t.grad_accum_steps} "
+            f"micro-batches = {self.tokens_per_step:,} tokens per step"
+            + (f", over {ranks.world} ranks ({len(self.mine)} micro-batches each, "
+               f"{'FSDP2' if self.sharded else 'DDP'})" if ranks.enabled else ""))
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.t.batch_size * self.cfg.model.block_size * self.t.grad_accum_steps
+
+    def loop(self) -> tuple[int, float]:
+        """Steps until max_steps (or a Ctrl-C, saved first); returns (last step, tokens/s)."""
+        t = self.t
+        progress = Progress(
+            TextColumn("[bold]step {task.completed}/{task.total}"), BarColumn(),
+            TextColumn("loss {task.fields[loss]:.4f}  {task.fields[val]}  "
+                       "lr {task.fields[lr]:.2e}  {task.fields[tps]:,.0f} tok/s"),
+            TimeRemainingColumn(), console=self.console, transient=False)
+        self.model.train()
+        step, self.tps = self.start_step, 0.0
+        self.window = [time.perf_counter(), 0]  # when the throughput window began, its steps
+        with _StopFlag() as stop, progress, self.metrics:
+            task = progress.add_task("train", total=t.max_steps, completed=step, loss=math.nan,
+                                     val=_val_field(self.last["val_loss"]), lr=0.0, tps=0.0)
+            while step < t.max_steps:
+                lr, mean_loss, grad_norm, ss_prob = self.optimizer_step(step)
+                step += 1
+                # Read the Ctrl-C flag once: a signal landing later is handled at the next
+                # boundary, so "stop" always means "saved first".
+                stopping = distributed.any_rank(stop.requested, self.ranks)
+                self.after_step(step, stopping, lr, mean_loss, grad_norm, ss_prob)
+                progress.update(task, completed=step, loss=self.last["loss"],
+                                val=_val_field(self.last["val_loss"]), lr=lr, tps=self.tps)
+                if stopping and step < t.max_steps:
+                    raise Interrupted(f"interrupted at step {step}; checkpoint saved in "
+                                      f"{self.run_dir}: continue with --resume")
+        return step, self.tps
+
+    def after_step(self, step: int, stopping: bool, lr: float, mean_loss: Tensor,
+                   grad_norm: Tensor | None, ss_prob: float) -> None:
+        """What a step boundary owes: the log line, an evaluation, a save, when they are due."""
+        t = self.t
+        self.window[1] += 1
+        is_eval = step % t.eval_interval == 0 or step == t.max_steps
+        is_save = step % t.save_interval == 0 or step == t.max_steps or stopping
+        if step % t.log_interval == 0 or is_eval or is_save:
+            self.log_step(step, lr, mean_loss, grad_norm, ss_prob)
+        val_loss = None
+        if is_eval:
+            val_loss = self.evaluate(step, self.tps)
+            self.window[0] = time.perf_counter()  # evaluation time is not training throughput
+        if is_save:
+            self.save(step, val_loss if val_loss is not None else self.last["val_loss"])
+
+    def log_step(self, step: int, lr: float, mean_loss: Tensor, grad_norm: Tensor | None,
+                 ss_prob: float) -> None:
+        train_loss = distributed.all_sum([mean_loss.item()], self.ranks)[0] / self.ranks.world
+        if not math.isfinite(train_loss):
+            raise UserError(f"loss became {train_loss} at step {step}; the last good "
+                            f"checkpoint in {self.run_dir} is kept: lower train.lr or use "
+                            "dtype float32")
+        synchronize(self.device)
+        now = time.perf_counter()
+        self.tps = self.window[1] * self.tokens_per_step / (now - self.window[0])
+        self.window = [now, 0]
+        self.last["loss"] = train_loss
+        norm = None if grad_norm is None else grad_norm.item()
+        self.log({"step": step, "loss": train_loss, "lr": lr, "grad_norm": norm,
+                  "tokens_per_s": self.tps, "elapsed_s": now - self.t0,
+                  **({"scheduled_sampling_prob": ss_prob} if ss_prob > 0 else {})})
+
+    def summary(self, step: int, tps: float) -> TrainSummary:
+        last, run_dir = self.last, self.run_dir
+        summary = TrainSummary(run_dir=str(run_dir), step=step, train_loss=last["train_loss"],
+                               val_loss=last["val_loss"], val_bpb=last["val_bpb"],
+                               best_val_loss=self.best_val, tokens_per_s=tps,
+                               seconds=time.perf_counter() - self.t0)
+        table = Table(title=f"run {escape(str(run_dir))}", show_header=False)
+        for name, value in (("steps", f"{step}"), ("train loss", f"{summary.train_loss:.4f}"),
+                            ("val loss", f"{summary.val_loss:.4f}"),
+                            ("val bits/byte", f"{summary.val_bpb:.4f}"),
+                            ("best val loss", f"{self.best_val:.4f}"),
+                            ("throughput", f"{tps:,.0f} tok/s"),
+                            ("wall time", f"{summary.seconds:.1f} s"),
+                            ("weights", str(run_dir / store.MODEL_FILE))):
+            table.add_row(name, escape(value))
+        self.console.print(table)
+        return summary
+
+
+def _train(cfg: Config, resume: bool, console: Console, ranks: distributed.Ranks
+           ) -> TrainSummary:
+    if not ranks.main:  # rank 0 speaks for the job
+        console = Console(file=io.StringIO())
+    run = _Run(cfg, resume, console, ranks)
+    run.start()
+    run.header()
+    step, tps = run.loop()
+    return run.summary(step, tps)
