@@ -86,6 +86,16 @@ def to_json(obj: Any, **kw: Any) -> str:
     return json.dumps(_finite(obj), allow_nan=False, **kw)
 
 
+def check_new_folder(path: Path) -> None:
+    """The one rule for a command's output folder (import-hf, export-hf, quantize): new, or
+    empty. Nothing in a folder that already holds something is ever overwritten."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{path} is a file, not a folder: name a new or empty folder")
+    if path.is_dir() and any(path.iterdir()):
+        raise UserError(f"{path} is not empty: name a new or empty folder")
+
+
 def check_output_paths(**flags: Path | None) -> None:
     """Refuse `--json F` / `--plot F` into a missing folder before any work, not after it."""
     for flag, path in flags.items():

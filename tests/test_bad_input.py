@@ -98,10 +98,11 @@ CASES = [
     c("import-hf", "empty", "out", says="no config.json"),
     c("import-hf", "nowhere", "out", says="nowhere is not a directory"),
     c("import-hf", "hf", "out", says="has no valid vocab_size, n_positions, n_embd"),
-    c("import-hf", "hf", "runs/tiny", says="already holds a run"),
-    c("import-hf", "hf", "cfg.yaml", says="cfg.yaml is a file"),
+    c("import-hf", "hf", "runs/tiny", says="runs/tiny is not empty: name a new or empty folder"),
+    c("import-hf", "hf", "cfg.yaml", says="cfg.yaml is a file, not a folder"),
     c("export-hf", "nowhere", "out", says="checkpoint not found"),
-    c("export-hf", "runs/tiny", "cfg.yaml", says="cfg.yaml is a file"),
+    c("export-hf", "runs/tiny", "cfg.yaml", says="cfg.yaml is a file, not a folder"),
+    c("export-hf", "runs/tiny", "runs", says="runs is not empty"),
     # serve
     c("serve", "--checkpoint", "nowhere", says="checkpoint not found"),
     c("serve", "--host", "", says="--host"),
@@ -126,7 +127,7 @@ CASES = [
     c("serve", "--dtype", "float8", says="unknown dtype"),
     # bench
     c("quantize", "nowhere", "out", says="checkpoint not found"),
-    c("quantize", "runs/tiny", "cfg.yaml", says="exists and is not an empty folder"),
+    c("quantize", "runs/tiny", "cfg.yaml", says="cfg.yaml is a file, not a folder"),
     c("bench", "--quantize", "int4", says="--quantize must be one of none, int8"),
     c("bench", "--checkpoint", "nowhere", says="checkpoint not found"),
     c("bench", "--config", "missing.yaml", says="config file not found"),

@@ -35,11 +35,6 @@ from minigpt_cli.training import run_state
 TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh")
 
 
-def _check_out_dir(out_dir: Path) -> None:
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UserError(f"{out_dir} is a file, not a directory: name a new or empty folder")
-
-
 def _read_hf_json(hf_dir: Path) -> dict[str, Any]:
     path = hf_dir / "config.json"
     if not hf_dir.is_dir():
@@ -135,9 +130,7 @@ def _hf_tokenizer(hf: dict[str, Any], hf_dir: Path) -> tuple[str, tiktoken.Encod
 def import_hf(hf_dir: Path, out_dir: Path) -> Path:
     """Write a minigpt run directory from a Hugging Face GPT-2 folder (tokenizer: gpt2)."""
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
-    _check_out_dir(out_dir)
-    if (out_dir / store.MODEL_FILE).exists() or (out_dir / run_state.STATE_JSON).exists():
-        raise UserError(f"{out_dir} already holds a run; choose an empty directory")
+    files.check_new_folder(out_dir)
     hf = _read_hf_json(hf_dir)
     source = hf_dir / "model.safetensors"
     if hf["model_type"] == "llama":
@@ -181,7 +174,7 @@ def export_hf(run: str | Path, out_dir: Path) -> Path:
     from minigpt_cli.inference.loading import find_checkpoint
 
     path = find_checkpoint(str(run))
-    _check_out_dir(Path(out_dir))
+    files.check_new_folder(Path(out_dir))
     model, meta = store.load_model(path)
     cfg: GPTConfig = model.config
     eot = meta["tokenizer"].get("eot_id", cfg.vocab_size - 1)

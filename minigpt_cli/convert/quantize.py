@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from minigpt_cli.files import check_new_folder
 from minigpt_cli.model.int8 import GROUP, int8_pairs, pack, quantize_model
 
 
@@ -18,8 +19,7 @@ def quantize_run(run: str, out_dir: Path) -> Path:
 
     path = find_checkpoint(run)
     out_dir = Path(out_dir)
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise UserError(f"{out_dir} exists and is not an empty folder: name a new one")
+    check_new_folder(out_dir)
     model, meta = store.load_model(path)
     if meta.get("quantize"):
         raise UserError(f"{path} already holds int8 weights")

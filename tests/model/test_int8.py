@@ -190,5 +190,5 @@ def test_quantize_command_saves_int8_that_loads_as_the_rounded_model(run, tmp_pa
                                         torch.equal(a[k][1], b[k][1]) for k in a)
     with pytest.raises(UserError, match="already holds int8"):
         quantize_run(str(path), tmp_path / "again")
-    with pytest.raises(UserError, match="not an empty folder"):
+    with pytest.raises(UserError, match="is not empty: name a new or empty folder"):
         quantize_run(str(run), tmp_path / "q8")

@@ -261,10 +261,10 @@ def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_torchrun_restarts_a_killed_rank_and_ends_uninterrupted(
         tmp_path: Path, corpus_file: Path, uninterrupted: Path) -> None:
-    """The README's single-node form, `--max-restarts 1 --rdzv-backend c10d --rdzv-endpoint`,
-    with FSDP2: kill -9 of rank 1 mid-run (mid-save, some days); torchrun restarts both ranks,
-    they resume from the last DCP checkpoint by themselves, and the final weights equal the
-    uninterrupted one-process run's."""
+    """docs/distributed.md's single-node form (`--max-restarts 1 --rdzv-backend c10d
+    --rdzv-endpoint`), with FSDP2: kill -9 of rank 1 mid-run (mid-save, some days); torchrun
+    restarts both ranks, they resume from the last DCP checkpoint by themselves, and the
+    final weights equal the uninterrupted one-process run's."""
     port = _free_port()
     [(code, out)] = _torchrun(tmp_path, corpus_file, [
         "--nproc-per-node", "2", "--max-restarts", "1", "--rdzv-backend", "c10d",
