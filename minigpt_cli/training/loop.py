@@ -35,7 +35,7 @@ from minigpt_cli.faults import crash_point
 from minigpt_cli.model import store
 from minigpt_cli.model.gpt import GPT, GPTConfig
 from minigpt_cli.training import data as D
-from minigpt_cli.training import distributed, optim, run_state, scheduled, sharding
+from minigpt_cli.training import distributed, optim, run_state, scheduled_sampling, sharding
 from minigpt_cli.training.step import accumulate_gradients, clip_gradients, evaluate, lr_at
 
 # What may change between a run and its resume. New data is how an imported or trained model
@@ -371,8 +371,8 @@ class _Run:
             x, y = D.train_batch(self.tokens.train, self.t.batch_size, T, cfg.seed, step, m)
             torch.manual_seed(D.micro_seed(cfg.seed, step, m) ^ 0xD209)
             if ss_prob > 0:  # scheduled sampling: a no-grad pass first, then mixed inputs
-                x = scheduled.own_predictions_as_inputs(self.fwd, x, ss_prob, cfg.seed, step,
-                                                        m, self.device, self.dtype)
+                x = scheduled_sampling.own_predictions_as_inputs(
+                    self.fwd, x, ss_prob, cfg.seed, step, m, self.device, self.dtype)
             yield x, y
 
     def optimizer_step(self, step: int) -> tuple[float, Tensor, Tensor | None, float]:
@@ -381,7 +381,7 @@ class _Run:
         lr = lr_at(step, self.t)
         for group in self.opt.param_groups:
             group["lr"] = lr
-        ss_prob = scheduled.probability(step, self.t.scheduled_sampling)
+        ss_prob = scheduled_sampling.probability(step, self.t.scheduled_sampling)
         mean_loss = accumulate_gradients(self.fwd, self.micro_batches(step, ss_prob),
                                          len(self.mine), self.scaler, self.device, self.dtype)
         grad_norm = clip_gradients(self.model, self.opt, self.scaler, self.t.grad_clip)

@@ -9,7 +9,11 @@ import pytest
 import torch
 
 from minigpt_cli.config import ScheduledSamplingConfig
-from minigpt_cli.training.scheduled import mix_inputs, own_predictions_as_inputs, probability
+from minigpt_cli.training.scheduled_sampling import (
+    mix_inputs,
+    own_predictions_as_inputs,
+    probability,
+)
 
 
 def test_position_t_gets_the_prediction_made_at_t_minus_1() -> None:
