@@ -5,7 +5,7 @@ does not, then runs every check it has (`--checks all`): no 5xx, every status an
 type documented, every response body as the schema says, requests the schema allows accepted
 (but for a prompt over the token limit: schemathesis.toml and tests/inference/fuzz_hooks.py),
 requests it forbids refused. Seeded and bounded, so the run is the same each time and takes
-~20 s; the server's --max-tokens is small so each request is quick, and the schema says so.
+~15 s; the server's --max-tokens is small so each request is quick, and the schema says so.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import pytest
 
 from tests.inference.serving import ROOT, serving, train_run
 
-EXAMPLES = 150  # per operation
+EXAMPLES = 80  # per operation (300 on three seeds, by hand, found nothing either)
 
 
 @pytest.fixture(scope="module")
