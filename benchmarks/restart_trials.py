@@ -24,14 +24,10 @@ import time
 from pathlib import Path
 
 import yaml
+from serve_load import free_port  # beside this script, so on sys.path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from minigpt_cli.training.data import prepare_shakespeare
 from minigpt_cli.training.run_state import read_metrics
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-from serve_load import free_port  # noqa: E402
 
 
 def tiny_config(corpus: Path) -> dict:

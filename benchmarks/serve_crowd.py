@@ -18,10 +18,8 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serve_load import free_port
+from serve_load import free_port, wait_healthy  # beside this script, so on sys.path
 
 
 def client(port: int, tokens: int, deadline: float, out: collections.Counter,
@@ -83,15 +81,7 @@ def main() -> None:
                                args.checkpoint, "--port", str(port)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        for _ in range(600):
-            try:
-                c = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-                c.request("GET", "/health")
-                if c.getresponse().status == 200:
-                    break
-            except OSError:
-                pass
-            time.sleep(0.1)
+        wait_healthy(port)
         for i in range(args.rounds):
             counts, seconds = crowd(port, args.clients, args.tokens, args.limit)
             lost = sum(v for k, v in counts.items() if not k.startswith(("complete", "429")))

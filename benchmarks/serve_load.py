@@ -26,6 +26,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_healthy(port: int, seconds: float = 60.0) -> None:
+    """Until the server on `port` answers /health with 200 (its model loaded), or `seconds`."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            c = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
+            c.request("GET", "/health")
+            if c.getresponse().status == 200:
+                return
+        except OSError:
+            pass
+        time.sleep(0.1)
+
+
 def one_request(port: int, prompt: str, tokens: int, model: str | None) -> dict:
     body = {"prompt": prompt, "max_tokens": tokens, "temperature": 0, "stream": True}
     if model:

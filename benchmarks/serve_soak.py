@@ -21,7 +21,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from serve_load import free_port  # beside this script, so on sys.path
+from serve_load import free_port, wait_healthy  # beside this script, so on sys.path
 
 BAD = [b"{not json", b'{"prompt": 5}', b'{"prompt": "x", "temperature": -3}',
        b'{"prompt": "x", "max_tokens": "many"}', b'{"messages": []}', b"[]"]
@@ -83,14 +83,7 @@ def main() -> None:
                              args.checkpoint, "--port", str(port), "--max-batch", "16"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        for _ in range(300):
-            try:
-                c = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
-                c.request("GET", "/health")
-                if c.getresponse().status == 200:
-                    break
-            except OSError:
-                time.sleep(0.1)
+        wait_healthy(port, 30)
         stats: Counter = Counter()
         lock = threading.Lock()
         warm = time.monotonic() + 5
