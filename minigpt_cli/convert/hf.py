@@ -5,7 +5,7 @@ linear weights [in, out] as GPT-2's `Conv1D` does, so the mapping is only the `t
 prefix. A model with rotary positions, RMSNorm and SwiGLU goes to and from LlamaForCausalLM
 (interop_llama.py). Only safetensors are read; pickle-based `.bin` files are refused. An
 imported model keeps the tokenizer minigpt's export recorded in config.json; a folder from
-elsewhere brings its byte-level BPE tokenizer.json (hf_tokenizer.py), and a GPT-2 folder
+elsewhere brings its byte-level BPE tokenizer.json (tokenizer/hf.py), and a GPT-2 folder
 without one gets tiktoken's `gpt2`.
 """
 
@@ -111,7 +111,7 @@ def minigpt_to_hf(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def _hf_tokenizer(hf: dict[str, Any], hf_dir: Path) -> tuple[str, tiktoken.Encoding]:
     """The tokenizer a folder's model was trained with: the one minigpt's export recorded
     (its ranks file beside the weights), else the folder's byte-level BPE `tokenizer.json`
-    (hf_tokenizer.py), else GPT-2's own for a GPT-2."""
+    (tokenizer/hf.py), else GPT-2's own for a GPT-2."""
     desc = hf.get("minigpt_tokenizer")
     if isinstance(desc, dict) and isinstance(desc.get("kind"), str):
         return desc["kind"], tok.load(desc, hf_dir)

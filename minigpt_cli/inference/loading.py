@@ -33,7 +33,7 @@ def find_checkpoint(checkpoint: str | None, runs_dir: Path = Path("runs")) -> Pa
 def load_for_inference(checkpoint: str | None, device: str = "auto", dtype: str = "auto",
                        quantize: str = "none") -> tuple[GPT, tiktoken.Encoding, dict, Path]:
     """Model in eval mode on its device and dtype, with the tokenizer it was trained with;
-    `quantize="int8"` rounds its product weights to int8 values (quantize.py), and
+    `quantize="int8"` rounds its product weights to int8 values (model/int8.py), and
     meta["quantize"] then describes what was done."""
     from minigpt_cli import tokenizer as tok
     from minigpt_cli.device import resolve_device, resolve_dtype

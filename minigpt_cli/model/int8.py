@@ -77,7 +77,7 @@ def quantize_model(model: torch.nn.Module, group: int = GROUP) -> QuantizeReport
         return q, scales
 
     # The int8 values stay beside the weights (plain attributes, so no state dict changes)
-    # for the C step, which multiplies by them directly (native.py).
+    # for the C step, which multiplies by them directly (inference/native).
     for module in model.modules():
         if isinstance(module, Linear):
             module.int8 = round_in_place(module.weight)

@@ -5,7 +5,7 @@ Why DCP: a sharded run should not gather the whole model onto one rank to save i
 state. Each rank writes its own shards. DCP's Hugging Face storage writer is used, so the
 files are safetensors whose headers carry each shard's offsets, never pickle. DCP's reader
 reassembles them for any number of ranks, so a run saved on 2 ranks resumes on 1, 2 or 4. The
-commit protocol is checkpoint.py's: the shards go to a temp directory; once every rank has
+commit protocol is run_state.py's: the shards go to a temp directory; once every rank has
 written, rank 0 adds `minigpt.json` (the step), renames the directory into place, and only then
 writes the train_state.json that names it. The inference weights (`model.safetensors`) are a
 full-state gather onto rank 0, so `generate` and `export-hf` need nothing new.

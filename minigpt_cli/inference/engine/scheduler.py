@@ -48,7 +48,7 @@ class Scheduler:
         first, then the lowest, and only the tokens left to compute count against the
         budget.
 
-        For a step already under way (engine.py, joining late): `strict`, even the first
+        For a step already under way (Engine._offer, joining late): `strict`, even the first
         must fit the budget; `avoid`, slots not to use; `most`, at most that many."""
         admitted: list[Sequence] = []
         tokens = 0

@@ -188,7 +188,7 @@ class NativeStep:
             *[t.data_ptr() if t is not None else None for t in self._tensors])
         # The matrices again, packed by output strips (see pack_strips): the step streams
         # these; the originals serve only the few columns past the last whole strip.
-        # A model rounded to int8 (quantize.py) hands its int8 strips and scales instead: the
+        # A model rounded to int8 (model/int8.py) hands its int8 strips and scales instead: the
         # step then reads one byte a weight (the dequantized floats serve the tail columns).
         strip = lib.minigpt_strip()
         assert lib.minigpt_group() == GROUP

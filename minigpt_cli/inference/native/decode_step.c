@@ -9,18 +9,19 @@
  * it streams memory in one sequential run, and with many rows (a server's running requests, a
  * prompt's tokens) each weight read feeds them all (benchmarks/batched_step.py).
  *
- * The math is exactly the model's (minigpt_cli/model.py): pre-norm blocks, scaled dot-product
+ * The math is exactly the model's (minigpt_cli/model/gpt.py): pre-norm blocks, scaled dot-product
  * attention over the key/value cache, tied output head; GPT-2's LayerNorm, learned positions
- * and tanh-GELU MLP, or the options of minigpt_cli/layers.py (RMSNorm, rotary positions,
+ * and tanh-GELU MLP, or the options of minigpt_cli/model/layers.py (RMSNorm, rotary positions,
  * SwiGLU or ReLU² MLP, RMSNorm on queries and keys) as the dims say. Activations are
  * float32; each matrix is float32 or int8 with a float scale per GROUP input rows and output
- * column (minigpt_cli/quantize.py), read as int8 and widened in registers (see qstrip).
+ * column (minigpt_cli/model/int8.py), read as int8 and widened in registers (see qstrip).
  * The cache is minigpt's KVCache layout, [layers, slots, heads, cache_len, head_dim]; each row
  * names its own slot and column, writes its new key and value there and attends over columns
  * 0..col of that slot, so sequences of different lengths share a step with no padding.
  *
- * Built on first use by minigpt_cli/native.py with the system C compiler; when there is none,
- * minigpt decodes with PyTorch instead. tests/inference/test_native.py holds it to the PyTorch path.
+ * Built on first use by its binding beside it (__init__.py) with the system C compiler; when
+ * there is none, minigpt decodes with PyTorch instead. tests/inference/test_native.py holds it
+ * to the PyTorch path.
  */
 #include <math.h>
 #include <stddef.h>
@@ -162,7 +163,7 @@ DEFINE_STRIP(12)
 #endif
 
 /* The int8 form of DEFINE_STRIP, for weights quantized in groups of GROUP input rows (one
- * float scale per group and output column; quantize.py). Q is the strip's int8 weights,
+ * float scale per group and output column; model/int8.py). Q is the strip's int8 weights,
  * [n_in][STRIP]; S its scales, [ceil(n_in / GROUP)][STRIP]. Each weight vector is widened to
  * float and multiplied by its scale once, then feeds every row as in DEFINE_STRIP: the same
  * operations in the same order as the float kernel run on the dequantized matrix, so the two
@@ -339,7 +340,7 @@ static void share(int n, int *lo, int *hi) {
 }
 
 /* y[b, :] (op)= x[b, :] @ W + bias for b < B. W is [n_in, n_out] row-major; P holds its whole
- * strips packed strip-major, [n_out / STRIP][n_in][STRIP] (native.py packs it once), so each
+ * strips packed strip-major, [n_out / STRIP][n_in][STRIP] (the binding packs it once), so each
  * strip's weights are one contiguous run. An int8 matrix passes its strips as Q (the same
  * layout, one byte a weight) and their scales as S ([n_out / STRIP][groups][STRIP]) instead
  * of P; its W then holds the dequantized values, read only for the tail columns. Runs inside
@@ -456,7 +457,8 @@ static void layer_norm(int B, int C, const float *x, const float *g, const float
  * same alone or in any batch (the engine's batched == alone guarantee). Two rows may even
  * share a slot at consecutive columns (a prompt chunk): the write pass finishes first. */
 /* cos and sin of pos * theta^(-2i/D), i < D/2, for one row: its rotary angles, in float32
- * as minigpt_cli/layers.py computes them. Made once per step, used by every head and layer. */
+ * as minigpt_cli/model/layers.py computes them. Made once per step, used by every head and
+ * layer. */
 static void rotary_row(int D, int64_t pos, float theta, float *c, float *s) {
     for (int i = 0; i < D / 2; i++) {
         const float ang = (float)pos * powf(theta, -(float)(2 * i) / (float)D);
@@ -465,7 +467,7 @@ static void rotary_row(int D, int64_t pos, float theta, float *c, float *s) {
     }
 }
 
-/* Rotate each pair (i, i + D/2) of v [D] by its angle: the "rotate half" layout layers.py
+/* Rotate each pair (i, i + D/2) of v [D] by its angle: the "rotate half" layout model/layers.py
  * uses. */
 static void rotate(float *v, int D, const float *c, const float *s) {
     const int half = D / 2;
