@@ -1,6 +1,7 @@
 """The `minigpt` command line: parse flags, call one function per command, nothing more.
 
-User errors (`UserError`) are caught once here and printed as a single line with exit code 2.
+User errors (`UserError`) are caught once here and printed as a single line with exit code 2;
+a write the machine refused (`SaveError`) is one line too, with exit code 1.
 """
 
 from __future__ import annotations
