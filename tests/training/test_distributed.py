@@ -143,16 +143,15 @@ def test_fsdp2_two_ranks_end_with_one_process_weights(tmp_path: Path, corpus_fil
     _close(tmp_path / "one", tmp_path / "two")
 
 
-@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_two_ranks_in_bf16_agree_with_one_process_within_its_rounding(
-        tmp_path: Path, corpus_file: Path, parallel: str) -> None:
+        tmp_path: Path, corpus_file: Path) -> None:
     """bf16 autocast's contract for ranks: not bit-equal, but within bf16's rounding. The ranks
     sum the micro-batches' gradients in another order than one process does; in float32 that
     moves a weight by ~1e-7, but bf16 autocast rounds every weight to 8 bits of mantissa at each
     forward pass, and a weight that close to a rounding boundary lands on the other side. Losses
-    agree to 1e-4 relative, weights to 1e-2 after 8 steps (measured: 1e-5 and 1.5e-3)."""
-    kw = {"grad_accum_steps": 4, "max_steps": 8, "save_interval": 4, "log_interval": 2,
-          "parallel": parallel}
+    agree to 1e-4 relative, weights to 1e-2 after 8 steps (measured: 1e-5, and 4.7e-4 with DDP,
+    1.5e-3 with FSDP2; DDP is the one kept in the suite, for its time)."""
+    kw = {"grad_accum_steps": 4, "max_steps": 8, "save_interval": 4, "log_interval": 2}
     runs = {n: {**tiny_raw(corpus_file, tmp_path / n, **kw), "dtype": "bfloat16"}
             for n in ("one", "two")}
     _alone(runs["one"], tmp_path)
