@@ -5,6 +5,7 @@ MINIGPT_FAIL_AT), at the same points the crash tests kill the process."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import subprocess
@@ -71,7 +72,7 @@ def test_a_failed_save_is_one_line_and_loses_nothing(point: str, code: str, inta
     root, p = failed[point]
     run = root / "run"
     name = point.split(":")[0].replace("train_state-*", "train_state-")
-    line = _one_line(p, "could not write", os.strerror(getattr(__import__("errno"), code)),
+    line = _one_line(p, "could not write", os.strerror(getattr(errno, code)),
                      intact)
     assert name.split("-")[0] in line
     assert not list(run.glob(".*.tmp")), "a temporary file was left behind"

@@ -390,7 +390,7 @@ class _Run:
         self.opt.zero_grad(set_to_none=True)
         return lr, mean_loss, grad_norm, ss_prob
 
-    def evaluate(self, step: int, tps: float) -> float:
+    def evaluate_and_keep_best(self, step: int) -> float:
         """Train and val loss (each rank scores a share), logged; the best weights kept."""
         judge = self.model if self.ranks.enabled else self.fwd
         args = (self.token_bytes, self.device, self.dtype, self.ranks)
@@ -406,7 +406,7 @@ class _Run:
                                  self.model_meta(step, va.loss))
         if not self.console.is_terminal:
             self.console.print(f"step {step}: train {tr.loss:.4f}  val {va.loss:.4f}  "
-                               f"val bpb {va.bpb:.4f}  {tps:,.0f} tok/s")
+                               f"val bpb {va.bpb:.4f}  {self.tps:,.0f} tok/s")
         return va.loss
 
     def header(self) -> None:
@@ -436,7 +436,8 @@ class _Run:
             TimeRemainingColumn(), console=self.console, transient=False)
         self.model.train()
         step, self.tps = self.start_step, 0.0
-        self.window = [time.perf_counter(), 0]  # when the throughput window began, its steps
+        # The throughput window: when it began, and the steps taken in it.
+        self.window_start, self.window_steps = time.perf_counter(), 0
         with _StopFlag() as stop, progress, self.metrics:
             task = progress.add_task("train", total=t.max_steps, completed=step, loss=math.nan,
                                      val=_val_field(self.last["val_loss"]), lr=0.0, tps=0.0)
@@ -458,15 +459,15 @@ class _Run:
                    grad_norm: Tensor | None, ss_prob: float) -> None:
         """What a step boundary owes: the log line, an evaluation, a save, when they are due."""
         t = self.t
-        self.window[1] += 1
+        self.window_steps += 1
         is_eval = step % t.eval_interval == 0 or step == t.max_steps
         is_save = step % t.save_interval == 0 or step == t.max_steps or stopping
         if step % t.log_interval == 0 or is_eval or is_save:
             self.log_step(step, lr, mean_loss, grad_norm, ss_prob)
         val_loss = None
         if is_eval:
-            val_loss = self.evaluate(step, self.tps)
-            self.window[0] = time.perf_counter()  # evaluation time is not training throughput
+            val_loss = self.evaluate_and_keep_best(step)
+            self.window_start = time.perf_counter()  # evaluation is not training throughput
         if is_save:
             self.save(step, val_loss if val_loss is not None else self.last["val_loss"])
 
@@ -479,8 +480,8 @@ class _Run:
                             "dtype float32")
         synchronize(self.device)
         now = time.perf_counter()
-        self.tps = self.window[1] * self.tokens_per_step / (now - self.window[0])
-        self.window = [now, 0]
+        self.tps = self.window_steps * self.tokens_per_step / (now - self.window_start)
+        self.window_start, self.window_steps = now, 0
         self.last["loss"] = train_loss
         norm = None if grad_norm is None else grad_norm.item()
         self.log({"step": step, "loss": train_loss, "lr": lr, "grad_norm": norm,
