@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from minigpt_cli.inference.native import NativeStep
+from minigpt_cli.inference.native import FusedForward
 from minigpt_cli.model.gpt import GPT, GPTConfig, KVCache
 
 SHAPES = {"tiny": GPTConfig(vocab_size=2048, block_size=256, n_layer=4, n_head=4, n_embd=128),
@@ -27,7 +27,7 @@ def time_rows(model: GPT, rows: int, steps: int) -> float:
     """Median seconds per step for `rows` slots at positions 20, 27, 34, ... (mod 150)"""
     cfg = model.config
     cache = KVCache(cfg, rows, cfg.block_size, "cpu", torch.float32)
-    step = NativeStep(model)
+    step = FusedForward(model)
     start = [20 + (7 * r) % 150 for r in range(rows)]
     times = []
     with torch.inference_mode():

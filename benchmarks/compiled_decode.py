@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from minigpt_cli.inference.native import NativeStep
+from minigpt_cli.inference.native import FusedForward
 from minigpt_cli.model.gpt import GPT, GPTConfig, KVCache
 
 
@@ -25,7 +25,7 @@ def ms_per_token(model: torch.nn.Module, cfg: GPTConfig, fused: bool = False, n:
     cache = KVCache(cfg, 1, cfg.block_size, "cpu", torch.float32)
     ids = torch.randint(0, cfg.vocab_size, (1, prompt), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
-        native = NativeStep(model) if fused else None
+        native = FusedForward(model) if fused else None
 
         def step(tok: int, pos: int) -> torch.Tensor:
             if native is not None:

@@ -40,11 +40,11 @@ PROMPTS = ["ROMEO:\nWhat say you", "KING HENRY:\nNow, lords,", "First Citizen:\n
 def step_ms(model: GPT, rows: int, repeats: int) -> float:
     """Median time of the C step for one sequence's next token plus rows - 1 guesses."""
     runner = ModelRunner(model, 1, engine="native")
-    runner.step([(0, list(range(16)))], [], [])
+    runner.run([(0, list(range(16)))], [], [])
     times = []
     for _ in range(repeats + 2):
         t = time.perf_counter()
-        runner.step([], [0], [5], [[7] * (rows - 1)])
+        runner.run([], [0], [5], [[7] * (rows - 1)])
         times.append(time.perf_counter() - t)
         runner.truncate(0, rows)  # the window back where it was
     return statistics.median(times[2:]) * 1e3

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from minigpt_cli.inference.native import NativeStep
+from minigpt_cli.inference.native import FusedForward
 from minigpt_cli.model.gpt import GPT, GPTConfig, KVCache
 from minigpt_cli.model.int8 import quantize_model
 
@@ -55,7 +55,7 @@ def main() -> None:
     print(report.describe())
     # bytes one step streams: every product's weights (the embedding rows read are negligible)
     streamed = {"float32": report.float_bytes, "int8": report.int8_bytes}
-    steps = {"float32": NativeStep(base), "int8": NativeStep(rounded)}
+    steps = {"float32": FusedForward(base), "int8": FusedForward(rounded)}
     cache = KVCache(shape, 1, shape.block_size, "cpu", torch.float32)
     times: dict[str, list[float]] = {name: [] for name in steps}
     peers = {f"llama.cpp {Path(g).stem}": g for g in args.gguf} if args.llama_bench else {}

@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from minigpt_cli.inference.native import NativeStep
+from minigpt_cli.inference.native import FusedForward
 from minigpt_cli.model.gpt import GPT, GPTConfig, KVCache
 
 SHAPES = {"tiny": GPTConfig(vocab_size=2048, block_size=256, n_layer=4, n_head=4, n_embd=128),
@@ -40,7 +40,7 @@ def time_steps(model: GPT, n: int, native: bool) -> float:
     times = []
     with torch.inference_mode():
         model(ids, cache=cache, last_only=True)
-        step = NativeStep(model) if native else None
+        step = FusedForward(model) if native else None
         for i in range(n):
             pos = PROMPT + i
             t = time.perf_counter()

@@ -44,7 +44,7 @@ def main() -> None:
         flat = ids.reshape(1, -1)
         with torch.inference_mode():
             t_torch = median_ms(lambda f=flat: model(f, last_only=True), args.repeats)
-        t_c = median_ms(lambda j=jobs: runner.step(j, [], []), args.repeats)
+        t_c = median_ms(lambda j=jobs: runner.run(j, [], []), args.repeats)
         print(f"{prompts} x 11 tokens: C step rows {t_c:7.1f} ms · one PyTorch forward over "
               f"[1, {flat.size(1)}] {t_torch:7.1f} ms")
 

@@ -1,5 +1,5 @@
-"""`minigpt train`'s tokens/s with glibc keeping freed memory (what training does since session 9,
-device.keep_freed_memory) against glibc's own policy, side by side.
+"""`minigpt train`'s tokens/s with glibc keeping freed memory (what training does on
+the CPU, device.keep_freed_memory) against glibc's own policy, side by side.
 
 glibc gives each block of 32 MiB or more its own mmap and unmaps it when freed, so a step
 that makes such tensors page-faults them in again every step. Each run is a fresh `minigpt

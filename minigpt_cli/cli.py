@@ -128,6 +128,34 @@ def generate(
     run_generate(**options)
 
 
+@app.command()
+def chat(
+    checkpoint: Annotated[str | None, typer.Option(help="Run directory or .safetensors file "
+                                                   "(default: newest run under runs/).")] = None,
+    system: Annotated[str, typer.Option(help="A system message kept at the start of the "
+                                             "conversation.")] = "",
+    max_new_tokens: Annotated[int, typer.Option(help="Most tokens per answer.")] = 256,
+    temperature: Annotated[float, typer.Option(help="0 is greedy; <1 sharper, >1 flatter.")
+                           ] = 0.7,
+    top_k: Annotated[int, typer.Option(help="Keep the k most likely tokens (0 = off).")] = 0,
+    top_p: Annotated[float, typer.Option(help="Nucleus: smallest set with this much "
+                                              "probability (1 = off).")] = 0.95,
+    seed: Annotated[int | None, typer.Option(help="Same seed, same answers.")] = None,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | mps")] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto | float32 | bfloat16 | float16")] = "auto",
+    engine: Annotated[str, typer.Option(help=ENGINE_HELP)] = "auto",
+) -> None:
+    """Talk to a run: each line is a turn, answers stream (through its chat template)."""
+    from minigpt_cli.inference import native
+    from minigpt_cli.inference.chat_cli import run_chat
+    from minigpt_cli.inference.sampling import SamplerSettings
+
+    native.check_engine_name(engine)
+    run_chat(checkpoint, system, max_new_tokens,
+             SamplerSettings(temperature=temperature, top_k=top_k, top_p=top_p), seed, device,
+             dtype, engine)
+
+
 @app.command("import-hf")
 def import_hf(
     hf_dir: Annotated[Path, typer.Argument(help="Folder from save_pretrained: config.json + "

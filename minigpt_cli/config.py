@@ -5,6 +5,7 @@ Everything is checked before any work starts, so a typo costs a second, not a tr
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import types
@@ -27,6 +28,12 @@ DType = Literal["auto", "float32", "bfloat16", "float16"]
 class DataConfig:
     source: str = "shakespeare"  # 'shakespeare', a .txt file, a directory, a glob, or a .jsonl
     val_fraction: float = 0.1  # the last fraction of each document is held out for validation
+    # text: documents, every token a target. chat: a .jsonl of {"messages": [...]}, rendered
+    # through the run's chat template, the loss on the assistant's tokens only.
+    format: Literal["text", "chat"] = "text"
+    # chat: a malformed line or a conversation longer than the context stops the run (error)
+    # or is counted, reported and skipped (skip).
+    bad_records: Literal["error", "skip"] = "error"
 
 
 @dataclass
@@ -85,6 +92,9 @@ class TrainConfig:
     # optimizer state. One process ignores it.
     parallel: Literal["ddp", "fsdp"] = "ddp"
     scheduled_sampling: ScheduledSamplingConfig = field(default_factory=ScheduledSamplingConfig)
+    # Start from another run's weights (a minigpt run or an imported Hugging Face model): its
+    # architecture, weights and tokenizer, with a fresh optimizer and schedule.
+    init_from: str = ""
 
 
 @dataclass
@@ -98,6 +108,11 @@ class Config:
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+    # The model keys the YAML and --set named (not dataclass fields: not saved). A run that
+    # starts from another (train.init_from) takes that run's architecture; a key named here
+    # that disagrees with it is an error, not silently overridden.
+    given_model_keys: typing.ClassVar[frozenset[str]] = frozenset()
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -228,10 +243,12 @@ def validate(cfg: Config) -> None:
 
 
 def config_from_dict(raw: dict[str, Any], overrides: list[str] | None = None) -> Config:
-    raw = dict(raw)
+    raw = copy.deepcopy(raw)  # overrides go into nested sections: never into the caller's
     for assignment in overrides or []:
         _set_override(raw, assignment)
     cfg = _build(Config, raw, "")
+    model = raw.get("model")
+    cfg.given_model_keys = frozenset(model) if isinstance(model, dict) else frozenset()
     validate(cfg)
     return cfg
 

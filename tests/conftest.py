@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 from pathlib import Path
@@ -174,3 +175,37 @@ def score(run: Path, **kw) -> dict:
 # Sampler settings the engine's oracle tests run under.
 GREEDY = SamplerSettings(temperature=0.0)
 SAMPLED = SamplerSettings(temperature=1.0, top_p=0.9, top_k=40)
+
+
+LETTERS = "abcdefghij"
+
+
+def reverse_task(n: int, seed: int) -> list[dict]:
+    """Conversations whose answer is a random word spelled backwards: checkable, and nothing
+    in pre-training text teaches it."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        word = "".join(rng.choice(LETTERS) for _ in range(rng.randint(2, 4)))
+        out.append({"messages": [{"role": "user", "content": f"reverse {word}"},
+                                 {"role": "assistant", "content": word[::-1]}]})
+    return out
+
+
+def write_jsonl(path: Path, records: list) -> Path:
+    """One record per line; a string is written as it is (a malformed line, say)."""
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n"
+                            for r in records), encoding="utf-8")
+    return path
+
+
+def chat_raw(tmp_path: Path, source: Path, **train: object) -> dict:
+    """tiny_raw for chat fine-tuning from scratch on `source`, a JSONL of conversations."""
+    raw = tiny_raw(source, tmp_path / "run")
+    raw["data"]["format"] = "chat"
+    raw["tokenizer"] = {"kind": "byte"}
+    raw["model"].update(block_size=32, n_layer=2, n_head=2, n_embd=48, dropout=0.0)
+    raw["train"].update({"batch_size": 16, "max_steps": 6, "eval_interval": 6,
+                         "save_interval": 6, "warmup_steps": 0, "lr": 3e-3, "min_lr": 3e-3,
+                         **train})
+    return raw

@@ -64,8 +64,8 @@ def test_generate_streams_text(trained: Path) -> None:
 
 def test_stats_line_starts_on_its_own_line(trained: Path) -> None:
     """Both streams into one pipe, as a shell shows them: the text ends with a newline before
-    the stats line. (#10's `...for all the60 tokens` was a display that shows stdout without
-    its last newline and then stderr; in a shell the line break is there.)"""
+    the stats line. (A display that shows stdout without its last newline and then stderr
+    prints `...for all the60 tokens`; in a shell the line break is there.)"""
     p = subprocess.run([sys.executable, "-m", "minigpt_cli", "generate", "--prompt", "ROMEO:",
                         "--max-new-tokens", "20", "--seed", "1"], cwd=trained,
                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=120,

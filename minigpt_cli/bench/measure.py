@@ -37,9 +37,9 @@ class LengthResult:
     cached: ModeResult
     uncached: ModeResult
     speedup: float
-    seed_ops_cached: int  # the seed's table: n with the cache ...
-    seed_ops_uncached: int  # ... against n(n+1)/2 without
-    seed_ratio: float
+    forwards_cached: int  # token-forwards the work model counts: n with the cache ...
+    forwards_uncached: int  # ... against n(n+1)/2 without
+    work_ratio: float  # their quotient, the speedup if a step cost only its positions
     kv_bytes_allocated: int
     kv_bytes_formula: int
     tokens_match: bool
@@ -116,7 +116,7 @@ def measure_length(model: GPT, prompts: torch.Tensor, n: int, repeats: int,
     same = cached.tokens == uncached.tokens
     return LengthResult(
         n=n, cached=cached, uncached=uncached, speedup=uncached.total_s / cached.total_s,
-        seed_ops_cached=n, seed_ops_uncached=n * (n + 1) // 2, seed_ratio=(n + 1) / 2,
+        forwards_cached=n, forwards_uncached=n * (n + 1) // 2, work_ratio=(n + 1) / 2,
         # Measured on the cache a decoder really allocates: once for the whole context
         # window, not grown per token.
         kv_bytes_allocated=allocated_kv_bytes(model, prompts, engine),

@@ -149,7 +149,7 @@ def run_bench(*, checkpoint: str | None, config: str | None, lengths: list[int],
                   f"cached steps by {'the fused C step' if engine == 'native' else 'PyTorch'}")
     results = [measure_length(model, prompts, n, repeats, dev, engine) for n in lengths]
     report = {"header": header, "lengths": [asdict(r) for r in results],
-              "seed_example_gpt2_small_1000_tokens_fp32_bytes":
+              "kv_formula_gpt2_small_1000_tokens_fp32_bytes":
                   kv_cache_bytes(12, 12, 1000, 64, 1, 4)}
     _print_table(console, results)
     if quantize == "int8":
@@ -182,18 +182,18 @@ def run_bench(*, checkpoint: str | None, config: str | None, lengths: list[int],
 
 def _print_table(console: Console, results: list[LengthResult]) -> None:
     table = Table(title="KV cache on vs off (greedy, median of repeats)")
-    for col in ("n", "cache\ntok/s", "no cache\ntok/s", "speed\nup", "seed\nratio",
+    for col in ("n", "cache\ntok/s", "no cache\ntok/s", "speed\nup", "work\nratio",
                 "KV MB\nalloc/formula", "max\n|Δlogit|", "same"):
         table.add_column(col, justify="right")
     for r in results:
         table.add_row(
             str(r.n), f"{r.cached.tokens_per_s:,.0f}", f"{r.uncached.tokens_per_s:,.0f}",
-            f"{r.speedup:.1f}×", f"{r.seed_ratio:,.1f}×",
+            f"{r.speedup:.1f}×", f"{r.work_ratio:,.1f}×",
             f"{mb(r.kv_bytes_allocated)}/{mb(r.kv_bytes_formula)}",
             f"{r.max_logit_diff:.0e}", "[green]✓[/]" if r.ok else "[red]✗[/]")
     console.print(table)
-    console.print("[dim]seed ratio: token-forwards without the cache, n(n+1)/2, over n with it "
-                  "(the seed's table: 100 → 5,050 vs 100, 50×)[/]")
+    console.print("[dim]work ratio: token-forwards without the cache, n(n+1)/2, over n with it "
+                  "(100 new tokens: 5,050 against 100, 50×)[/]")
     last = results[-1]
     c, u = last.cached.ms_per_token, last.uncached.ms_per_token
     q = max(1, len(c) // 4)
@@ -204,10 +204,10 @@ def _print_table(console: Console, results: list[LengthResult]) -> None:
         f"(+{c1 - c0:.2f} ms: only attention over the cache grows), uncached {u0:.2f} → "
         f"{u1:.2f} (+{u1 - u0:.2f} ms: every position is recomputed, a quadratic total)")
     console.print(
-        "[dim]Why measured < seed ratio: each step, cached or not, reads every weight once and "
+        "[dim]Why measured < work ratio: each step, cached or not, reads every weight once and "
         "pays fixed per-step overhead (Python, kernel launches); only the recomputed positions "
         "and the attention over them grow with n.[/]")
-    console.print(f"[dim]Seed check, GPT-2 small at 1000 tokens, fp32: "
+    console.print(f"[dim]The KV formula for GPT-2 small at 1000 tokens, fp32: "
                   f"{kv_cache_bytes(12, 12, 1000, 64, 1, 4) / 1e6:.1f} MB of KV cache[/]")
     if not all(r.ok for r in results):
         console.print("[bold red]cached and uncached decoding disagree (tokens or logits): "

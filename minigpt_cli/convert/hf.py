@@ -23,6 +23,7 @@ import yaml
 from minigpt_cli import files
 from minigpt_cli import tokenizer as tok
 from minigpt_cli.config import Config, ModelConfig, TokenizerConfig
+from minigpt_cli.convert import chat_template
 from minigpt_cli.convert.llama import from_llama, is_llama, llama_config, to_llama, valid_eps
 from minigpt_cli.convert.llama import read_config as read_llama_config
 from minigpt_cli.errors import UserError
@@ -30,6 +31,7 @@ from minigpt_cli.model import store
 from minigpt_cli.model.gpt import GPTConfig
 from minigpt_cli.tokenizer import hf as hf_tokenizer
 from minigpt_cli.tokenizer import json_file as tokenizer_json
+from minigpt_cli.tokenizer.chat import ChatTemplate
 from minigpt_cli.training import run_state
 
 TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh")
@@ -150,7 +152,8 @@ def import_hf(hf_dir: Path, out_dir: Path) -> Path:
     if enc.n_vocab > gpt_cfg.vocab_size:
         raise UserError(f"{hf_dir}: vocab_size {gpt_cfg.vocab_size} is smaller than the "
                         f"{kind} tokenizer's {enc.n_vocab}")
-    tok_desc = tok.describe(enc, kind)
+    template = chat_template.read(hf_dir)
+    tok_desc = tok.describe(enc, kind, template.to_dict() if template else None)
     cfg = Config(out_dir=str(out_dir), tokenizer=TokenizerConfig(kind=kind), model=model_cfg)
     meta = {"model_config": asdict(gpt_cfg), "tokenizer": tok_desc, "step": 0, "val_loss": None,
             "config": cfg.to_dict(), "imported_from": str(hf_dir)}
@@ -196,6 +199,9 @@ def export_hf(run: str | Path, out_dir: Path) -> Path:
     except UserError:  # a tokenizer minigpt cannot rebuild (e.g. a benchmark's stand-in)
         return out_dir
     write_hf_tokenizer(enc, out_dir, eot)
+    template = ChatTemplate.from_dict(meta["tokenizer"].get("chat"))
+    if template is not None:
+        chat_template.write(out_dir, template)
     return out_dir
 
 

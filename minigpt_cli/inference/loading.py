@@ -4,12 +4,14 @@ for speculative decoding."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import tiktoken
 
 from minigpt_cli.errors import UserError
 from minigpt_cli.model import store
 from minigpt_cli.model.gpt import GPT
+from minigpt_cli.tokenizer.chat import ChatTemplate
 
 
 def find_checkpoint(checkpoint: str | None, runs_dir: Path = Path("runs")) -> Path:
@@ -51,6 +53,13 @@ def load_for_inference(checkpoint: str | None, device: str = "auto", dtype: str 
         meta["quantize"] = quantize_model(model).describe()
     model.to(device=dev, dtype=dt).eval()  # eval: dropout off, so equal inputs give equal outputs
     return model, enc, meta, path
+
+
+def chat_template(meta: dict[str, Any]) -> ChatTemplate | None:
+    """The run's chat template and its tokens, where it has one (a chat fine-tuned run, or an
+    import whose tokenizer_config.json has a template)."""
+    desc = meta.get("tokenizer")
+    return ChatTemplate.from_dict(desc.get("chat")) if isinstance(desc, dict) else None
 
 
 def load_draft(checkpoint: str, model: GPT, enc: tiktoken.Encoding, device: str = "auto",

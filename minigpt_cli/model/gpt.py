@@ -238,6 +238,20 @@ class GPT(nn.Module):
         once per inference session."""
         return self.wte.weight.detach().t().contiguous()
 
+    @torch.no_grad()
+    def grow_vocab(self, n_vocab: int) -> None:
+        """Give tokens added to the tokenizer (chat's role and end-of-turn tokens) embedding
+        rows of their own, each the mean of the existing rows: a new token then starts out
+        predicted about as likely as an average one, not as a random direction the tied head
+        could score arbitrarily high."""
+        old = self.wte.weight
+        if n_vocab <= old.shape[0]:
+            return
+        rows = old.mean(dim=0, keepdim=True).expand(n_vocab - old.shape[0], -1)
+        self.wte = nn.Embedding(n_vocab, old.shape[1], device=old.device, dtype=old.dtype)
+        self.wte.weight.copy_(torch.cat([old, rows]))
+        self.config.vocab_size = n_vocab
+
     def set_dropout(self, p: float) -> None:
         """Change every dropout rate in place: `bench --train` times a training step with
         dropout on even when the model was built (or trained) without it."""

@@ -7,6 +7,7 @@ description (pattern, special tokens), so a checkpoint carries everything `gener
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import json
 import os
@@ -67,14 +68,42 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> tiktoken.Encoding:
     return _encoding("bpe", ranks, SPLIT_PATTERN)
 
 
-def describe(enc: tiktoken.Encoding, kind: str) -> dict[str, Any]:
-    """A JSON-able description stored with a checkpoint; `load_from_run` reverses it."""
+def describe(enc: tiktoken.Encoding, kind: str, chat: dict[str, str] | None = None
+             ) -> dict[str, Any]:
+    """A JSON-able description stored with a checkpoint; `load` reverses it. `chat`: the
+    run's chat template and its tokens (tokenizer/chat.py), where it has one."""
     desc: dict[str, Any] = {"kind": kind, "n_vocab": enc.n_vocab, "eot_id": enc.eot_token}
     if kind == "bpe":
         desc.update(file=TOKENIZER_FILE, pattern=enc._pat_str, special_tokens=enc._special_tokens)
     elif kind == "hf":
         desc.update(file=JSON_FILE)
+    else:
+        added = {t: i for t, i in enc._special_tokens.items() if t not in _named(kind)}
+        if added:
+            desc["added_tokens"] = added
+    if chat is not None:
+        desc["chat"] = chat
     return desc
+
+
+@functools.cache
+def _named(kind: str) -> dict[str, int]:
+    """The special tokens a named encoding has of itself."""
+    return dict(build(kind)._special_tokens)
+
+
+def with_tokens(enc: tiktoken.Encoding, tokens: Iterable[str]) -> tiktoken.Encoding:
+    """`enc` with special tokens added after its last id (those it lacks): the chat tokens a
+    base model's tokenizer gains for fine-tuning. A model trained on `enc` gains as many
+    embedding rows."""
+    specials = dict(enc._special_tokens)
+    for t in tokens:
+        if t not in specials:
+            specials[t] = enc.n_vocab + len(specials) - len(enc._special_tokens)
+    if len(specials) == len(enc._special_tokens):
+        return enc
+    return tiktoken.Encoding(name=enc.name, pat_str=enc._pat_str,
+                             mergeable_ranks=enc._mergeable_ranks, special_tokens=specials)
 
 
 def fingerprint(enc: tiktoken.Encoding, kind: str) -> str:
@@ -173,6 +202,12 @@ def load(desc: dict[str, Any], run_dir: Path) -> tiktoken.Encoding:
         enc = tokenizer_json.load(run_dir / Path(desc.get("file", JSON_FILE)).name, eot)
     elif kind in ("byte", *TIKTOKEN_KINDS):
         enc = build(kind)
+        added = desc.get("added_tokens")
+        if isinstance(added, dict) and added:
+            enc = with_tokens(enc, sorted(added, key=lambda t: added[t]))
+            if any(enc._special_tokens.get(t) != i for t, i in added.items()):
+                raise UserError(f"checkpoint in {run_dir} names added tokens at ids this "
+                                f"tokenizer cannot give them: {added}")
     else:
         raise UserError(f"checkpoint names an unknown tokenizer kind '{kind}'")
     if "n_vocab" in desc and enc.n_vocab != desc["n_vocab"]:

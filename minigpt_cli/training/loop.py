@@ -34,9 +34,18 @@ from minigpt_cli.errors import SaveError, UserError
 from minigpt_cli.faults import crash_point
 from minigpt_cli.model import store
 from minigpt_cli.model.gpt import GPT, GPTConfig
+from minigpt_cli.tokenizer import chat
+from minigpt_cli.training import (
+    chat_data,
+    distributed,
+    init_from,
+    optim,
+    run_state,
+    scheduled_sampling,
+    sharding,
+)
 from minigpt_cli.training import data as D
-from minigpt_cli.training import distributed, optim, run_state, scheduled_sampling, sharding
-from minigpt_cli.training.step import accumulate_gradients, clip_gradients, evaluate, lr_at
+from minigpt_cli.training.arithmetic import accumulate_gradients, clip_gradients, evaluate, lr_at
 
 # What may change between a run and its resume. New data is how an imported or trained model
 # is fine-tuned; the model's shape and tokenizer must stay as they were.
@@ -196,15 +205,32 @@ def train(cfg: Config, resume: bool = False, console: Console | None = None) -> 
         distributed.shutdown(ranks)
 
 
-def _encoding(cfg: Config, resume: bool, run_dir: Path, corpus: D.Corpus) -> tiktoken.Encoding:
-    """The run's tokenizer: a resumed run reuses its own saved one (described in the weights'
-    header, imports' too); a new run builds it from the corpus."""
-    if resume and cfg.tokenizer.kind in ("bpe", "hf"):
-        desc = store.read_meta(run_dir / store.MODEL_FILE).get("tokenizer")
-        if isinstance(desc, dict) and desc.get("kind") == cfg.tokenizer.kind:
-            return tok.load(desc, run_dir)
-        return tok.load_bpe_file(run_dir / tok.TOKENIZER_FILE)
-    return D.tokenizer_for(corpus, cfg.tokenizer.kind, cfg.tokenizer.vocab_size)
+def _encoding(cfg: Config, resume: bool, run_dir: Path, corpus: D.Corpus,
+              start: init_from.Start | None) -> tuple[tiktoken.Encoding, chat.ChatTemplate | None]:
+    """The run's tokenizer and chat template: a resumed run reuses its own saved ones
+    (described in the weights' header, imports' too), a run that starts from another takes
+    that run's, a new run builds its tokenizer from the corpus. A chat run whose tokenizer
+    has no template yet gets the chat tokens and the default template."""
+    desc: dict[str, Any] | None = None
+    if resume and (run_dir / store.MODEL_FILE).is_file():
+        saved = store.read_meta(run_dir / store.MODEL_FILE).get("tokenizer")
+        desc = saved if isinstance(saved, dict) and saved.get("kind") == cfg.tokenizer.kind \
+            else None
+    if desc is not None or start is not None:
+        desc = desc if desc is not None else start.tokenizer  # type: ignore[union-attr]
+        enc = tok.load(desc, run_dir if start is None or resume else start.run_dir)
+        template = chat.ChatTemplate.from_dict(desc.get("chat"))
+    elif resume and cfg.tokenizer.kind == "bpe":
+        enc, template = tok.load_bpe_file(run_dir / tok.TOKENIZER_FILE), None
+    else:
+        enc = D.tokenizer_for(corpus, cfg.tokenizer.kind, cfg.tokenizer.vocab_size)
+        template = None
+    if cfg.data.format == "chat" and template is None:
+        if not isinstance(enc, tiktoken.Encoding):
+            raise UserError("this imported tokenizer came without a chat template: import a "
+                            "model folder whose tokenizer_config.json has one")
+        enc, template = tok.with_tokens(enc, chat.CHAT_TOKENS), chat.default_template(tok.EOT)
+    return enc, template
 
 
 class _Run:
@@ -223,6 +249,7 @@ class _Run:
         if resume:
             _check_same_run(self.run_dir, cfg)
             self.state, self.state_tensors = run_state.load_train_state(self.run_dir)
+        self.start_from = None if resume else init_from.load(cfg)
         self.device = resolve_device(cfg.device)
         if self.device.type == "cuda" and ranks.enabled:
             self.device = torch.device("cuda", ranks.local_rank)
@@ -236,20 +263,51 @@ class _Run:
                      "loss": math.nan}
 
     def _data(self, resume: bool) -> None:
-        cfg, T = self.cfg, self.cfg.model.block_size
-        corpus = D.load_corpus(cfg.data.source, cfg.data.val_fraction)
-        self.enc = _encoding(cfg, resume, self.run_dir, corpus)
-        self.tokens = D.tokenize_corpus(corpus, self.enc, cfg.tokenizer.kind)
-        if len(self.tokens.val) <= T + 1 or len(self.tokens.train) <= T + 1:
-            raise UserError(f"model.block_size ({T}) is larger than the data (train "
-                            f"{len(self.tokens.train)}, val {len(self.tokens.val)} tokens): "
-                            "lower block_size or add text")
+        """The tokenizer, the batches the steps draw and the fixed batches evaluations score:
+        windows of text, or (data.format chat) whole conversations."""
+        cfg = self.cfg
+        if cfg.data.format == "chat":
+            self._chat_data(resume)
+        else:
+            corpus = D.load_corpus(cfg.data.source, cfg.data.val_fraction)
+            self.enc, self.chat_template = _encoding(cfg, resume, self.run_dir, corpus,
+                                                self.start_from)
+            self._text_data(corpus)
         self.token_bytes = torch.tensor(tok.token_byte_lengths(self.enc), dtype=torch.float32,
                                         device=self.device)
-        self.val_batches = D.eval_batches(self.tokens.val, self.t.batch_size, T,
-                                          self.t.eval_steps)
-        self.train_eval_batches = D.eval_batches(self.tokens.train, self.t.batch_size, T,
-                                                 self.t.eval_steps)
+
+    def _text_data(self, corpus: D.Corpus) -> None:
+        cfg, T, bs = self.cfg, self.cfg.model.block_size, self.t.batch_size
+        tokens = D.tokenize_corpus(corpus, self.enc, cfg.tokenizer.kind)
+        if len(tokens.val) <= T + 1 or len(tokens.train) <= T + 1:
+            raise UserError(f"model.block_size ({T}) is larger than the data (train "
+                            f"{len(tokens.train)}, val {len(tokens.val)} tokens): "
+                            "lower block_size or add text")
+        self.sizes = (len(tokens.train), len(tokens.val))
+        self.batch = lambda step, m: D.train_batch(tokens.train, bs, T, cfg.seed, step, m)
+        self.val_batches = D.eval_batches(tokens.val, bs, T, self.t.eval_steps)
+        self.train_eval_batches = D.eval_batches(tokens.train, bs, T, self.t.eval_steps)
+
+    def _chat_data(self, resume: bool) -> None:
+        cfg, T, bs = self.cfg, self.cfg.model.block_size, self.t.batch_size
+        skip = cfg.data.bad_records == "skip"
+        convs = chat_data.read_conversations(cfg.data.source, cfg.data.val_fraction, skip)
+        texts = [m["content"] for c in convs.train for m in c]  # what a new BPE learns from
+        corpus = D.Corpus(train=texts, val=[], digest=convs.digest)
+        self.enc, template = _encoding(cfg, resume, self.run_dir, corpus, self.start_from)
+        assert template is not None
+        self.chat_template = template
+        train, val = (chat_data.tokenize(self.enc, template, c, T, skip, convs.skipped)
+                      for c in (convs.train, convs.val))
+        if convs.skipped:
+            self.console.print(f"[yellow]skipped {len(convs.skipped)} conversation(s)[/] "
+                               f"(data.bad_records skip); the first: "
+                               f"{escape(convs.skipped[0])}")
+        pad = self.enc.eot_token
+        self.sizes = (train.tokens, val.tokens)
+        self.batch = lambda step, m: chat_data.train_rows(train, bs, pad, cfg.seed, step, m)
+        self.val_batches = chat_data.eval_rows(val, bs, self.t.eval_steps, pad)
+        self.train_eval_batches = chat_data.eval_rows(train, bs, self.t.eval_steps, pad)
 
     def _model(self) -> None:
         self.mcfg = GPTConfig(vocab_size=self.enc.n_vocab, **asdict(self.cfg.model))
@@ -259,6 +317,12 @@ class _Run:
                         if k.startswith("model.")}
             model = store.build_model(model_sd, asdict(self.mcfg),
                                       self.run_dir / self.state["weights_file"])
+        elif self.start_from is not None:
+            start = self.start_from
+            model = store.build_model(start.tensors, {**start.model_config,
+                                                      "dropout": self.cfg.model.dropout},
+                                      start.run_dir / store.MODEL_FILE)
+            model.grow_vocab(self.enc.n_vocab)  # the chat tokens a base tokenizer gained
         self.model = model.to(self.device)
         # DDP wraps the model; FSDP2 shards it in place, before the optimizer sees it.
         self.fwd = distributed.wrap(self.model, self.ranks, self.t.parallel, self.dtype)
@@ -275,7 +339,9 @@ class _Run:
         self.fwd = torch.compile(self.fwd) if self.cfg.compile else self.fwd
         self.scaler = torch.amp.GradScaler(self.device.type,
                                            enabled=self.dtype == torch.float16)
-        self.tok_desc = tok.describe(self.enc, self.cfg.tokenizer.kind)
+        template = self.chat_template
+        self.tok_desc = tok.describe(self.enc, self.cfg.tokenizer.kind,
+                                     template.to_dict() if template else None)
         # Unbuffered: a line the disk refuses is not held back to fail again at close.
         self.metrics: Any = ((self.run_dir / run_state.METRICS_FILE).open("ab", buffering=0)
                              if self.ranks.main else io.BytesIO())
@@ -325,6 +391,8 @@ class _Run:
                                 yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
         if self.cfg.tokenizer.kind == "bpe":
             tok.save_ranks(self.enc, run_dir / tok.TOKENIZER_FILE)
+        if self.start_from is not None and self.cfg.tokenizer.kind == "hf":
+            tok.copy_tokenizer_file(self.start_from.tokenizer, self.start_from.run_dir, run_dir)
 
     def log(self, record: dict[str, Any]) -> None:
         try:
@@ -366,9 +434,9 @@ class _Run:
     def micro_batches(self, step: int, ss_prob: float) -> Iterator[tuple[Tensor, Tensor]]:
         """This rank's micro-batches, each a function of (seed, step, global index) alone:
         its windows, its dropout masks, and (scheduled sampling) its own-prediction inputs."""
-        cfg, T = self.cfg, self.cfg.model.block_size
+        cfg = self.cfg
         for m in self.mine:
-            x, y = D.train_batch(self.tokens.train, self.t.batch_size, T, cfg.seed, step, m)
+            x, y = self.batch(step, m)
             torch.manual_seed(D.micro_seed(cfg.seed, step, m) ^ 0xD209)
             if ss_prob > 0:  # scheduled sampling: a no-grad pass first, then mixed inputs
                 x = scheduled_sampling.own_predictions_as_inputs(
@@ -414,8 +482,9 @@ class _Run:
         self.console.print(
             f"[bold]training[/] {self.model.num_params() / 1e6:.2f}M params on {self.device} "
             f"({str(self.dtype).removeprefix('torch.')}: {self.dtype_why}), vocab "
-            f"{self.enc.n_vocab}, {len(self.tokens.train):,} train / {len(self.tokens.val):,} "
-            "val tokens" + (f"; {self.memory}" if self.memory else ""))
+            f"{self.enc.n_vocab}, {self.sizes[0]:,} train / {self.sizes[1]:,} val tokens"
+            + (" (chat: the loss on the assistant's tokens)" if self.cfg.data.format == "chat"
+               else "") + (f"; {self.memory}" if self.memory else ""))
         self.console.print(
             f"global batch {t.batch_size} x {T} tokens x {t.grad_accum_steps} "
             f"micro-batches = {self.tokens_per_step:,} tokens per step"

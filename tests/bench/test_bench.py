@@ -49,7 +49,7 @@ def test_bench_reports_every_field(small_config: Path, tmp_path: Path) -> None:
         for field in ("total_s", "tokens_per_s", "ms_per_token", "positions_computed"):
             assert field in long[mode]
         assert len(long[mode]["ms_per_token"]) == 160
-    assert long["seed_ops_uncached"] == 160 * 161 // 2 and long["seed_ops_cached"] == 160
+    assert long["forwards_uncached"] == 160 * 161 // 2 and long["forwards_cached"] == 160
     assert long["cached"]["positions_computed"] == 4 + 159  # prefill once, then 1 per step
     assert long["uncached"]["positions_computed"] == sum(4 + i for i in range(160))
     assert long["tokens_match"] and short["tokens_match"] and long["ok"]
@@ -69,7 +69,7 @@ def test_bench_reports_every_field(small_config: Path, tmp_path: Path) -> None:
 
 def test_kv_bytes_are_measured_on_the_allocated_cache(tmp_path: Path) -> None:
     """A context window (256) longer than prompt + n (4 + 40), and a batch of 3: the cache
-    holds the whole window for every row, the seed's formula counts the tokens used."""
+    holds the whole window for every row, the tutorial's formula counts the tokens used."""
     path = tmp_path / "wide.yaml"
     path.write_text(yaml.safe_dump({
         "tokenizer": {"kind": "byte"},
@@ -81,8 +81,8 @@ def test_kv_bytes_are_measured_on_the_allocated_cache(tmp_path: Path) -> None:
     assert r["kv_bytes_formula"] == 2 * 3 * 3 * 2 * (4 + 40) * 16 * 4
 
 
-def test_seed_memory_example() -> None:
-    # GPT-2 small, 1000 tokens, fp32: 2 x 12 x 12 x 1000 x 64 floats = 73.7 MB (the seed's figure)
+def test_the_tutorials_gpt2_memory_example() -> None:
+    # GPT-2 small, 1000 tokens, fp32: 2 x 12 x 12 x 1000 x 64 floats = 73.7 MB (the tutorial's)
     assert round(kv_cache_bytes(12, 12, 1000, 64, 1, 4) / 1e6, 1) == 73.7
     assert round(kv_cache_bytes(12, 12, 1000, 64, 1, 2) / 1e6, 1) == 36.9
 
@@ -91,14 +91,14 @@ def test_seed_memory_example() -> None:
 def test_broken_cache_fails_the_equality_check(small_config: Path, tmp_path: Path,
                                                monkeypatch: pytest.MonkeyPatch,
                                                engine: str) -> None:
-    real_step = ModelRunner._step
+    real_step = ModelRunner._next_tokens
 
     def corrupt(self: ModelRunner, slots: list[int], tokens: list[int]) -> torch.Tensor:
         if len(self.windows[slots[0]]) == 10:  # once, mid-way: a cached key of layer 0 breaks
             self.cache.k[0, :, :, 2] += 5.0
         return real_step(self, slots, tokens)
 
-    monkeypatch.setattr(ModelRunner, "_step", corrupt)
+    monkeypatch.setattr(ModelRunner, "_next_tokens", corrupt)
     code, report = _bench(small_config, tmp_path, lengths=[30], engine=engine)
     assert report["header"]["engine"] == engine
     assert code == 1

@@ -164,7 +164,8 @@ def test_chunked_prefill_matches_the_pytorch_prefill() -> None:
     fast = ModelRunner(model, 2, engine="native")
     ref = ModelRunner(model, 2, engine="torch")
     fast.prefill(1, [5, 6, 7])
-    firsts, dec = fast.step([(0, prompt)], [1], [8])
+    out = fast.run([(0, prompt)], [1], [8])
+    firsts, dec = out.firsts, out.logits
     want_first = ref.prefill(0, prompt)
     ref.prefill(1, [5, 6, 7])
     want_dec = ref.decode([1], [8])
@@ -224,13 +225,13 @@ def test_prefill_first_runs_prompts_alone_with_the_same_results(model: GPT, enc)
         seqs = [Sequence(prompt=tok.encode(enc, p), settings=GREEDY, max_tokens=n)
                 for p, n in zip(PROMPTS * 2, sizes, strict=False)]
         engine = Engine(model, enc, 2, prefill_budget=8, prefill_first=first)
-        steps, inner = [], engine.runner.step
+        steps, inner = [], engine.runner.run
 
-        def spy(prompts, slots, inputs, drafts=None, late=None):
+        def spy(prompts, slots, inputs, drafts=None, join=None):
             steps.append((len(prompts), len(slots)))
-            return inner(prompts, slots, inputs, drafts, late)
+            return inner(prompts, slots, inputs, drafts, join)
 
-        engine.runner.step = spy  # type: ignore[method-assign]
+        engine.runner.run = spy  # type: ignore[method-assign]
         engine.run(seqs)
         return [q.tokens for q in seqs], steps
 
@@ -260,7 +261,7 @@ def test_requests_joining_a_step_in_progress_get_their_tokens_alone(enc, arrival
     for _ in range(4):
         eng.step()
     joined: list[Sequence] = []
-    offers, inner = [], eng._offer
+    offers, inner = [], eng._join_step
 
     def arrive(room: int, upto: dict[int, int]) -> list[tuple[int, list[int]]]:
         offers.append(dict(upto))
@@ -271,7 +272,7 @@ def test_requests_joining_a_step_in_progress_get_their_tokens_alone(enc, arrival
             eng.add(joined[-1])
         return inner(room, upto)
 
-    eng._offer = arrive  # type: ignore[method-assign]
+    eng._join_step = arrive  # type: ignore[method-assign]
     steps = eng.steps
     eng.step()
     assert eng.steps == steps + 1 and eng.joined_mid_step == len(arrivals)

@@ -242,7 +242,7 @@ def test_a_step_split_at_layer_boundaries_gives_the_same_bits(arch: dict) -> Non
     (runner._join_late). Logits and every cached key and value must equal one whole call's,
     bit for bit, wherever the step is split."""
     model = _model(n_layer=4, **arch)
-    step = native.NativeStep(model)
+    step = native.FusedForward(model)
     cfg = model.config
     prompt = [(5 * i + 3) % cfg.vocab_size for i in range(9)]
     cols, want = list(range(9)), [False] * 8 + [True]

@@ -74,14 +74,24 @@ def test_a_prompt_goes_to_the_free_slot_holding_most_of_it(model: GPT, enc) -> N
     assert later.tokens == fresh.tokens
 
 
+class Held:
+    """A stand-in for the runner's PrefixView: what each slot can skip, by slot alone."""
+
+    def __init__(self, by_slot) -> None:
+        self.by_slot = by_slot
+
+    def reusable(self, slot: int, prompt: list[int]) -> tuple[int, int]:
+        return self.by_slot(slot)
+
+
 def test_the_budget_counts_only_the_tokens_left_to_compute() -> None:
     held = {0: (2, 2), 1: (5, 5), 2: (5, 5)}
     sched = Scheduler(3)
     a, b = (Sequence(prompt=[1] * 8, settings=GREEDY, max_tokens=1) for _ in range(2))
     sched.add(a, b)
-    assert sched.admit(4, lambda s, p: held[s]) == [a]  # costs 3; b's 3 more would pass 4
+    assert sched.admit(4, Held(lambda s: held[s])) == [a]  # costs 3; b's 3 more would pass 4
     assert a.slot == 1  # holds 5, as slot 2 does: the lower one
-    assert sched.admit(4, lambda s, p: held[s]) == [b] and b.slot == 2
+    assert sched.admit(4, Held(lambda s: held[s])) == [b] and b.slot == 2
     plain = Scheduler(3)
     plain.add(Sequence(prompt=[1] * 8, settings=GREEDY, max_tokens=1))
     assert [s.slot for s in plain.admit(4)] == [0]
@@ -165,7 +175,7 @@ def test_a_burst_that_begins_alike_computes_the_beginning_once() -> None:
     sched = Scheduler(4)
     seqs = [Sequence(prompt=[1] * 10, settings=GREEDY, max_tokens=1) for _ in range(3)]
     sched.add(*seqs)
-    assert sched.admit(8, lambda s, p: (9, own[s])) == seqs
+    assert sched.admit(8, Held(lambda s: (9, own[s]))) == seqs
     assert [s.slot for s in seqs] == [0, 1, 2]  # the slot holding them itself goes first
 
 

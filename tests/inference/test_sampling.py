@@ -28,11 +28,11 @@ def _softmax(xs: list[float]) -> list[float]:
     return [e / sum(exps) for e in exps]
 
 
-def test_temperature_on_the_seed_example() -> None:
+def test_temperature_on_the_tutorials_example() -> None:
     """Seed 004: logits [2.0, 1.0, 0.5, 0.1] at T=0.5 give "≈ [0.86, 0.12, 0.02, 0.00]".
 
-    The exact softmax of [4.0, 2.0, 1.0, 0.2] is [0.83, 0.11, 0.04, 0.02]: the seed's rounding
-    is off by up to 0.03. We check the exact values, and that the seed's figures hold to 0.04.
+    The exact softmax of [4.0, 2.0, 1.0, 0.2] is [0.83, 0.11, 0.04, 0.02]: the tutorial's rounding
+    is off by up to 0.03. We check the exact values, and that the tutorial's figures hold to 0.04.
     """
     logits = torch.tensor([[2.0, 1.0, 0.5, 0.1]])
     probs = torch.softmax(apply_temperature(logits, 0.5), dim=-1)[0].tolist()

@@ -142,8 +142,8 @@ def test_int8_native_step_equals_torch_on_the_rounded_model() -> None:
 
 
 def test_int8_next_token_agrees_with_float32(run) -> None:
-    """Issue #13's bar: the int8 model's most likely next token is float32's at >= 98% of the
-    positions of the run's validation text."""
+    """The bar int8 is held to: the int8 model's most likely next token is float32's at
+    >= 98% of the positions of the run's validation text."""
     import copy
 
     from minigpt_cli.evaluation.eval_cli import eval_tokens

@@ -22,11 +22,10 @@ from minigpt_cli.config import TrainConfig, config_from_dict
 from minigpt_cli.errors import SaveError, UserError
 from minigpt_cli.model import store
 from minigpt_cli.model.gpt import GPT, GPTConfig
+from minigpt_cli.training import arithmetic, run_state
 from minigpt_cli.training import loop as train_module
-from minigpt_cli.training import run_state
-from minigpt_cli.training import step as train_step
+from minigpt_cli.training.arithmetic import lr_at
 from minigpt_cli.training.loop import Interrupted, train
-from minigpt_cli.training.step import lr_at
 from tests.conftest import tiny_raw
 
 
@@ -112,9 +111,9 @@ def _sgd_step(model: GPT, batches: list[tuple[torch.Tensor, torch.Tensor]], clip
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     cpu = torch.device("cpu")
-    loss = train_step.accumulate_gradients(model, iter(batches), len(batches), scaler, cpu,
+    loss = arithmetic.accumulate_gradients(model, iter(batches), len(batches), scaler, cpu,
                                              torch.float32)
-    norm = train_step.clip_gradients(model, opt, scaler, clip)
+    norm = arithmetic.clip_gradients(model, opt, scaler, clip)
     return loss.item(), None if norm is None else norm.item()
 
 
@@ -416,7 +415,7 @@ def test_uniform_logits_give_log2_257_bits_per_byte() -> None:
     y = torch.randint(0, 256, (4, 16))
     y[0, :3] = 256  # end-of-text targets stand for no bytes: left out of bits per byte
     batches = [(torch.zeros_like(y), y)]
-    result = train_step.evaluate(_Uniform(), batches, token_bytes, torch.device("cpu"),
+    result = arithmetic.evaluate(_Uniform(), batches, token_bytes, torch.device("cpu"),
                                    torch.float32)
     assert result.bpb == pytest.approx(math.log2(257), rel=1e-6)
     assert result.loss == pytest.approx(math.log(257), rel=1e-6)  # every target counts here

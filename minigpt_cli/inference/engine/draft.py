@@ -41,8 +41,8 @@ class Drafter:
         new = [i for i in live if seqs[i].draft_missing is None]
         rows: dict[int, torch.Tensor] = {}
         if new:
-            firsts, _ = self.runner.step(
-                [(seqs[i].slot, seqs[i].prompt + seqs[i].tokens) for i in new], [], [])
+            firsts = self.runner.run(
+                [(seqs[i].slot, seqs[i].prompt + seqs[i].tokens) for i in new], [], []).firsts
             self.steps += 1
             rows = {i: row.clone() for i, row in zip(new, firsts, strict=True)}
         todo = {i: [*(seqs[i].draft_missing or []), seqs[i].next_input] for i in live
@@ -75,14 +75,14 @@ class Drafter:
         todo = {i: list(t) for i, t in todo.items()}
         while todo:
             order = list(todo)
-            _, logits = self.runner.step([], [seqs[i].slot for i in order],
-                                         [todo[i][0] for i in order],
-                                         [todo[i][1:] for i in order])
+            ran = self.runner.run([], [seqs[i].slot for i in order],
+                                  [todo[i][0] for i in order], [todo[i][1:] for i in order])
             self.steps += 1
+            logits = ran.logits
             assert logits is not None
             at = 0
             for n, i in enumerate(order):
-                fed = 1 + self.runner.drafted[n]
+                fed = 1 + ran.drafted[n]
                 del todo[i][:fed]
                 if not todo[i]:
                     out[i] = logits[at + fed - 1].clone()  # the C step reuses its buffer

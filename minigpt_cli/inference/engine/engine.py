@@ -5,7 +5,8 @@ slots (prefilling their prompts), runs one decode step for every other running s
 samples each sequence with its own settings and generator, hands each new token to its
 request, and frees a slot the moment its request ends (EOS, a stop string, max_tokens, or a
 cancel). With `join_mid_step` (the server's default) a request that arrives early in a step
-joins it at a layer boundary instead of waiting for the next (runner._join_late).
+joins it at a layer boundary instead of waiting for the next (runner._join_late, through
+the one hook the runner calls up: `_join_step`).
 `minigpt generate` drives it to completion (`run`); the server drives it forever from one
 thread (`serve_forever`) while requests come and go.
 """
@@ -23,7 +24,7 @@ import torch
 
 from minigpt_cli.inference.engine.draft import Drafter
 from minigpt_cli.inference.engine.lookup import propose
-from minigpt_cli.inference.engine.runner import ModelRunner
+from minigpt_cli.inference.engine.runner import ModelRunner, RunOutput
 from minigpt_cli.inference.engine.scheduler import Scheduler
 from minigpt_cli.inference.engine.sequence import Sequence, TokenEvent
 from minigpt_cli.inference.engine.text import TextStream
@@ -101,77 +102,104 @@ class Engine:
             return len(self.scheduler.running), len(self.scheduler.waiting)
 
     def step(self) -> None:
+        """One step, one way: schedule (who runs), run (the model, once for every row),
+        postprocess (sample, stream, free). The one call back up is `_join_step`, which the
+        runner makes at layer boundaries when a request may join the run under way."""
+        starting, decoding, scored = self._schedule()
+        for seq in scored:
+            self._guarded(seq, self._score_prompt, seq)
+        drafts, dists = self._drafts(decoding)
+        self._joined = []
+        out = self._run(starting, decoding, drafts)
+        if out is not None:
+            self._postprocess(out, starting, decoding, drafts, dists)
+        self.steps += 1
+        if self.on_step is not None:
+            ran = len(decoding) + len(self._joined) if out is not None else 0
+            self.on_step(ran + len(starting) + len(scored))
+
+    def _postprocess(self, out: RunOutput, starting: list[Sequence], decoding: list[Sequence],
+                     drafts: list[list[int]], dists: list[torch.Tensor | None]) -> None:
+        """Sample each request's next token(s) from what the run computed, in the order the
+        rows came: prompts that started, prompts that joined mid-run, then decode rows (each
+        with 1 + drafted[i] rows, its guesses checked in turn)."""
+        ready = list(zip(starting, out.firsts, out.filled, strict=True))
+        ready += [(seq, row, n) for seq, (row, n) in zip(self._joined, out.joined, strict=True)]
+        self.joined_mid_step += len(self._joined)
+        for seq, row, n in ready:
+            seq.cached_tokens = len(self.runner.windows[seq.slot]) - n
+            self._guarded(seq, self._advance, seq, row, n)
+        at = 0
+        for i, seq in enumerate(decoding if out.logits is not None else []):
+            k = out.drafted[i]
+            q = dists[i][:k] if dists[i] is not None else None
+            self._guarded(seq, self._verify, seq, out.logits[at:at + 1 + k], out.positions[i],
+                          drafts[i][:k], q)
+            at += 1 + k
+
+    def _schedule(self) -> tuple[list[Sequence], list[Sequence], list[Sequence]]:
+        """Drop cancelled requests, admit waiting ones into free slots, and say which start
+        (their prompts go in this step's run), which decode, and which score their prompt (echo
+        with logprobs: a forward of their own before the run; they decode from the next
+        step)."""
         with self._lock:
             cancelled = [s for s in [*self.scheduler.waiting, *self.scheduler.running.values()]
                          if s.cancelled]
             for seq in cancelled:
                 self._finish(seq, "cancelled")
-            admitted = self.scheduler.admit(self.prefill_budget, self._reusable())
+            admitted = self.scheduler.admit(self.prefill_budget, self.runner.prefixes())
             decoding = [] if self.prefill_first and admitted else [
                 s for s in self.scheduler.running.values()
                 if s not in admitted and s.next_input is not None]
         for seq in cancelled:
             self._notify_end(seq)
-        scored = [s for s in admitted if s.echo_logprobs]  # echo + logprobs: score the prompt
-        for seq in scored:
-            try:
-                logits = self.runner.prefill(seq.slot, seq.prompt, all_positions=True)
-                seq.prompt_logprobs = self._prompt_logprobs(seq, logits)
-                self._advance(seq, logits[-1], len(self.runner.windows[seq.slot]))
-            except Exception as exc:  # one bad request must not take the engine down
-                self._fail(seq, exc)
-        starting = [s for s in admitted if not s.echo_logprobs]
+        scored = [s for s in admitted if s.echo_logprobs]
         decoding.sort(key=lambda s: s.slot)
-        firsts: list[torch.Tensor] = []
-        logits, positions = None, []
-        drafts, dists = self._drafts(decoding)
-        self._joined = []
-        late = self._offer if (self.join_mid_step and self.runner.engine == "native"
-                                and self._step_s >= self.join_min_s
-                                and self.scheduler.n_free > 0) else None
+        return [s for s in admitted if not s.echo_logprobs], decoding, scored
+
+    def _score_prompt(self, seq: Sequence) -> None:
+        """echo with logprobs: the prompt's own log-probabilities need a forward over it all."""
+        logits = self.runner.prefill(seq.slot, seq.prompt, all_positions=True)
+        seq.prompt_logprobs = self._prompt_logprobs(seq, logits)
+        self._advance(seq, logits[-1], len(self.runner.windows[seq.slot]))
+
+    def _run(self, starting: list[Sequence], decoding: list[Sequence],
+             drafts: list[list[int]]) -> RunOutput | None:
+        """The model's part of the step; None when it failed (every row in it is failed).
+        Requests may join it mid-way (`_join_step`) once steps are long enough to be worth
+        it: on the C step, with a free slot."""
+        join = self._join_step if (self.join_mid_step and self.runner.engine == "native"
+                                   and self._step_s >= self.join_min_s
+                                   and self.scheduler.n_free > 0) else None
+        if not starting and not decoding:
+            return RunOutput([], [], None)
+        began = time.perf_counter()
         try:
-            if starting or decoding:
-                began = time.perf_counter()
-                firsts, logits = self.runner.step([(s.slot, s.prompt) for s in starting],
-                                                  [s.slot for s in decoding],
-                                                  [s.next_input for s in decoding], drafts,
-                                                  late)
-                self._step_s = time.perf_counter() - began
-                positions = self.runner.positions
-        except Exception as exc:  # the batched forward failed: every row in it fails
+            out = self.runner.run([(s.slot, s.prompt) for s in starting],
+                                  [s.slot for s in decoding], [s.next_input for s in decoding],
+                                  drafts, join)
+        except Exception as exc:
             for seq in starting + decoding + self._joined:
                 self._fail(seq, exc)
-            starting, decoding, firsts, self._joined = [], [], [], []
-        ready = list(zip(starting, firsts, self.runner.filled if firsts else [], strict=True))
-        if self._joined:  # runner.step ran and let them join
-            ready += [(seq, row, n) for seq, (row, n) in
-                      zip(self._joined, self.runner.late, strict=True)]
-        self.joined_mid_step += len(self._joined)
-        for seq, row, n in ready:
-            seq.cached_tokens = len(self.runner.windows[seq.slot]) - n
-            try:
-                self._advance(seq, row, n)
-            except Exception as exc:
-                self._fail(seq, exc)
-        at = 0  # decode rows: 1 + drafted[i] per sequence
-        for i, seq in enumerate(decoding if logits is not None else []):
-            k = self.runner.drafted[i]
-            q = dists[i][:k] if dists[i] is not None else None
-            try:
-                self._verify(seq, logits[at:at + 1 + k], positions[i], drafts[i][:k], q)
-            except Exception as exc:
-                self._fail(seq, exc)
-            at += 1 + k
-        self.steps += 1
-        if self.on_step is not None:
-            self.on_step(len(decoding) + len(admitted) + len(self._joined))
+            self._joined = []
+            return None
+        self._step_s = time.perf_counter() - began
+        return out
 
-    def _offer(self, room: int, upto: dict[int, int]) -> list[tuple[int, list[int]]]:
-        """The runner asks, at a layer boundary early in a step: may waiting requests join
-        it? The oldest ones do, in order, while a slot the step is not using is free and
-        their rows fit in `room` and the prefill budget; a request that scores its prompt
-        (echo with logprobs) takes a forward of its own and waits, with those behind it.
-        `upto`: the columns the step is writing, which no prompt may reuse."""
+    def _guarded(self, seq: Sequence, fn: Callable[..., None], *args: object) -> None:
+        """Run one request's part of the step; if it raises, that request fails, not the
+        engine (nor the other requests in the step)."""
+        try:
+            fn(*args)
+        except Exception as exc:
+            self._fail(seq, exc)
+
+    def _join_step(self, room: int, upto: dict[int, int]) -> list[tuple[int, list[int]]]:
+        """The runner's one call up (runner.JoinHook), at a layer boundary early in a run:
+        may waiting requests join it? The oldest ones do, in order, while a slot the run is
+        not using is free and their rows fit in `room` and the prefill budget; a request that
+        scores its prompt (echo with logprobs) takes a forward of its own and waits, with
+        those behind it. `upto`: the columns the run is writing, which no prompt may reuse."""
         with self._lock:
             most = 0
             for seq in self.scheduler.waiting:
@@ -181,30 +209,12 @@ class Engine:
             if most == 0:
                 return []
             budget = min(room, self.prefill_budget or room)
-            joined = self.scheduler.admit(budget, self._reusable(upto), strict=True,
+            joined = self.scheduler.admit(budget, self.runner.prefixes(upto), strict=True,
                                           avoid=upto, most=most)
         for seq in joined:
             seq.joined_mid_step = True
         self._joined += joined
         return [(s.slot, s.prompt) for s in joined]
-
-    def _reusable(self, upto: dict[int, int] | None = None
-                  ) -> Callable[[int, list[int]], tuple[int, int]] | None:
-        """For the scheduler: (how much of a prompt slot s can skip, how much of that its own
-        cache holds). The rest comes by copy from the slot that holds the most of it
-        (runner.shared, looked up once per prompt; `upto`: see there). None when prefix
-        reuse is off."""
-        if not self.runner.reuse_prefix:
-            return None
-        anywhere: dict[int, int] = {}
-
-        def reusable(slot: int, prompt: list[int]) -> tuple[int, int]:
-            if id(prompt) not in anywhere:
-                anywhere[id(prompt)] = self.runner.shared(prompt, upto=upto)[1]
-            own = self.runner.held(slot, prompt)
-            return max(own, anywhere[id(prompt)]), own
-
-        return reusable
 
     def _drafts(self, decoding: list[Sequence]
                 ) -> tuple[list[list[int]], list[torch.Tensor | None]]:
@@ -296,7 +306,7 @@ class Engine:
         if seq.first_token_at is None:
             seq.first_token_at = time.perf_counter()
         assert seq.stream is not None
-        if token == self.enc.eot_token:
+        if token == self.enc.eot_token or token in seq.stop_ids:
             event.finish_reason = "eos"
         else:
             seq.tokens.append(token)

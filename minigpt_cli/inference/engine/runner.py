@@ -1,4 +1,4 @@
-"""The model runner: prefill one cache slot, or run one decode step for many slots at once.
+"""The model runner: prefill one cache slot, or run the model once for many slots at once.
 
 Each slot holds one sequence's context window (at most `block_size` tokens) and, with the
 cache, that window's keys and values at columns 0..len-1, so every sequence keeps its own
@@ -17,15 +17,49 @@ each window whole, left-padded to the longest.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 
 from minigpt_cli.inference import native
 from minigpt_cli.model.gpt import GPT, KVCache, RowsView
 
-# The engine's offer of prompts that may join a step in progress: given how many rows fit
-# and which columns the step is writing (slot -> first column), (slot, prompt) pairs.
-Late = Callable[[int, dict[int, int]], list[tuple[int, list[int]]]]
+# The one call from the runner up to the engine: at a layer boundary early in a run, which
+# waiting prompts join it now. Given how many rows still fit and which columns the run is
+# writing (slot -> first column), it returns (slot, prompt) pairs it has placed in free slots.
+JoinHook = Callable[[int, dict[int, int]], list[tuple[int, list[int]]]]
+
+
+@dataclass
+class RunOutput:
+    """What one `ModelRunner.run` computed, for the engine to sample from."""
+
+    firsts: list[torch.Tensor]  # per prompt started: its next-token logits [V]
+    filled: list[int]  # per prompt started: positions computed (the rest was reused)
+    logits: torch.Tensor | None  # the decode rows' logits; None without decode rows
+    positions: list[int] = field(default_factory=list)  # per decode slot: positions computed
+    drafted: list[int] = field(default_factory=list)  # per decode slot: guesses that went in
+    # per prompt that joined the run mid-way, in the order the hook gave them: logits, positions
+    joined: list[tuple[torch.Tensor, int]] = field(default_factory=list)
+
+
+class PrefixView:
+    """The scheduler's read-only question to the cache when it places a prompt: how much of
+    it a free slot can skip. One view serves one admission; it looks up each prompt's best
+    copy source (`ModelRunner.shared`) once, however many free slots are asked about it."""
+
+    def __init__(self, runner: ModelRunner, upto: dict[int, int] | None) -> None:
+        self._runner = runner
+        self._upto = upto
+        self._anywhere: dict[int, int] = {}
+
+    def reusable(self, slot: int, prompt: list[int]) -> tuple[int, int]:
+        """(how many of the prompt's first tokens `slot` can skip, how many of those its own
+        cache holds); the rest it would copy from the slot that holds the most."""
+        if id(prompt) not in self._anywhere:
+            self._anywhere[id(prompt)] = self._runner.shared(prompt, upto=self._upto)[1]
+        own = self._runner.held(slot, prompt)
+        return max(own, self._anywhere[id(prompt)]), own
 
 
 class ModelRunner:
@@ -41,16 +75,15 @@ class ModelRunner:
         self.cache = (KVCache(model.config, n_slots, self.block_size, self.device, p.dtype)
                       if use_cache else None)
         # What runs cached steps: the fused C step (minigpt_cli/inference/native/; it also takes the
-        # prompts of `step`) or the model's forward. The uncached loop is always the forward.
+        # prompts of `run`) or the model's forward. The uncached loop is always the forward.
         self.engine = native.choose_engine(engine, model, use_cache)
-        # The C step's weight layout is packed now, with the session, not inside the first
+        # The C step's weight layout is packed now, with the runner, not inside the first
         # timed step (0.3 s for GPT-2 124M).
-        self._native = native.NativeStep(model) if self.engine == "native" else None
-        # This session's [C, V] head (GPT.head), made now for PyTorch steps so no timed step
-        # pays for the copy; a session on the fused C step makes it only if it needs it.
+        self._native = native.FusedForward(model) if self.engine == "native" else None
+        # This engine's [C, V] head (GPT.head), made now for PyTorch steps so no timed step
+        # pays for the copy; an engine on the fused C step makes it only if it needs it.
         self._head_t = model.head_copy() if self.engine == "torch" else None
         self.positions: list[int] = []  # per row of the last call: positions computed
-        self.filled: list[int] = []  # per prompt of the last `step`: positions computed
         # Prefix reuse (the engine turns it on): a prompt that starts with what a slot's
         # cache already holds (its own, or another's by copy) computes only the rest. Only
         # on the fused C step, where a row's keys and values do not depend on which call or
@@ -58,11 +91,10 @@ class ModelRunner:
         # prefill over a whole prompt may round differently from the steps that cached a
         # slot's tokens one by one.
         self.reuse_prefix = False
-        # The share of a step's layers after which a late prompt may still join it (the
+        # The share of a run's layers after which a late prompt may still join it (the
         # engine's join_mid_step): joining after layer l costs the running rows the time to
-        # stream l layers' weights once more, so late in a step waiting is cheaper.
+        # stream l layers' weights once more, so late in a run waiting is cheaper.
         self.join_share = 0.5
-        self.late: list[tuple[torch.Tensor, int]] = []  # per joiner of the last `step`
         self._forward_filled: set[int] = set()  # slots whose cache a PyTorch forward filled
         self.prefills = 0  # forward passes over a whole window (a prompt, or a slide)
 
@@ -83,6 +115,11 @@ class ModelRunner:
             else:
                 hi = mid - 1
         return lo
+
+    def prefixes(self, upto: dict[int, int] | None = None) -> PrefixView | None:
+        """The scheduler's view of what the cache can reuse (None when reuse is off).
+        `upto`: see `shared`."""
+        return PrefixView(self, upto) if self.reuse_prefix else None
 
     def shared(self, prompt: list[int], skip: set[int] | frozenset[int] = frozenset(),
                upto: dict[int, int] | None = None) -> tuple[int, int]:
@@ -137,7 +174,7 @@ class ModelRunner:
             return self._uncached(slots)
         if not slid:
             self.positions = [1] * len(slots)
-            return self._step(slots, tokens)
+            return self._next_tokens(slots, tokens)
         out = torch.empty(len(slots), self.model.config.vocab_size, device=self.device,
                           dtype=next(self.model.parameters()).dtype)
         self.positions = [1] * len(slots)
@@ -146,40 +183,42 @@ class ModelRunner:
             self.positions[i] = len(self.windows[slots[i]])
         rest = [i for i in range(len(slots)) if i not in slid]
         if rest:
-            out[rest] = self._step([slots[i] for i in rest], [tokens[i] for i in rest])
+            out[rest] = self._next_tokens([slots[i] for i in rest], [tokens[i] for i in rest])
         return out
 
     @torch.inference_mode()
-    def step(self, prefills: list[tuple[int, list[int]]], slots: list[int], tokens: list[int],
-             drafts: list[list[int]] | None = None, late: Late | None = None
-             ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
-        """One engine step: start slot s on prompt p for each (s, p) in `prefills`, and append
-        tokens[i] to slots[i]. Returns each prompt's next-token logits [V] and the decode
-        rows' [len(slots), V] (None without decode rows).
+    def run(self, prefills: list[tuple[int, list[int]]], slots: list[int], tokens: list[int],
+            drafts: list[list[int]] | None = None, join: JoinHook | None = None) -> RunOutput:
+        """The model's share of one engine step: start slot s on prompt p for each (s, p) in
+        `prefills`, and append tokens[i] to slots[i]. Returns each prompt's next-token logits
+        [V] and the decode rows' [len(slots), V], with what was computed for each.
 
         With the fused C step, prompts are not prefilled one by one: their tokens become rows
         of the same call as the decode rows (chunked prefill), so a new request's first token
         costs about one step, and the running requests do not wait for its prompt.
 
-        `drafts[i]` (cached steps only): guesses appended after tokens[i], one row each, as
-        far as the window has room; `self.drafted[i]` says how many went in. Slot i's rows are
+        `drafts[i]` (cached runs only): guesses appended after tokens[i], one row each, as
+        far as the window has room; `drafted[i]` says how many went in. Slot i's rows are
         then 1 + drafted[i] consecutive decode rows, each the logits after its token;
         `truncate` takes back the guesses that were wrong.
 
-        `late(room, upto)` (C step only): asked at layer boundaries early in the step for
-        prompts that join it (see `_join_late`; at most `room` rows); `self.late` then holds
-        each joined prompt's (next-token logits, positions computed)."""
+        `join` (C step only): asked at layer boundaries early in the run for prompts that
+        join it (see `_join_late`); `joined` then holds each one's (next-token logits,
+        positions computed). Read the logits before the next call: the C step reuses its
+        buffer."""
         self.drafted = [0] * len(slots)
-        self.late = []
         if self.engine != "native":
             first = [self.prefill(s, p) for s, p in prefills]
-            self.filled = [len(self.windows[s]) for s, _ in prefills]
-            if not slots:
-                return first, None
-            if not self.use_cache or not drafts or not any(drafts):
-                return first, self.decode(slots, tokens)
-            return first, self._decode_drafts(slots, tokens, drafts)
-        rows, self.filled = self._start(prefills)
+            filled = [len(self.windows[s]) for s, _ in prefills]
+            logits = None
+            if slots and (not self.use_cache or not drafts or not any(drafts)):
+                logits = self.decode(slots, tokens)
+            elif slots:
+                assert drafts is not None
+                logits = self._decode_drafts(slots, tokens, drafts)
+            return RunOutput(first, filled, logits, list(self.positions) if slots else [],
+                             self.drafted)
+        rows, filled = self._start(prefills)
         self.positions = []
         moved_all = self._append(slots, tokens)
         for i, (s, t, moved) in enumerate(zip(slots, tokens, moved_all, strict=True)):
@@ -196,11 +235,11 @@ class ModelRunner:
                 self.drafted[i] = len(guesses)
         self.prefills += len(prefills) + sum(p > 1 for p in self.positions)
         joined: list[tuple[int, int, int, bool]] = []
-        filled: list[int] = []  # per joined prompt: positions computed
+        joined_filled: list[int] = []  # per joined prompt: positions computed
         try:
-            if late is not None and self.model.config.n_layer > 1 \
+            if join is not None and self.model.config.n_layer > 1 \
                     and len(rows) < self._native.max_rows:  # type: ignore[union-attr]
-                logits = self._join_late(rows, late, joined, filled)
+                logits = self._join_late(rows, join, joined, joined_filled)
             else:
                 logits = self._native_rows(rows)
         except Exception:  # the windows say more than the cache holds: let nothing reuse it
@@ -208,9 +247,10 @@ class ModelRunner:
                 self.windows[s] = []
             raise
         n_own = sum(row[3] for row in rows)
-        self.late = list(zip(logits[n_own:], filled, strict=True))
         first = len(prefills)
-        return list(logits[:first]), logits[first:n_own] if slots else None
+        return RunOutput(list(logits[:first]), filled, logits[first:n_own] if slots else None,
+                         self.positions, self.drafted,
+                         list(zip(logits[n_own:], joined_filled, strict=True)))
 
     def _start(self, prefills: list[tuple[int, list[int]]],
                upto: dict[int, int] | None = None
@@ -235,20 +275,20 @@ class ModelRunner:
             filled.append(len(self.windows[s]) - held)
         return rows, filled
 
-    def _join_late(self, rows: list[tuple[int, int, int, bool]], late: Late,
+    def _join_late(self, rows: list[tuple[int, int, int, bool]], join: JoinHook,
                    joined: list[tuple[int, int, int, bool]], filled: list[int]
                    ) -> torch.Tensor:
         """Run `rows` through the C step a layer at a time over the first `join_share` of the
-        layers, asking `late` after each whether prompts arrived that should join this step
+        layers, asking `join` after each whether prompts arrived that should join this run
         instead of waiting for the next: a request that comes early in a long step then has
         its first token at the end of this one. Their rows catch up on the layers done so
         far in a call of their own (only they read those weights again), then go on with
         the others; the last call takes every row to the end. `joined` receives the new
         rows and `filled` each joined prompt's positions computed; logits come for every
         wanted row of `rows`, then each joined prompt's last."""
-        step, n_layer = self._native, self.model.config.n_layer
-        assert step is not None and self.cache is not None
-        upto: dict[int, int] = {}  # slot -> the first column this step writes
+        fused, n_layer = self._native, self.model.config.n_layer
+        assert fused is not None and self.cache is not None
+        upto: dict[int, int] = {}  # slot -> the first column this run writes
 
         def writing(new: list[tuple[int, int, int, bool]]) -> None:
             for _, s, c, _ in new:
@@ -259,10 +299,10 @@ class ModelRunner:
         x: torch.Tensor | None = None
         layer, last = 0, min(n_layer - 1, max(1, round(n_layer * self.join_share)))
         while layer < last:
-            # The residual stream stays in the step's buffer from one call to the next.
-            x = step(toks, cols, slots, cols, self.cache, want, (layer, layer + 1), x)
+            # The residual stream stays in the C step's buffer from one call to the next.
+            x = fused(toks, cols, slots, cols, self.cache, want, (layer, layer + 1), x)
             layer += 1
-            prefills = late(step.max_rows - len(toks), upto)
+            prefills = join(fused.max_rows - len(toks), upto)
             if not prefills:
                 continue
             new, counts = self._start(prefills, upto)
@@ -272,13 +312,13 @@ class ModelRunner:
             self.prefills += len(prefills)
             nt, ns, nc, nw = (list(c) for c in zip(*new, strict=True))
             x = x.clone()  # the catch-up call below reuses the buffer
-            x = torch.cat([x, step(nt, nc, ns, nc, self.cache, nw, (0, layer))])
+            x = torch.cat([x, fused(nt, nc, ns, nc, self.cache, nw, (0, layer))])
             toks, slots, cols, want = toks + nt, slots + ns, cols + nc, want + nw
-        return step(toks, cols, slots, cols, self.cache, want, (layer, n_layer), x)
+        return fused(toks, cols, slots, cols, self.cache, want, (layer, n_layer), x)
 
     def _decode_drafts(self, slots: list[int], tokens: list[int], drafts: list[list[int]]
                        ) -> torch.Tensor:
-        """The PyTorch form of `step`'s drafts: slots without guesses share one decode step;
+        """The PyTorch form of `run`'s drafts: slots without guesses share one decode step;
         a slot with guesses runs its token and guesses as one forward over its cache slot,
         positions len(window) - 1 onwards, like a prefill that starts mid-window."""
         plain = [i for i, d in enumerate(drafts) if not d]
@@ -324,11 +364,11 @@ class ModelRunner:
         """Run rows through the C step, as many calls as its row limit needs (a long prompt,
         or more slots than one call takes); the wanted rows' logits, in order."""
         assert self._native is not None
-        step, n = self._native, self._native.max_rows
+        fused, n = self._native, self._native.max_rows
         out = []
         for i in range(0, len(rows), n):
             toks, slots, cols, want = (list(c) for c in zip(*rows[i:i + n], strict=True))
-            logits = step(toks, cols, slots, cols, self.cache, want)
+            logits = fused(toks, cols, slots, cols, self.cache, want)
             out.append(logits if len(rows) <= n else logits.clone())  # the buffer is reused
         return out[0] if len(out) == 1 else torch.cat(out)
 
@@ -337,7 +377,7 @@ class ModelRunner:
         w = self.windows[slot]
         return [(t, slot, k, k == len(w) - 1) for k, t in enumerate(w)]
 
-    def _step(self, slots: list[int], tokens: list[int]) -> torch.Tensor:
+    def _next_tokens(self, slots: list[int], tokens: list[int]) -> torch.Tensor:
         """One new token per slot, at column (= position) len(window) - 1."""
         assert self.cache is not None
         cols = [len(self.windows[s]) - 1 for s in slots]

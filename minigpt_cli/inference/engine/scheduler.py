@@ -6,9 +6,17 @@ from __future__ import annotations
 
 import heapq
 from collections import deque
-from collections.abc import Callable, Collection
+from collections.abc import Collection
+from typing import Protocol
 
 from minigpt_cli.inference.engine.sequence import Sequence, Status
+
+
+class Prefixes(Protocol):
+    """What the cache can reuse of a prompt (runner.PrefixView): the scheduler asks, the
+    cache answers; nothing flows back."""
+
+    def reusable(self, slot: int, prompt: list[int]) -> tuple[int, int]: ...
 
 
 class QueueFull(Exception):
@@ -34,7 +42,7 @@ class Scheduler:
         self.waiting.extend(seqs)
 
     def admit(self, budget: int | None = None,
-              reuse: Callable[[int, list[int]], tuple[int, int]] | None = None, *,
+              prefixes: Prefixes | None = None, *,
               strict: bool = False, avoid: Collection[int] = (), most: int | None = None
               ) -> list[Sequence]:
         """Move waiting sequences into free slots, oldest first. With a `budget`, stop once
@@ -42,13 +50,14 @@ class Scheduler:
         burst of arrivals is prefilled over several steps, so the first requests start
         sooner and running requests never wait on one huge step.
 
-        `reuse(slot, prompt)`: (how many of the prompt's first tokens a free slot can skip,
-        how many of those its own cache holds; the rest it would copy from another slot).
+        `prefixes.reusable(slot, prompt)`: (how many of the prompt's first tokens a free slot
+        can skip, how many of those its own cache holds; the rest it would copy from another
+        slot).
         A sequence then goes to the free slot that skips most, the one holding them itself
         first, then the lowest, and only the tokens left to compute count against the
         budget.
 
-        For a step already under way (Engine._offer, joining late): `strict`, even the first
+        For a run already under way (Engine._join_step, joining late): `strict`, even the first
         must fit the budget; `avoid`, slots not to use; `most`, at most that many."""
         admitted: list[Sequence] = []
         tokens = 0
@@ -58,8 +67,8 @@ class Scheduler:
                 break
             seq = self.waiting[0]
             slot, reused = min(free), 0
-            if reuse is not None:
-                reused, _, slot = max((*reuse(s, seq.prompt), -s) for s in free)
+            if prefixes is not None:
+                reused, _, slot = max((*prefixes.reusable(s, seq.prompt), -s) for s in free)
                 slot = -slot
             cost = len(seq.prompt) - reused
             if budget is not None and (admitted or strict) and tokens + cost > budget:

@@ -47,6 +47,7 @@ class Sequence:
     settings: SamplerSettings
     max_tokens: int
     stops: list[str] = field(default_factory=list)
+    stop_ids: frozenset[int] = frozenset()  # tokens that end it as end-of-text does (end of turn)
     seed: int | None = None
     logprobs: int | None = None  # None: none; 0: the chosen token's; N: and the top N
     trace_top: int = 0  # > 0: report the top candidates after the sampler's filters
@@ -70,7 +71,7 @@ class Sequence:
     first_token_at: float | None = None
     finished_at: float | None = None
     cached_tokens: int = 0  # prompt tokens whose keys and values a slot's cache held
-    joined_mid_step: bool = False  # started in a step already under way (engine._offer)
+    joined_mid_step: bool = False  # started in a step already under way (engine._join_step)
     drafted: int = 0  # speculative decoding: draft tokens verified ...
     accepted: int = 0  # ... and kept
     verifies: int = 0  # steps that verified drafts

@@ -158,9 +158,10 @@ def pack_strips(w: torch.Tensor, strip: int) -> torch.Tensor:
     return w[:, :full].reshape(n_in, n_out // strip, strip).transpose(0, 1).contiguous()
 
 
-class NativeStep:
-    """One decode step through the C library: each row feeds one token into its own cache slot
-    at its own column, so sequences of any lengths share the step (continuous batching)."""
+class FusedForward:
+    """The fused C step: the model's forward through the C library over a list of rows (or a
+    range of its layers), each row one token in its own cache slot at its own column, so
+    sequences of any lengths, prompts and decode tokens share one call (continuous batching)."""
 
     def __init__(self, model: GPT) -> None:
         lib = load_library()

@@ -375,7 +375,7 @@ static void matvec(int B, int n_in, int n_out, const float *x, const float *P, c
          * in one run) is fetched while this one is computed, spread evenly over this pair's
          * passes: memory then streams during every pass, the ones reading the pair from
          * cache included, instead of only during the first. 8 rows of GPT-2 124M: a step
-         * 1.2-1.4x faster (docs/benchmarks.md §6). With one or two rows the step is bound
+         * 1.2-1.4x faster (docs/benchmarks.md §5b). With one or two rows the step is bound
          * by memory anyway and the hardware's own prefetcher does better alone. */
         const int rest = B % MAX_RB, wide = ns == 2 && rest > 0 && rest <= 2 ? rest : 0;
         const int nx = u + 1 < hi && s0 + 2 + 1 < full ? s0 + 2 : s0;

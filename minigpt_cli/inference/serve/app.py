@@ -86,7 +86,8 @@ class _TooLarge(Exception):
     pass
 
 
-Loader = Callable[[], tuple[object, object, str, object]]  # -> (model, encoding, name, draft)
+# -> (model, encoding, name, draft, chat format or None)
+Loader = Callable[[], tuple[object, object, str, object, object]]
 
 
 def create_app(loader: Loader, options: ServeOptions,
@@ -100,7 +101,7 @@ def create_app(loader: Loader, options: ServeOptions,
 
         def load() -> None:
             try:
-                model, enc, name, draft = loader()
+                model, enc, name, draft, fmt = loader()
                 engine = Engine(model, enc, options.max_batch, engine=options.engine,  # type: ignore[arg-type]
                                 max_queue=options.max_queue,
                                 prefill_budget=options.max_prefill_tokens,
@@ -117,7 +118,8 @@ def create_app(loader: Loader, options: ServeOptions,
                     block_size=block, max_prompt_tokens=min(options.max_prompt_tokens or block,
                                                             block),
                     max_tokens=options.max_tokens, created=int(time.time()),
-                    lookup=options.prompt_lookup, draft_k=options.draft_k)
+                    lookup=options.prompt_lookup, draft_k=options.draft_k,
+                    chat=fmt)  # type: ignore[arg-type]
                 log.info("serving %s with the %s engine, %d slots", name, engine.engine,
                          options.max_batch)
             except Exception as exc:

@@ -1,5 +1,6 @@
-"""The plain-text chat template. minigpt models are base models: they continue text and were
-never tuned to follow instructions, so a chat is rendered as a script they can continue:
+"""The plain-text chat script, for base runs, which have no chat template: they continue
+text and were never tuned to follow instructions, so a chat is rendered as a script they can
+continue:
 
     System: You are terse.
     User: Hello!
@@ -14,12 +15,13 @@ does not write the user's next turn.
 
 from __future__ import annotations
 
-from minigpt_cli.inference.serve.schemas import Message
+from collections.abc import Iterable
 
 ROLES = {"system": "System", "developer": "System", "user": "User", "assistant": "Assistant"}
 STOPS = ["\nUser:", "\nSystem:"]
 
 
-def render(messages: list[Message]) -> str:
-    lines = [f"{ROLES[m.role]}: {m.text}" for m in messages]
+def render(turns: Iterable[tuple[str, str]]) -> str:
+    """(role, text) pairs as the script, ending where the assistant speaks next."""
+    lines = [f"{ROLES[role]}: {text}" for role, text in turns]
     return "\n".join(lines) + "\nAssistant:"

@@ -17,12 +17,14 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 
 from minigpt_cli import tokenizer as tok
+from minigpt_cli.errors import UserError
 from minigpt_cli.inference.engine import QueueFull, Sequence, TokenEvent
 from minigpt_cli.inference.serve import chat
 from minigpt_cli.inference.serve.errors import APIError, error_body
 from minigpt_cli.inference.serve.responses import ChatFormat, Choice, CompletionFormat, Format
 from minigpt_cli.inference.serve.schemas import ChatRequest, CompletionRequest, Sampling
 from minigpt_cli.inference.serve.worker import SHUTDOWN, Worker
+from minigpt_cli.tokenizer import chat as templates
 
 KEEPALIVE_S = 5.0  # an SSE comment this often while a request waits: finds gone clients
 CHAT_MAX_TOKENS = 256  # default when a chat request names no limit
@@ -41,6 +43,7 @@ class Served:
     created: int
     lookup: int = 0  # prompt lookup n-gram for every request (0: off)
     draft_k: int = 4
+    chat: templates.ChatTemplate | None = None  # the run's template; None: the plain script
 
 
 def served(request: Request) -> Served:
@@ -117,13 +120,14 @@ def _max_tokens(s: Served, n: int, param: str) -> int:
 
 
 def _sequences(s: Served, body: Sampling, prompts: list[list[int]], max_tokens: int,
-               stops: list[str], logprobs: int | None, echo_logprobs: bool = False
-               ) -> list[Sequence]:
+               stops: list[str], logprobs: int | None, echo_logprobs: bool = False,
+               stop_ids: frozenset[int] = frozenset()) -> list[Sequence]:
     """One sequence per choice, prompt-major like OpenAI; choice j of a seeded request
     samples with seed + j, so n choices differ and each is reproducible."""
     return [Sequence(prompt=p, settings=body.sampler(), max_tokens=max_tokens, stops=stops,
                      seed=None if body.seed is None else body.seed + j, logprobs=logprobs,
-                     echo_logprobs=echo_logprobs, lookup=s.lookup, draft_k=s.draft_k)
+                     echo_logprobs=echo_logprobs, lookup=s.lookup, draft_k=s.draft_k,
+                     stop_ids=stop_ids)
             for p in prompts for j in range(body.n)]
 
 
@@ -236,19 +240,36 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
                       body.include_usage)
 
 
+def _chat_prompt(s: Served, body: ChatRequest) -> tuple[list[int], list[str], frozenset[int]]:
+    """The prompt ids, stop strings and stop ids of a chat request: through the run's chat
+    template, ending at its end-of-turn token; or, for a base run without one, as the
+    plain-text script it can continue (serve/chat.py)."""
+    stops = list(body.stop or [])
+    if s.chat is None:
+        script = chat.render((m.role, m.text) for m in body.messages)
+        return _tokens(s, script), list(dict.fromkeys(stops + chat.STOPS)), frozenset()
+    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text}
+                for m in body.messages]
+    try:
+        ids = templates.prompt_ids(s.enc, s.chat, messages)
+    except UserError as e:
+        raise APIError(400, str(e), param="messages", code="invalid_value") from None
+    _tokens(s, ids)  # the same length check as any prompt
+    return ids, stops, templates.stop_ids(s.enc, s.chat)
+
+
 @api.post("/chat/completions")
 async def chat_completions(body: ChatRequest, request: Request) -> Response:
     s = served(request)
     _check_model(s, body)
-    prompt = _tokens(s, chat.render(body.messages))
+    prompt, stops, stop_ids = _chat_prompt(s, body)
     for field in ("max_tokens", "max_completion_tokens"):  # both are checked, if given
         if getattr(body, field) is not None:
             _max_tokens(s, getattr(body, field), field)
     max_tokens = (body.max_completion_tokens or body.max_tokens
                   or min(CHAT_MAX_TOKENS, s.max_tokens))
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    stops = list(dict.fromkeys([*(body.stop or []), *chat.STOPS]))
-    seqs = _sequences(s, body, [prompt], max_tokens, stops, logprobs)
+    seqs = _sequences(s, body, [prompt], max_tokens, stops, logprobs, stop_ids=stop_ids)
     fmt = ChatFormat(s.enc, s.name, logprobs)
     choices = [Choice(i, seq) for i, seq in enumerate(seqs)]
     return await _run(request, s, fmt, choices, len(prompt), body.stream, body.include_usage)

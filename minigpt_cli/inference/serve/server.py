@@ -51,7 +51,7 @@ def run_serve(*, checkpoint: str | None, host: str, port: int, options: ServeOpt
     """Check every option and load the model first, so a bad flag or checkpoint is a
     one-line error (exit 2) before anything listens; then serve until Ctrl-C or SIGTERM."""
     from minigpt_cli.inference import native
-    from minigpt_cli.inference.loading import load_draft, load_for_inference
+    from minigpt_cli.inference.loading import chat_template, load_draft, load_for_inference
 
     if not host:
         raise UserError("--host must not be empty (an empty host would listen on every "
@@ -77,23 +77,23 @@ def run_serve(*, checkpoint: str | None, host: str, port: int, options: ServeOpt
     native.check_engine_name(options.engine)
     # Every refusal that needs the model comes before the port check, so a case's own error
     # is what is reported, whatever else holds the port.
-    def load() -> tuple[Any, Any, Path, Any]:
-        model, enc, _, found = load_for_inference(checkpoint, device, dtype, quantize)
+    def load() -> tuple[Any, Any, Path, Any, Any]:
+        model, enc, meta, found = load_for_inference(checkpoint, device, dtype, quantize)
         draft = (load_draft(options.draft, model, enc, device, dtype, quantize)
                  if options.draft else None)
         native.choose_engine(options.engine, model)
         if draft is not None:
             native.choose_engine(options.engine, draft)
-        return model, enc, found, draft
+        return model, enc, found, draft, chat_template(meta)
 
     # On a thread that ends when the model is loaded, not on the main thread, which goes on to
     # run the event loop. libgomp gives each thread that runs a parallel region a team of its
     # own, and when its teams hold more threads than there are CPUs it stops idle workers from
     # spinning: a main-thread team left from loading made the engine's C-step workers sleep
-    # and wake at every barrier (docs/benchmarks.md §6, session 9: 1.5x fewer token events
+    # and wake at every barrier (docs/benchmarks.md §6: 1.5x fewer token events
     # a second on the tiny model). A thread that ends takes its team with it.
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="minigpt-load") as pool:
-        model, enc, found, draft = pool.submit(load).result()
+        model, enc, found, draft, fmt = pool.submit(load).result()
     _check_port(host, port)
 
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
@@ -102,7 +102,8 @@ def run_serve(*, checkpoint: str | None, host: str, port: int, options: ServeOpt
     def stop(message: str) -> None:
         server[0].should_exit = True
 
-    app = create_app(lambda: (model, enc, found.parent.name, draft), options, on_load_error=stop)
+    app = create_app(lambda: (model, enc, found.parent.name, draft, fmt), options,
+                     on_load_error=stop)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
                             timeout_graceful_shutdown=5, timeout_keep_alive=KEEP_ALIVE_S)
     server.append(_Server(config, app))

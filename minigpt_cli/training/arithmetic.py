@@ -39,7 +39,8 @@ class EvalResult:
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, batches: list, token_bytes: torch.Tensor,
              device: torch.device, dtype: torch.dtype, ranks: Ranks = Ranks()) -> EvalResult:
-    """Mean loss per token and bits per byte (summed nats / ln 2 / UTF-8 bytes), eval mode.
+    """Mean loss per scored token and bits per byte (summed nats / ln 2 / UTF-8 bytes), eval
+    mode.
     Over several ranks each scores its share of the batches and the sums are all-reduced, so
     every rank takes part and all get the single-process figure. Every rank runs the same
     number of forwards (FSDP2 gathers weights in each): a short share repeats a batch and
@@ -56,12 +57,16 @@ def evaluate(model: torch.nn.Module, batches: list, token_bytes: torch.Tensor,
         x, y = x.to(device), y.to(device)
         with autocast(device, dtype):
             logits, _ = model(x)
-        losses = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none")
-        nb = token_bytes[y.flatten()]
+        # A target of -1 is not scored (chat data: every token but the assistant's).
+        target = y.flatten()
+        kept = target >= 0
+        losses = F.cross_entropy(logits.float().flatten(0, 1), target, reduction="none",
+                                 ignore_index=-1)
+        nb = token_bytes[target.clamp(min=0)] * kept
         nats += (losses * (nb > 0)).sum().item()  # special tokens stand for no bytes
         bytes_ += nb.sum().item()
         total += losses.sum().item()
-        count += losses.numel()
+        count += kept.sum().item()
     model.train(was_training)
     nats, bytes_, total, count = all_sum([nats, bytes_, total, count], ranks)
     return EvalResult(loss=total / count, bpb=nats / math.log(2) / max(bytes_, 1.0))
