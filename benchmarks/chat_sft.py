@@ -88,7 +88,8 @@ def main() -> None:
     trained = time.perf_counter() - began
     port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "minigpt_cli", "serve", "--checkpoint",
-                               str(out / "run"), "--port", str(port)], cwd=ROOT)
+                               str(out / "run"), "--port", str(port)], cwd=ROOT,
+                              stderr=subprocess.DEVNULL)
     try:
         wait_healthy(port)
         answers = [ask(port, w) for w in held]
