@@ -130,3 +130,48 @@ def test_the_template_leaves_and_returns_through_hugging_face_folders(chat_run,
     import_hf(tmp_path / "hf", tmp_path / "back")
     back = store.read_meta(tmp_path / "back" / store.MODEL_FILE)["tokenizer"]
     assert chat.ChatTemplate.from_dict(back.get("chat")) == template
+
+
+CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + "
+          "message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+ZEPHYR = """{% for message in messages %}
+{% if message['role'] == 'user' %}
+{{ '<|user|>\\n' + message['content'] + eos_token }}
+{% elif message['role'] == 'system' %}
+{{ '<|system|>\\n' + message['content'] + eos_token }}
+{% elif message['role'] == 'assistant' %}
+{{ '<|assistant|>\\n'  + message['content'] + eos_token }}
+{% endif %}
+{% if loop.last and add_generation_prompt %}
+{{ '<|assistant|>' }}
+{% endif %}
+{% endfor %}"""
+
+
+@pytest.mark.parametrize("template", [CHATML, ZEPHYR], ids=["chatml", "zephyr"])
+def test_an_imported_folders_own_template_renders_as_transformers_renders_it(
+        chat_run, tmp_path, template: str) -> None:
+    """A folder from elsewhere: its tokenizer_config.json's template (whitespace control,
+    loop variables, eos_token) comes in with import-hf and renders the ids `transformers`
+    renders from the same folder."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    export_hf(chat_run, tmp_path / "hf")
+    config_path = tmp_path / "hf" / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config["chat_template"] = template
+    config_path.write_text(json.dumps(config))
+    import_hf(tmp_path / "hf", tmp_path / "run")
+    _, enc, meta, _ = load_for_inference(str(tmp_path / "run"), "cpu")
+    mine = chat_template(meta)
+    assert mine is not None and mine.template == template
+    hf = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    messages = [{"role": "system", "content": "Be kind."}, *HELD_OUT[0],
+                {"role": "user", "content": "and again"}]
+    for n in (1, 2, 4):
+        theirs = hf.apply_chat_template(messages[:n], add_generation_prompt=True,
+                                        return_dict=False)
+        assert theirs == chat.prompt_ids(enc, mine, messages[:n])
