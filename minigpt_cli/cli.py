@@ -49,8 +49,13 @@ def train(
     from minigpt_cli.training.loop import Interrupted
     from minigpt_cli.training.loop import train as run_train
 
+    objective = None
+    if cfg.train.objective == "grpo":
+        from minigpt_cli.rl.grpo import GRPO
+
+        objective = GRPO(cfg)
     try:
-        run_train(cfg, resume=resume, console=err)
+        run_train(cfg, resume=resume, console=err, objective=objective)
     except Interrupted as e:
         err.print(Text(str(e), style="yellow"))
         raise typer.Exit(130) from None
@@ -275,11 +280,11 @@ def eval_(
                                                     "true distribution.")] = None,
     context: Annotated[int, typer.Option(help="--exposure: tokens of held-out context.")] = 32,
     length: Annotated[int, typer.Option(help="--exposure: continuation tokens (L).")] = 64,
-    samples: Annotated[int, typer.Option(help="--exposure: sampled continuations per window.")
-                       ] = 4,
+    samples: Annotated[int, typer.Option(help="--exposure: sampled continuations per window; "
+                                              "--task: samples per prompt (pass@k).")] = 4,
     windows: Annotated[int, typer.Option(help="--exposure: held-out windows.")] = 64,
-    seed: Annotated[int, typer.Option(help="--exposure: seed for sampling and the bootstrap.")
-                    ] = 0,
+    seed: Annotated[int, typer.Option(help="--exposure, --task: seed for sampling (and the "
+                                           "bootstrap).")] = 0,
     json_path: Annotated[Path | None, typer.Option("--json", help="Write every number here.")
                          ] = None,
     plot_path: Annotated[Path | None, typer.Option("--plot", help="Write a PNG plot here.")
@@ -287,8 +292,27 @@ def eval_(
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | mps")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto | float32 | bfloat16 | float16")] = "auto",
     quantize: Annotated[str, typer.Option(help=QUANTIZE_HELP)] = "none",
+    task: Annotated[str | None, typer.Option(help="Score answers instead: a built-in task "
+                                                  "(reverse, addition, exact) or "
+                                                  "module:function, on --prompts.")] = None,
+    prompts: Annotated[str | None, typer.Option(help="--task: a prompt a line, or JSONL with "
+                                                     "'prompt' (and fields such as "
+                                                     "'answer').")] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="--task: most tokens per answer.")] = 32,
+    temperature: Annotated[float, typer.Option(help="--task: of the sampled answers.")] = 1.0,
 ) -> None:
-    """Score a whole text (loss, perplexity, bits per byte), or measure exposure bias."""
+    """Score a whole text (loss, perplexity, bits per byte), measure exposure bias, or score a
+    task's answers (--task)."""
+    if task is None and prompts is not None:
+        raise UserError("--prompts is for --task: name the reward that scores the answers")
+    if task is not None:
+        from minigpt_cli.evaluation.task_eval import run_task_eval
+
+        run_task_eval(checkpoint=checkpoint, task=task, prompts=prompts, samples=samples,
+                      max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
+                      json_path=json_path, device=device, dtype=dtype,
+                      console=Console(highlight=False))
+        return
     from minigpt_cli.evaluation.eval_cli import run_eval
 
     run_eval(checkpoint=checkpoint, data=data, stride=stride, batch_size=batch_size,

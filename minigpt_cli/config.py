@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import asdict, dataclass, field
@@ -70,6 +71,20 @@ class ScheduledSamplingConfig:
 
 
 @dataclass
+class RLConfig:
+    """RL fine-tuning (train.objective grpo): sample a group of completions per prompt, score
+    each with a reward, and push up the ones that beat their group's mean."""
+
+    prompts: str = ""  # a text file (a prompt a line) or JSONL (prompt + fields, e.g. answer)
+    reward: str = "exact"  # a built-in task (reverse, addition, exact) or module:function
+    group_size: int = 8  # completions sampled per prompt
+    prompts_per_step: int = 4
+    max_new_tokens: int = 32
+    temperature: float = 1.0  # of the sampled completions
+    kl: float = 0.0  # weight of a KL penalty to the starting run (train.init_from); 0: none
+
+
+@dataclass
 class TrainConfig:
     batch_size: int = 32
     grad_accum_steps: int = 1
@@ -95,6 +110,9 @@ class TrainConfig:
     # Start from another run's weights (a minigpt run or an imported Hugging Face model): its
     # architecture, weights and tokenizer, with a fresh optimizer and schedule.
     init_from: str = ""
+    # lm: teacher forcing on data.source. grpo: RL fine-tuning on the rl section's prompts and
+    # reward (data.source is still what evaluations score).
+    objective: Literal["lm", "grpo"] = "lm"
 
 
 @dataclass
@@ -108,6 +126,7 @@ class Config:
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
 
     # The model keys the YAML and --set named (not dataclass fields: not saved). A run that
     # starts from another (train.init_from) takes that run's architecture; a key named here
@@ -236,6 +255,17 @@ def validate(cfg: Config) -> None:
         (t.scheduled_sampling.ramp_steps >= 1,
          "train.scheduled_sampling.ramp_steps must be at least 1"),
         (cfg.seed >= 0, "seed must be >= 0"),
+        (t.objective != "grpo" or bool(cfg.rl.prompts.strip()),
+         "train.objective grpo needs rl.prompts: a file of prompts"),
+        (cfg.rl.group_size >= 2, "rl.group_size must be at least 2 (advantages compare a "
+                                 "completion with its group)"),
+        (cfg.rl.prompts_per_step >= 1, "rl.prompts_per_step must be at least 1"),
+        (cfg.rl.max_new_tokens >= 1, "rl.max_new_tokens must be at least 1"),
+        (math.isfinite(cfg.rl.temperature) and cfg.rl.temperature > 0,
+         "rl.temperature must be > 0 (RL samples)"),
+        (math.isfinite(cfg.rl.kl) and cfg.rl.kl >= 0, "rl.kl must be >= 0"),
+        (cfg.rl.kl == 0 or bool(t.init_from), "rl.kl penalises moving away from the starting "
+                                              "run: set train.init_from"),
     ]
     for ok, message in checks:
         if not ok:

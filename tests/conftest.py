@@ -212,3 +212,19 @@ def chat_raw(tmp_path: Path, source: Path, **train: object) -> dict:
                          "save_interval": 6, "warmup_steps": 10, "lr": 1e-2, "min_lr": 1e-3,
                          "optimizer": "muon", **train})
     return raw
+
+
+def chat_sft_run(tmp: Path, steps: int) -> Path:
+    """A chat run fine-tuned from scratch for `steps` on reverse_task: at 60 steps some answers
+    are right and some not (what RL and task evaluation need); at 200, nearly all."""
+    import io
+
+    from rich.console import Console
+
+    from minigpt_cli.training.loop import train
+
+    tmp.mkdir(parents=True, exist_ok=True)
+    source = write_jsonl(tmp / "chat.jsonl", reverse_task(2000, seed=0))
+    raw = chat_raw(tmp, source, max_steps=steps, eval_interval=steps, save_interval=steps)
+    train(config_from_dict(raw), console=Console(file=io.StringIO()))
+    return tmp / "run"

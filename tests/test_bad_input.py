@@ -179,6 +179,18 @@ CASES = [
     c("eval", "--exposure", "--context", "8", "--length", "8", "--data", "short.txt",
       says="too short"),
     c("eval", "--seed", "abc", says="--seed"),
+    c("eval", "--task", "nowhere", "--prompts", "p.txt", says="neither a built-in task"),
+    c("eval", "--task", "reverse", says="--task needs --prompts"),
+    c("eval", "--prompts", "p.txt", says="--prompts is for --task"),
+    c("eval", "--task", "reverse", "--prompts", "missing.txt", says="prompts file"),
+    c("eval", "--task", "reverse", "--prompts", "bad.jsonl", says="needs a string field"),
+    c("eval", "--task", "reverse", "--prompts", "p.txt", "--max-new-tokens", "0",
+      says="--max-new-tokens"),
+    c("eval", "--task", "reverse", "--prompts", "p.txt", "--temperature", "0",
+      says="--temperature"),
+    c("eval", "--task", "reverse", "--prompts", "p.txt", "--temperature", "nan",
+      says="--temperature must be a finite number"),
+    c("eval", "--task", "reverse", "--prompts", "p.txt", "--samples", "0", says="--samples"),
     c("eval", "--json", "no/such/dir/e.json", says="--json"),
     c("eval", "--plot", "no/such/dir/e.png", says="--plot"),
     c("eval", "--device", "quantum", says="unknown device"),
@@ -252,6 +264,7 @@ def _fixtures(root: Path, run: Path) -> None:
     (root / "empty.txt").write_text("\n\n")
     (root / "bad.jsonl").write_text('{"prompt": "a"}\nnot json\n')
     (root / "short.txt").write_text("too few words\n")
+    (root / "p.txt").write_text("reverse abc\n")
     (root / "other").symlink_to(run.parent / "other", target_is_directory=True)
 
 

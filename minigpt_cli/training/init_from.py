@@ -24,12 +24,18 @@ _FREE_MODEL_KEYS = {"dropout"}
 
 @dataclass
 class Start:
-    """The run a new run starts from: its folder, weights, architecture and tokenizer."""
+    """The run a new run starts from: its weights file, architecture and tokenizer."""
 
-    run_dir: Path
-    tensors: dict[str, torch.Tensor]
+    path: Path
     model_config: dict[str, Any]
     tokenizer: dict[str, Any]
+
+    @property
+    def run_dir(self) -> Path:
+        return self.path.parent
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return store.load_safetensors(self.path)[0]
 
 
 def _weights_file(path: Path) -> Path:
@@ -44,11 +50,12 @@ def _weights_file(path: Path) -> Path:
 def load(cfg: Config) -> Start | None:
     """The run `train.init_from` names (None when it names none), adopted into `cfg`: its
     architecture and tokenizer kind replace the config's, and a model key the config names
-    that disagrees with them is a one-line error."""
+    that disagrees with them is a one-line error. A resume adopts them too, so its config
+    reads as the run's own; only a fresh start loads the weights (`Start.tensors`)."""
     if not cfg.train.init_from:
         return None
     path = _weights_file(Path(cfg.train.init_from).expanduser())
-    tensors, meta = store.load_safetensors(path)
+    meta = store.read_meta(path)
     model_config, desc = meta.get("model_config"), meta.get("tokenizer")
     if not isinstance(model_config, dict) or not isinstance(desc, dict):
         raise UserError(f"train.init_from: {path} is not a minigpt checkpoint")
@@ -56,7 +63,7 @@ def load(cfg: Config) -> Start | None:
         raise UserError(f"train.init_from: {path} holds int8 weights; start from the float run "
                         "it was quantized from")
     _adopt(cfg, model_config, desc)
-    return Start(path.parent, tensors, model_config, desc)
+    return Start(path, model_config, desc)
 
 
 def _adopt(cfg: Config, model_config: dict[str, Any], desc: dict[str, Any]) -> None:

@@ -46,10 +46,11 @@ from minigpt_cli.training import (
 )
 from minigpt_cli.training import data as D
 from minigpt_cli.training.arithmetic import accumulate_gradients, clip_gradients, evaluate, lr_at
+from minigpt_cli.training.objective import Objective
 
 # What may change between a run and its resume. New data is how an imported or trained model
 # is fine-tuned; the model's shape and tokenizer must stay as they were.
-_RESUMABLE_CHANGES = {"train", "data"}
+_RESUMABLE_CHANGES = {"train", "data", "rl"}
 _RESUMABLE_KEYS = {("model", "dropout")}
 
 
@@ -184,14 +185,16 @@ class TrainSummary:
     seconds: float
 
 
-def train(cfg: Config, resume: bool = False, console: Console | None = None) -> TrainSummary:
+def train(cfg: Config, resume: bool = False, console: Console | None = None,
+          objective: Objective | None = None) -> TrainSummary:
     """One process, or one rank of a torchrun job (distributed.py); the group is left in the
-    end whatever happens, so a failing rank does not hold the others."""
+    end whatever happens, so a failing rank does not hold the others. `objective`: what the
+    steps learn from instead of teacher forcing (train.objective grpo; objective.py)."""
     ranks = distributed.from_env(os.environ.get("MINIGPT_DIST_INIT"))
     if distributed.restarted() and (Path(cfg.out_dir) / run_state.STATE_JSON).is_file():
         resume = True  # torchrun restarted the group after a failure: on from the last save
     try:
-        return _train(cfg, resume, console or Console(stderr=True), ranks)
+        return _train(cfg, resume, console or Console(stderr=True), ranks, objective)
     except SaveError as e:
         raise SaveError(f"{e}; {_last_good(Path(cfg.out_dir))}") from None
     except RuntimeError as e:
@@ -238,18 +241,20 @@ class _Run:
     `start`, then `loop`, then `summary`). Each method is one part of a step or a save."""
 
     def __init__(self, cfg: Config, resume: bool, console: Console,
-                 ranks: distributed.Ranks) -> None:
+                 ranks: distributed.Ranks, objective: Objective | None = None) -> None:
         self.cfg, self.t, self.ranks, self.console = cfg, cfg.train, ranks, console
+        self.objective = objective
         self.t0 = time.perf_counter()
         self.run_dir = Path(cfg.out_dir)
         self.mine = ranks.micro_batches(cfg.train.grad_accum_steps)
         _check_out_dir(self.run_dir, resume)
         self.state: dict[str, Any] | None = None
         self.state_tensors: dict[str, Tensor] = {}
+        start = init_from.load(cfg)  # adopts the starting run's architecture, resumed or not
+        self.start_from = None if resume else start
         if resume:
             _check_same_run(self.run_dir, cfg)
             self.state, self.state_tensors = run_state.load_train_state(self.run_dir)
-        self.start_from = None if resume else init_from.load(cfg)
         self.device = resolve_device(cfg.device)
         if self.device.type == "cuda" and ranks.enabled:
             self.device = torch.device("cuda", ranks.local_rank)
@@ -257,6 +262,8 @@ class _Run:
         self.memory = keep_freed_memory() if self.device.type == "cpu" else ""
         torch.manual_seed(cfg.seed)
         self._data(resume)
+        if objective is not None:
+            objective.start(self.enc, self.chat_template)
         self._model()
         self.start_step, self.best_val = 0, math.inf
         self.last = {"train_loss": math.nan, "val_loss": math.nan, "val_bpb": math.nan,
@@ -319,9 +326,9 @@ class _Run:
                                       self.run_dir / self.state["weights_file"])
         elif self.start_from is not None:
             start = self.start_from
-            model = store.build_model(start.tensors, {**start.model_config,
+            model = store.build_model(start.tensors(), {**start.model_config,
                                                       "dropout": self.cfg.model.dropout},
-                                      start.run_dir / store.MODEL_FILE)
+                                      start.path)
             model.grow_vocab(self.enc.n_vocab)  # the chat tokens a base tokenizer gained
         self.model = model.to(self.device)
         # DDP wraps the model; FSDP2 shards it in place, before the optimizer sees it.
@@ -450,8 +457,14 @@ class _Run:
         for group in self.opt.param_groups:
             group["lr"] = lr
         ss_prob = scheduled_sampling.probability(step, self.t.scheduled_sampling)
-        mean_loss = accumulate_gradients(self.fwd, self.micro_batches(step, ss_prob),
-                                         len(self.mine), self.scaler, self.device, self.dtype)
+        if self.objective is not None:
+            loss = self.objective.loss(self.model, self.fwd, step, self.device, self.dtype)
+            self.scaler.scale(loss).backward()
+            mean_loss = loss.detach()
+        else:
+            mean_loss = accumulate_gradients(self.fwd, self.micro_batches(step, ss_prob),
+                                             len(self.mine), self.scaler, self.device,
+                                             self.dtype)
         grad_norm = clip_gradients(self.model, self.opt, self.scaler, self.t.grad_clip)
         self.scaler.step(self.opt)
         self.scaler.update()
@@ -509,7 +522,7 @@ class _Run:
         self.window_start, self.window_steps = time.perf_counter(), 0
         with _StopFlag() as stop, progress, self.metrics:
             task = progress.add_task("train", total=t.max_steps, completed=step, loss=math.nan,
-                                     val=_val_field(self.last["val_loss"]), lr=0.0, tps=0.0)
+                                     val=self.shown(), lr=0.0, tps=0.0)
             while step < t.max_steps:
                 lr, mean_loss, grad_norm, ss_prob = self.optimizer_step(step)
                 step += 1
@@ -518,11 +531,19 @@ class _Run:
                 stopping = distributed.any_rank(stop.requested, self.ranks)
                 self.after_step(step, stopping, lr, mean_loss, grad_norm, ss_prob)
                 progress.update(task, completed=step, loss=self.last["loss"],
-                                val=_val_field(self.last["val_loss"]), lr=lr, tps=self.tps)
+                                val=self.shown(), lr=lr, tps=self.tps)
                 if stopping and step < t.max_steps:
                     raise Interrupted(f"interrupted at step {step}; checkpoint saved in "
                                       f"{self.run_dir}: continue with --resume")
         return step, self.tps
+
+    def shown(self) -> str:
+        """The progress bar's middle: the last validation loss, and an objective's own figures
+        (RL: the mean reward of the last step's samples and its spread)."""
+        stats = self.objective.stats() if self.objective is not None else {}
+        reward = (f"  reward {stats['reward_mean']:.3f}±{stats['reward_std']:.3f}"
+                  if "reward_mean" in stats else "")
+        return _val_field(self.last["val_loss"]) + reward
 
     def after_step(self, step: int, stopping: bool, lr: float, mean_loss: Tensor,
                    grad_norm: Tensor | None, ss_prob: float) -> None:
@@ -555,7 +576,8 @@ class _Run:
         norm = None if grad_norm is None else grad_norm.item()
         self.log({"step": step, "loss": train_loss, "lr": lr, "grad_norm": norm,
                   "tokens_per_s": self.tps, "elapsed_s": now - self.t0,
-                  **({"scheduled_sampling_prob": ss_prob} if ss_prob > 0 else {})})
+                  **({"scheduled_sampling_prob": ss_prob} if ss_prob > 0 else {}),
+                  **(self.objective.stats() if self.objective is not None else {})})
 
     def summary(self, step: int, tps: float) -> TrainSummary:
         last, run_dir = self.last, self.run_dir
@@ -576,11 +598,16 @@ class _Run:
         return summary
 
 
-def _train(cfg: Config, resume: bool, console: Console, ranks: distributed.Ranks
-           ) -> TrainSummary:
+def _train(cfg: Config, resume: bool, console: Console, ranks: distributed.Ranks,
+           objective: Objective | None) -> TrainSummary:
     if not ranks.main:  # rank 0 speaks for the job
         console = Console(file=io.StringIO())
-    run = _Run(cfg, resume, console, ranks)
+    if cfg.train.objective != "lm" and objective is None:
+        raise UserError(f"train.objective {cfg.train.objective} needs its objective object "
+                        "(minigpt_cli.rl builds it; `minigpt train` does so)")
+    if objective is not None and ranks.enabled:
+        raise UserError("train.objective grpo runs in one process: start it without torchrun")
+    run = _Run(cfg, resume, console, ranks, objective)
     run.start()
     run.header()
     step, tps = run.loop()

@@ -9,24 +9,20 @@ prompt differently from training, answers wrong.
 
 from __future__ import annotations
 
-import io
 import subprocess
 import sys
 from pathlib import Path
 
 import openai
 import pytest
-from rich.console import Console
 
-from minigpt_cli.config import config_from_dict
 from minigpt_cli.convert.hf import export_hf, import_hf
 from minigpt_cli.inference.chat_cli import Conversation
 from minigpt_cli.inference.engine import Engine, Sequence
 from minigpt_cli.inference.loading import chat_template, load_for_inference
 from minigpt_cli.model import store
 from minigpt_cli.tokenizer import chat
-from minigpt_cli.training.loop import train
-from tests.conftest import GREEDY, ROOT, chat_raw, reverse_task, write_jsonl
+from tests.conftest import GREEDY, ROOT, chat_sft_run, reverse_task
 from tests.inference.serving import serving
 
 HELD_OUT = [r["messages"] for r in reverse_task(20, seed=99)]
@@ -35,11 +31,7 @@ HELD_OUT = [r["messages"] for r in reverse_task(20, seed=99)]
 @pytest.fixture(scope="module")
 def chat_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """200 steps of chat fine-tuning (~4 s): enough to answer held-out words exactly."""
-    tmp = tmp_path_factory.mktemp("chat")
-    source = write_jsonl(tmp / "chat.jsonl", reverse_task(2000, seed=0))
-    raw = chat_raw(tmp, source, max_steps=200, eval_interval=200, save_interval=200)
-    train(config_from_dict(raw), console=Console(file=io.StringIO()))
-    return tmp / "run"
+    return chat_sft_run(tmp_path_factory.mktemp("chat"), 200)
 
 
 def _greedy(run: Path, prompts: list[list[int]]) -> list[Sequence]:
