@@ -78,7 +78,7 @@ class RLConfig:
     prompts: str = ""  # a text file (a prompt a line) or JSONL (prompt + fields, e.g. answer)
     reward: str = "exact"  # a built-in task (reverse, addition, exact) or module:function
     group_size: int = 8  # completions sampled per prompt
-    prompts_per_step: int = 4
+    prompts_per_step: int = 16  # x group_size completions a step, sampled in one batch
     max_new_tokens: int = 32
     temperature: float = 1.0  # of the sampled completions
     kl: float = 0.0  # weight of a KL penalty to the starting run (train.init_from); 0: none

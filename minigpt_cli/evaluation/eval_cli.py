@@ -34,6 +34,9 @@ def eval_tokens(meta: dict[str, Any], enc, data: str | None) -> tuple[np.ndarray
             raise UserError("this checkpoint records no training config, so it has no "
                             "validation split: give --data SOURCE")
         cfg = config_from_dict(meta["config"])
+        if cfg.data.format == "chat":
+            return _chat_tokens(meta, enc, cfg), (f"validation conversations of "
+                                                  f"{cfg.data.source}, rendered whole")
         corpus = D.load_corpus(cfg.data.source, cfg.data.val_fraction)
         tokens = D.encode_documents(enc, corpus.val)  # as training did; eval writes no cache
         where = f"validation split of {cfg.data.source} (val_fraction {cfg.data.val_fraction})"
@@ -45,6 +48,21 @@ def eval_tokens(meta: dict[str, Any], enc, data: str | None) -> tuple[np.ndarray
         tokens = D.encode_documents(enc, docs)
         where = data
     return tokens, where
+
+
+def _chat_tokens(meta: dict[str, Any], enc, cfg) -> np.ndarray:
+    """A chat run's held-out conversations through its template, each after the last: the
+    whole text scored, turns of every role (training's loss counted only the answers)."""
+    from minigpt_cli.tokenizer import chat
+    from minigpt_cli.training import chat_data
+
+    template = chat.ChatTemplate.from_dict(meta["tokenizer"].get("chat"))
+    if template is None:
+        raise UserError("this chat run records no chat template: give --data SOURCE")
+    convs = chat_data.read_conversations(cfg.data.source, cfg.data.val_fraction,
+                                         cfg.data.bad_records == "skip")
+    ids = [chat.encode(enc, chat.render(template, c)) for c in convs.val]
+    return np.concatenate([np.asarray(x, dtype=np.int64) for x in ids])
 
 
 def run_eval(*, checkpoint: str | None, data: str | None, stride: int | None, batch_size: int,
