@@ -183,7 +183,7 @@ CASES = [
     c("eval", "--task", "reverse", says="--task needs --prompts"),
     c("eval", "--prompts", "p.txt", says="--prompts is for --task"),
     c("eval", "--task", "reverse", "--prompts", "missing.txt", says="prompts file"),
-    c("eval", "--task", "reverse", "--prompts", "bad.jsonl", says="needs a string field"),
+    c("eval", "--task", "reverse", "--prompts", "bad.jsonl", says="bad.jsonl:2 is not valid JSON"),
     c("eval", "--task", "reverse", "--prompts", "p.txt", "--max-new-tokens", "0",
       says="--max-new-tokens"),
     c("eval", "--task", "reverse", "--prompts", "p.txt", "--temperature", "0",

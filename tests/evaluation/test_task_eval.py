@@ -2,21 +2,23 @@
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from rich.console import Console
 
+from minigpt_cli.evaluation.task_eval import run_task_eval
 from tests.conftest import ROOT, chat_sft_run, reverse_task
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+def runs(chat_run: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """The same task learned for 20 and for 200 steps."""
-    root = tmp_path_factory.mktemp("task")
-    return chat_sft_run(root / "short", 20), chat_sft_run(root / "long", 200)
+    return chat_sft_run(tmp_path_factory.mktemp("task") / "short", 20), chat_run
 
 
 def _eval(run: Path, prompts: Path, out: Path) -> dict:
@@ -33,7 +35,11 @@ def test_the_reward_tells_a_trained_run_from_a_barely_trained_one(runs, tmp_path
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("".join(m["messages"][0]["content"] + "\n"
                                for m in reverse_task(30, seed=77)))
-    short, long = (_eval(run, prompts, tmp_path / f"{i}.json") for i, run in enumerate(runs))
+    short = run_task_eval(checkpoint=str(runs[0]), task="reverse", prompts=str(prompts),
+                          samples=4, max_new_tokens=8, temperature=1.0, seed=0,
+                          json_path=None, device="cpu", dtype="float32",
+                          console=Console(file=io.StringIO()))
+    long = _eval(runs[1], prompts, tmp_path / "long.json")  # and once through the real CLI
     assert long["greedy_mean_reward"] >= 0.9 > short["greedy_mean_reward"]
     assert short["pass@4"] >= short["sampled_mean_reward"]  # one right of 4 is enough
     for r in (short, long):

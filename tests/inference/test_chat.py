@@ -22,16 +22,10 @@ from minigpt_cli.inference.engine import Engine, Sequence
 from minigpt_cli.inference.loading import chat_template, load_for_inference
 from minigpt_cli.model import store
 from minigpt_cli.tokenizer import chat
-from tests.conftest import GREEDY, ROOT, chat_sft_run, reverse_task
+from tests.conftest import GREEDY, ROOT, reverse_task
 from tests.inference.serving import serving
 
 HELD_OUT = [r["messages"] for r in reverse_task(20, seed=99)]
-
-
-@pytest.fixture(scope="module")
-def chat_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """200 steps of chat fine-tuning (~4 s): enough to answer held-out words exactly."""
-    return chat_sft_run(tmp_path_factory.mktemp("chat"), 200)
 
 
 def _greedy(run: Path, prompts: list[list[int]]) -> list[Sequence]:

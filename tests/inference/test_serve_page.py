@@ -8,6 +8,7 @@ import os
 import shutil
 from pathlib import Path
 
+import openai
 import pytest
 
 from tests.inference.serving import serving, train_run
@@ -65,5 +66,43 @@ def test_page_streams_tokens_and_shows_distributions(browser_path: str, tmp_path
             assert "chosen" in (bars.first.get_attribute("class") or "")
             assert bars.first.inner_text().strip().endswith("%")
             page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
+        finally:
+            browser.close()
+
+
+def test_page_chats_with_a_run_that_has_a_template(browser_path: str, chat_run: Path) -> None:
+    """A chat run: the page sends the conversation to /v1/chat/completions, shows each turn,
+    and answers a second message with the first one in the history."""
+    from playwright.sync_api import expect, sync_playwright
+
+    with serving(chat_run) as server, sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=browser_path,
+                                     args=["--no-sandbox", "--disable-gpu"])
+        try:
+            page = browser.new_page()
+            page.goto(server.base + "/")
+            expect(page.locator("#model")).to_contain_text("chat")
+            page.fill("#temperature", "0")
+            for n, word in enumerate(("ab", "hi"), 1):  # both turns fit the 32-token context
+                page.evaluate("document.body.dataset.done = ''")
+                page.fill("#prompt", f"reverse {word}")
+                page.click("#generate")
+                page.wait_for_function("document.body.dataset.done === '1'", timeout=30_000)
+                replies = page.locator("#output .assistant")
+                assert replies.count() == n
+                assert page.locator("#finish").inner_text() == "stop"
+            first, second = (replies.nth(i).inner_text() for i in range(2))
+            assert first == "ba"  # the run learned the task
+            client = openai.OpenAI(base_url=server.base + "/v1", api_key="unused")
+            history = [{"role": "user", "content": "reverse ab"},
+                       {"role": "assistant", "content": first},
+                       {"role": "user", "content": "reverse hi"}]
+            again = client.chat.completions.create(model="run", messages=history,
+                                                   temperature=0, max_tokens=200)
+            assert second == again.choices[0].message.content  # the page sent the history
+            assert page.locator("#output .user").nth(0).inner_text() == "reverse ab"
+            assert page.locator("#prompt").input_value() == ""
+            page.locator("#output .assistant .tok").first.click()
+            expect(page.locator("#dist .bar").first).to_be_visible()
         finally:
             browser.close()

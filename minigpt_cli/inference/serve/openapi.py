@@ -61,6 +61,7 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str
     max_model_len: int
+    chat_template: bool  # whether chat requests render through the run's own template
 
 
 class ModelList(BaseModel):

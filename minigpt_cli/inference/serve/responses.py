@@ -125,8 +125,9 @@ class ChatFormat(Format):
 
     def _logprobs(self, entries: list[Entry]) -> dict:
         content = []
+        specials = set(getattr(self.enc, "_special_tokens", {}).values())
         for t, lp, top in entries:
-            if t == self.enc.eot_token or lp is None:
+            if t == self.enc.eot_token or t in specials or lp is None:  # the end of the turn
                 continue
             item = self._token(t, lp)
             item["top_logprobs"] = [self._token(i, v) for i, v in top]

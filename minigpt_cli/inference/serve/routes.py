@@ -89,7 +89,8 @@ def metrics(request: Request) -> Response:
 def models(request: Request) -> dict:
     s = served(request)
     return {"object": "list", "data": [{"id": s.name, "object": "model", "created": s.created,
-                                        "owned_by": "minigpt", "max_model_len": s.block_size}]}
+                                        "owned_by": "minigpt", "max_model_len": s.block_size,
+                                        "chat_template": s.chat is not None}]}
 
 
 def _check_model(s: Served, body: Sampling) -> None:
