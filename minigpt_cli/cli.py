@@ -30,6 +30,9 @@ ENGINE_HELP = ("Cached decode steps: auto (the fused C step on CPU float32 when 
                "is present, else PyTorch) | native | torch")
 QUANTIZE_HELP = ("none | int8: weights of every product rounded to int8 (groups of 32 input "
                  "rows, a scale each); the C step then reads 1 byte a weight instead of 4.")
+# Every command that reads a run takes it the same way.
+Checkpoint = Annotated[str | None, typer.Option(help="Run directory or .safetensors file "
+                                                     "(default: newest run under runs/).")]
 
 
 @app.command()
@@ -82,8 +85,7 @@ def prepare(
 def generate(
     prompt: Annotated[str, typer.Option(help="Text to continue; empty starts a new document.")
                       ] = "",
-    checkpoint: Annotated[str | None, typer.Option(help="Run directory or .safetensors file "
-                                                   "(default: newest run under runs/).")] = None,
+    checkpoint: Checkpoint = None,
     max_new_tokens: Annotated[int, typer.Option(help="Most tokens to generate.")] = 200,
     temperature: Annotated[float, typer.Option(help="0 is greedy; <1 sharper, >1 flatter.")
                            ] = 0.8,
@@ -135,8 +137,7 @@ def generate(
 
 @app.command()
 def chat(
-    checkpoint: Annotated[str | None, typer.Option(help="Run directory or .safetensors file "
-                                                   "(default: newest run under runs/).")] = None,
+    checkpoint: Checkpoint = None,
     system: Annotated[str, typer.Option(help="A system message kept at the start of the "
                                              "conversation.")] = "",
     max_new_tokens: Annotated[int, typer.Option(help="Most tokens per answer.")] = 256,
@@ -201,8 +202,7 @@ def quantize(
 
 @app.command()
 def serve(
-    checkpoint: Annotated[str | None, typer.Option(help="Run directory or .safetensors file "
-                                                   "(default: newest run under runs/).")] = None,
+    checkpoint: Checkpoint = None,
     host: Annotated[str, typer.Option(help="Address to bind; 0.0.0.0 exposes it to the "
                                            "network.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
@@ -263,8 +263,7 @@ def serve(
 
 @app.command("eval")
 def eval_(
-    checkpoint: Annotated[str | None, typer.Option(help="Run directory or .safetensors file "
-                                                   "(default: newest run under runs/).")] = None,
+    checkpoint: Checkpoint = None,
     data: Annotated[str | None, typer.Option(help="Text to score, any data.source form "
                                                   "(default: the run's validation split).")
                     ] = None,
