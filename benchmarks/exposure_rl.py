@@ -65,6 +65,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--windows", type=int, default=64)
+    ap.add_argument("--kl", type=float, default=0.0, help="rl.kl: penalty to the student")
     args = ap.parse_args()
     teacher, corpus = args.out / "teacher", args.out / "synthetic.txt"
     os.environ["MINIGPT_TEACHER"] = str(teacher)
@@ -72,7 +73,7 @@ def main() -> None:
     results = []
     for seed in range(1, args.seeds + 1):
         student = args.out / f"student-tf-seed{seed}"
-        rl = args.out / f"student-rl-seed{seed}"
+        rl = args.out / (f"student-rl-seed{seed}" + (f"-kl{args.kl:g}" if args.kl else ""))
         raw = {"out_dir": str(rl), "seed": seed, "device": "cpu", "dtype": "float32",
                "data": {"source": str(corpus), "val_fraction": 0.1},
                "train": {"init_from": str(student), "objective": "grpo",
@@ -81,7 +82,8 @@ def main() -> None:
                          "save_interval": args.steps, "log_interval": 5, "batch_size": 16},
                "rl": {"prompts": str(prompt_file),
                       "reward": f"{HERE / 'exposure_reward.py'}:teacher_logprob",
-                      "group_size": 8, "prompts_per_step": 16, "max_new_tokens": 64}}
+                      "group_size": 8, "prompts_per_step": 16, "max_new_tokens": 64,
+                      "kl": args.kl}}
         if not (rl / "model.safetensors").exists():
             cfg = config_from_dict(raw)
             train(cfg, console=Console(stderr=True, quiet=True), objective=GRPO(cfg))
@@ -92,7 +94,8 @@ def main() -> None:
                "after": exposure(rl, teacher, seed, args.windows)}
         results.append(row)
         print(json.dumps(row, indent=1))
-    (args.out / "rl-summary.json").write_text(json.dumps(results, indent=1))
+    name = "rl-summary.json" if not args.kl else f"rl-kl{args.kl:g}-summary.json"
+    (args.out / name).write_text(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":
