@@ -3,8 +3,9 @@
 Each line typed (or read from stdin) is a user turn; the answer streams as it is generated. The
 whole conversation is the prompt of every turn, rendered through the run's chat template (a run
 fine-tuned on chat, or an import that brought one) or, for a base run, as the plain-text script
-the server also uses. When it no longer fits the context window the oldest turns go first; a
-system message (`--system`) always stays.
+the server also uses. When it leaves an answer less than a quarter of the context window (or
+--max-new-tokens, if smaller) the oldest turns go first; a system message (`--system`) always
+stays. An answer may use whatever room is left, up to --max-new-tokens.
 
 On a terminal there is a `you>` prompt and the answer is bold; piped, each answer is one block
 of plain text followed by a blank line, so a script can read them back in order.
@@ -88,7 +89,9 @@ def run_chat(checkpoint: str | None, system: str, max_new_tokens: int,
         raise UserError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
     model, enc, meta, path = load_for_inference(checkpoint, device, dtype)
     block = model.config.block_size
-    room = min(max_new_tokens, block - 1)
+    # The room an answer is sure of: old turns go to keep it; an answer may use whatever more
+    # the context has left, up to --max-new-tokens.
+    room = min(max_new_tokens, max(1, block // 4))
     talk = Conversation(enc, chat_template(meta), block, system)
     stops, stop_ids = talk.stops()
     eng = Engine(model, enc, 1, engine=engine)  # type: ignore[arg-type]
@@ -107,7 +110,8 @@ def run_chat(checkpoint: str | None, system: str, max_new_tokens: int,
                 raise
             err.print(f"[red]{e}[/]")
             continue
-        seq = Sequence(prompt=ids, settings=settings, max_tokens=room, stops=stops,
+        seq = Sequence(prompt=ids, settings=settings,
+                       max_tokens=min(max_new_tokens, block - len(ids)), stops=stops,
                        stop_ids=stop_ids, seed=None if seed is None else seed + n,
                        on_event=_printer(interactive))
         eng.run([seq])
