@@ -61,6 +61,8 @@ class GRPO:
         self.enc, self.template = enc, template
         self.block = self.cfg.model.block_size  # the starting run's, once train.init_from set it
         self.ids = [answers.prompt_ids(enc, template, p.text) for p in self.prompts]
+        if self.reference is not None:  # the chat tokens a base run gained, as the policy did
+            self.reference.grow_vocab(enc.n_vocab)
         room = self.block - self.rl.max_new_tokens
         for p, ids in zip(self.prompts, self.ids, strict=True):
             if len(ids) > room:
