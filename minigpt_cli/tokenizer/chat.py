@@ -100,15 +100,18 @@ def check_messages(messages: Any, where: str = "messages") -> list[dict[str, str
 
 def render(fmt: ChatTemplate, messages: list[dict[str, str]],
            add_generation_prompt: bool = False) -> str:
-    """The text the model reads for `messages` (checked with `check_messages` first)."""
-    from jinja2 import TemplateError
-
+    """The text the model reads for `messages` (checked with `check_messages` first). A
+    template that fails on a conversation (the sandbox refusing an attribute, arithmetic on a
+    string, a missing key) is the conversation's error, in one line, never the caller's crash:
+    the template is data from a model folder, not our code."""
+    template = _compile(fmt.template)
     try:
-        return _compile(fmt.template).render(messages=messages, bos_token=fmt.bos,
-                                             eos_token=fmt.eos,
-                                             add_generation_prompt=add_generation_prompt)
-    except TemplateError as e:  # the sandbox refusing an attribute, say
-        raise UserError(f"the chat template failed: {e}") from None
+        return template.render(messages=messages, bos_token=fmt.bos, eos_token=fmt.eos,
+                               add_generation_prompt=add_generation_prompt)
+    except UserError:  # raise_exception: the template's own words
+        raise
+    except Exception as e:
+        raise UserError(f"the chat template failed: {type(e).__name__}: {e}") from None
 
 
 def encode(enc: Any, text: str) -> list[int]:

@@ -57,6 +57,8 @@ def test_a_template_that_does_not_render_prefix_by_prefix_is_refused(enc) -> Non
     ("{{ ''.__class__.__mro__[1].__subclasses__() }}", "failed"),  # the sandbox says no
     ("{{ raise_exception('no system messages') }}", "no system messages"),
     ("{% for %}", "does not parse"),
+    ("{{ messages[0]['content'] + 1 }}", "TypeError"),  # a runtime error is the template's
+    ("{{ messages[9]['content'] }}", "failed"),
 ])
 def test_templates_run_sandboxed_and_fail_in_one_line(enc, template, why) -> None:
     with pytest.raises(UserError, match=why):
