@@ -6,7 +6,7 @@ threads, and must produce identical tokens. minigpt runs twice: with its default
 fused C decode step) and with `engine="torch"` (the model's PyTorch forward), so the table
 shows what each part buys. Printed: tokens/s of each and the ratios to HF.
 
-    TIKTOKEN_CACHE_DIR=../shared/tiktoken-cache python benchmarks/hf_peer.py [--new-tokens 200]
+    TIKTOKEN_CACHE_DIR=DIR python benchmarks/hf_peer.py [--new-tokens 200]   # DIR: tiktoken's files
 
 Needs the dev extra (transformers). Shapes: configs/tiny.yaml's model (4 layers, 4 heads, width
 128, context 256, its 2,048-token BPE vocabulary) and GPT-2 124M (12, 12, 768, context 1024,

@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 import yaml
-from trl_sft_peer import MODEL, minigpt, score  # beside this script, so on sys.path
+from trl_sft_peer import MODEL, minigpt, score, training_seconds  # beside this script
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -110,11 +110,7 @@ def main() -> None:
                        "prompts_per_step": 16, "max_new_tokens": 10}}
         (out / f"grpo{r}.yaml").write_text(yaml.safe_dump(grpo))
         minigpt("train", str(out / f"grpo{r}.yaml"))
-        log = [json.loads(x) for x in (out / f"grpo{r}" / "metrics.jsonl").read_text()
-               .splitlines()]
-        timed = [x for x in log if "elapsed_s" in x]
-        ours_s = ((timed[-1]["elapsed_s"] - timed[0]["elapsed_s"])
-                  / (timed[-1]["step"] - timed[0]["step"]) * args.steps)
+        ours_s = training_seconds(out / f"grpo{r}" / "metrics.jsonl", args.steps)
         trl = subprocess.run([args.trl_python, "-c", TRL_SCRIPT, str(out / f"sft{r}-hf"),
                               str(rl_path), str(out / f"trl{r}"), str(args.steps), str(r),
                               str(args.lr)], capture_output=True, text=True, cwd=ROOT,

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Set up, lint (ruff, import-linter), and run the whole test suite (offline: tiktoken files come from ../shared).
+# Set up, lint (ruff, import-linter), and run the whole test suite. Offline, tiktoken's files come
+# from TIKTOKEN_CACHE_DIR, or from ../shared/tiktoken-cache where the machine keeps them there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh

@@ -22,6 +22,7 @@ learns from its own samples, in the situations its own choices lead to, not from
 from __future__ import annotations
 
 import statistics
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -36,6 +37,7 @@ from minigpt_cli.inference.sampling import SamplerSettings
 from minigpt_cli.model import store
 from minigpt_cli.model.gpt import GPT
 from minigpt_cli.tokenizer import chat
+from minigpt_cli.training import init_from
 
 
 def rollout_seed(seed: int, step: int, k: int) -> int:
@@ -54,7 +56,8 @@ class GRPO:
         self.settings = SamplerSettings(temperature=cfg.rl.temperature, top_p=1.0)
         self.reference: GPT | None = None
         if cfg.rl.kl > 0:  # the run it started from, frozen
-            self.reference, _ = store.load_model(_weights(cfg.train.init_from))
+            path = init_from.weights_file(Path(cfg.train.init_from).expanduser())
+            self.reference, _ = store.load_model(path)
         self._stats: dict[str, float] = {}
 
     def start(self, enc: Any, template: chat.ChatTemplate | None) -> None:
@@ -75,12 +78,12 @@ class GRPO:
 
     def loss(self, model: GPT, fwd: torch.nn.Module, step: int, device: torch.device,
              dtype: torch.dtype) -> torch.Tensor:
-        picks = self._picks(step)
-        sampled = self._rollouts(model, picks, step)
+        each = self._each(self._picks(step))  # the prompt of every completion, group by group
+        sampled = self._rollouts(model, each, step)
         rewards = [tasks.score(self.reward, self.prompts[i], text)
-                   for i, (_, text) in zip(self._each(picks), sampled, strict=True)]
+                   for i, (_, text) in zip(each, sampled, strict=True)]
         advantages = self._advantages(rewards)
-        x, y, w = self._rows(picks, [tokens for tokens, _ in sampled], advantages)
+        x, y, w = self._rows(each, [tokens for tokens, _ in sampled], advantages)
         x, y, w = x.to(device), y.to(device), w.to(device)
         with autocast(device, dtype):
             logits, _ = fwd(x)
@@ -104,10 +107,9 @@ class GRPO:
         """The prompt index of every completion, group by group."""
         return [i for i in picks for _ in range(self.rl.group_size)]
 
-    def _rollouts(self, model: GPT, picks: list[int], step: int
+    def _rollouts(self, model: GPT, each: list[int], step: int
                   ) -> list[tuple[list[int], str]]:
         """Every completion of the step, sampled in one batch (inference/answers.py)."""
-        each = self._each(picks)
         seeds: list[int | None] = [rollout_seed(self.seed, step, k) for k in range(len(each))]
         return answers.answer(model, self.enc, self.template, [self.ids[i] for i in each],
                               self.settings, self.rl.max_new_tokens, seeds)
@@ -121,16 +123,16 @@ class GRPO:
             out += [r - mean for r in group]
         return out
 
-    def _rows(self, picks: list[int], completions: list[list[int]], advantages: list[float]
+    def _rows(self, each: list[int], completions: list[list[int]], advantages: list[float]
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Prompt + completion per row, padded; targets only at the sampled tokens, each
-        weighted by its completion's advantage."""
-        ids = [self.ids[i] + c for i, c in zip(self._each(picks), completions, strict=True)]
+        """Prompt + completion per row (`each`: the prompt of every completion), padded;
+        targets only at the sampled tokens, each weighted by its completion's advantage."""
+        ids = [self.ids[i] + c for i, c in zip(each, completions, strict=True)]
         width = max(len(r) for r in ids) - 1
         x = torch.full((len(ids), width), self.enc.eot_token, dtype=torch.long)
         y = torch.full((len(ids), width), -1, dtype=torch.long)
         w = torch.zeros(len(ids), width)
-        for r, (row, i, a) in enumerate(zip(ids, self._each(picks), advantages, strict=True)):
+        for r, (row, i, a) in enumerate(zip(ids, each, advantages, strict=True)):
             start = len(self.ids[i]) - 1  # the target at this position is the first sample
             x[r, :len(row) - 1] = torch.tensor(row[:-1])
             y[r, start:len(row) - 1] = torch.tensor(row[start + 1:])
@@ -150,9 +152,3 @@ class GRPO:
         k3 = torch.exp(d) - d - 1
         return (k3 * (y >= 0)).sum() / n
 
-
-def _weights(init_from: str) -> Any:
-    from pathlib import Path
-
-    path = Path(init_from).expanduser()
-    return path / store.MODEL_FILE if path.is_dir() else path

@@ -61,8 +61,9 @@ def read_conversations(source: str, val_fraction: float, skip_bad: bool) -> Conv
     if path.suffix != ".jsonl" or not path.is_file():
         raise UserError(f"data.format chat reads a .jsonl file of conversations; "
                         f"data.source '{source}' is not one")
+    raw = path.read_bytes()
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = raw.decode("utf-8").splitlines()
     except UnicodeDecodeError:
         raise UserError(f"{path} is not UTF-8 text") from None
     found, skipped = [], []
@@ -80,7 +81,7 @@ def read_conversations(source: str, val_fraction: float, skip_bad: bool) -> Conv
         raise UserError(f"{path} holds {len(found)} usable conversation(s): at least 2 are "
                         "needed, one to train on and one to hold out")
     n_val = max(1, round(len(found) * val_fraction))
-    digest = hashlib.sha256(path.read_bytes() + str(val_fraction).encode()).hexdigest()[:16]
+    digest = hashlib.sha256(raw + str(val_fraction).encode()).hexdigest()[:16]
     return Conversations(found[:-n_val], found[-n_val:], digest, skipped)
 
 

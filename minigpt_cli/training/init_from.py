@@ -38,7 +38,8 @@ class Start:
         return store.load_safetensors(self.path)[0]
 
 
-def _weights_file(path: Path) -> Path:
+def weights_file(path: Path) -> Path:
+    """A run folder's weights file (or the file itself), or a one-line error."""
     if path.is_dir():
         path = path / store.MODEL_FILE
     if not path.is_file():
@@ -54,7 +55,7 @@ def load(cfg: Config) -> Start | None:
     reads as the run's own; only a fresh start loads the weights (`Start.tensors`)."""
     if not cfg.train.init_from:
         return None
-    path = _weights_file(Path(cfg.train.init_from).expanduser())
+    path = weights_file(Path(cfg.train.init_from).expanduser())
     meta = store.read_meta(path)
     model_config, desc = meta.get("model_config"), meta.get("tokenizer")
     if not isinstance(model_config, dict) or not isinstance(desc, dict):

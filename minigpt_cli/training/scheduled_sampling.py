@@ -1,7 +1,7 @@
 """Scheduled sampling: during training, sometimes feed the model its own predictions.
 
 Teacher forcing conditions every prediction on the true previous tokens; generation conditions
-on the model's own (exposure bias, ../shared/seeds/000_10d7bd1253533461.txt). Scheduled
+on the model's own (exposure bias, docs/eval.md). Scheduled
 sampling (Bengio et al. 2015; for transformers, Mihaylova & Martins 2019) narrows that gap: a
 no-grad teacher-forced pass gives the model's prediction at every position, each input position
 t >= 1 is replaced, with the scheduled probability, by the token predicted at position t - 1
