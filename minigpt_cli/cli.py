@@ -187,6 +187,20 @@ def export_hf(
     err.print(f"exported {run_dir} → {path}")
 
 
+@app.command("export-gguf")
+def export_gguf(
+    run_dir: Annotated[Path, typer.Argument(help="minigpt run directory or .safetensors file.")],
+    out: Annotated[Path, typer.Argument(help="The .gguf file to write.")],
+    type_: Annotated[str, typer.Option("--type", help="f32 | f16 | q8_0 | q4_0 (llama.cpp's "
+                                                      "block formats)")] = "f32",
+) -> None:
+    """Export a run as one GGUF file for llama.cpp, ollama and LM Studio (GPT-2 or Llama)."""
+    from minigpt_cli.convert.gguf_export import export_gguf as run_export
+
+    path = run_export(run_dir, out, type_)
+    err.print(f"exported {run_dir} → {path} ({path.stat().st_size / 1e6:.1f} MB)")
+
+
 @app.command()
 def quantize(
     run: Annotated[str, typer.Argument(help="Run directory or .safetensors file.")],

@@ -137,6 +137,11 @@ CASES = [
     c("serve", "--device", "quantum", says="unknown device"),
     c("serve", "--dtype", "float8", says="unknown dtype"),
     # bench
+    # export-gguf RUN OUT [--type]
+    c("export-gguf", "nowhere", "m.gguf", says="checkpoint not found"),
+    c("export-gguf", "runs/tiny", "runs", says="runs is a folder, not a file"),
+    c("export-gguf", "runs/tiny", "nowhere/m.gguf", says="nowhere is not a directory"),
+    c("export-gguf", "runs/tiny", "m.gguf", "--type", "q5_k", says="--type must be one of"),
     c("quantize", "nowhere", "out", says="checkpoint not found"),
     c("quantize", "runs/tiny", "cfg.yaml", says="cfg.yaml is a file, not a folder"),
     c("bench", "--quantize", "int4", says="--quantize must be one of none, int8"),

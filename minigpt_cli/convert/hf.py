@@ -181,11 +181,11 @@ def export_hf(run: str | Path, out_dir: Path) -> Path:
     model, meta = store.load_model(path)
     cfg: GPTConfig = model.config
     eot = meta["tokenizer"].get("eot_id", cfg.vocab_size - 1)
-    if is_llama(cfg):
+    if export_architecture(cfg, path) == "llama":
         hf_config = {**llama_config(cfg, eot), "minigpt_tokenizer": meta["tokenizer"]}
         tensors = to_llama(store.model_tensors(model), cfg)
     else:
-        hf_config = _gpt2_config(cfg, eot, path, meta)
+        hf_config = _gpt2_config(cfg, eot, meta)
         tensors = minigpt_to_hf(store.model_tensors(model))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -205,16 +205,25 @@ def export_hf(run: str | Path, out_dir: Path) -> Path:
     return out_dir
 
 
-def _gpt2_config(cfg: GPTConfig, eot: int, path: Path, meta: dict[str, Any]) -> dict[str, Any]:
-    """config.json for GPT2LMHeadModel, or why this model is not one."""
+def export_architecture(cfg: GPTConfig, path: Path) -> str:
+    """"llama" or "gpt2": the published architecture a run is exactly, or why it is neither
+    (what export-hf and export-gguf can write)."""
+    if is_llama(cfg):
+        return "llama"
     if not cfg.is_gpt2:
         raise UserError(f"{path} has neither GPT-2's architecture nor Llama's ({cfg.norm}, "
                         f"{cfg.position} positions, {cfg.mlp}"
                         f"{', qk_norm' if cfg.qk_norm else ''}): Hugging Face's "
-                        "GPT2LMHeadModel and LlamaForCausalLM cannot hold it")
+                        "GPT2LMHeadModel and LlamaForCausalLM cannot hold it, nor llama.cpp's "
+                        "gpt2 and llama")
     if not cfg.bias:
         raise UserError(f"{path} was trained with model.bias=false; GPT-2 always has biases, so "
-                        "it cannot be exported to GPT2LMHeadModel")
+                        "it cannot be exported as GPT-2")
+    return "gpt2"
+
+
+def _gpt2_config(cfg: GPTConfig, eot: int, meta: dict[str, Any]) -> dict[str, Any]:
+    """config.json for GPT2LMHeadModel."""
     return {
         "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
         "vocab_size": cfg.vocab_size, "n_positions": cfg.block_size, "n_ctx": cfg.block_size,
