@@ -113,6 +113,8 @@ class TrainConfig:
     # lm: teacher forcing on data.source. grpo: RL fine-tuning on the rl section's prompts and
     # reward (data.source is still what evaluations score).
     objective: Literal["lm", "grpo"] = "lm"
+    # Experiment trackers that get metrics.jsonl's scalars and the config (training/trackers.py)
+    loggers: list[Literal["tensorboard", "mlflow", "wandb"]] = field(default_factory=list)
 
 
 @dataclass
@@ -150,6 +152,11 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if value not in choices:
             raise UserError(f"{where}: '{value}' is not one of {', '.join(map(str, choices))}")
         return value
+    if origin is list:
+        if not isinstance(value, list):
+            example = ", ".join(map(str, get_args(get_args(tp)[0])))
+            raise UserError(f"{where}: expected a list, e.g. [{example}], got {value!r}")
+        return [_coerce(v, get_args(tp)[0], f"{where}[{i}]") for i, v in enumerate(value)]
     if tp is bool:
         if isinstance(value, bool):
             return value

@@ -47,6 +47,7 @@ from minigpt_cli.training import (
 from minigpt_cli.training import data as D
 from minigpt_cli.training.arithmetic import accumulate_gradients, clip_gradients, evaluate, lr_at
 from minigpt_cli.training.objective import Objective
+from minigpt_cli.training.trackers import Trackers
 
 # What may change between a run and its resume. New data is how an imported or trained model
 # is fine-tuned; the model's shape and tokenizer must stay as they were.
@@ -352,6 +353,8 @@ class _Run:
         # Unbuffered: a line the disk refuses is not held back to fail again at close.
         self.metrics: Any = ((self.run_dir / run_state.METRICS_FILE).open("ab", buffering=0)
                              if self.ranks.main else io.BytesIO())
+        self.trackers = Trackers(self.t.loggers if self.ranks.main else [], self.run_dir,
+                                 self.cfg.to_dict(), self.start_step, self.console)
         state = self.state
         if state is not None and (run_state.saved_step(self.run_dir / store.MODEL_FILE)
                                   != self.start_step):
@@ -408,6 +411,7 @@ class _Run:
         except OSError as e:
             raise SaveError(f"could not write {self.run_dir / run_state.METRICS_FILE}: "
                             f"{e.strerror}") from None
+        self.trackers.log(record)
 
     def model_meta(self, step: int, val_loss: float | None) -> dict[str, Any]:
         """What makes a weights file self-describing: shape, tokenizer, provenance."""
@@ -520,7 +524,7 @@ class _Run:
         step, self.tps = self.start_step, 0.0
         # The throughput window: when it began, and the steps taken in it.
         self.window_start, self.window_steps = time.perf_counter(), 0
-        with _StopFlag() as stop, progress, self.metrics:
+        with _StopFlag() as stop, progress, self.metrics, self.trackers:
             task = progress.add_task("train", total=t.max_steps, completed=step, loss=math.nan,
                                      val=self.shown(), lr=0.0, tps=0.0)
             while step < t.max_steps:
