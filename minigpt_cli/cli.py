@@ -127,6 +127,13 @@ def generate(
                                                    "tokens a step; greedy output is "
                                                    "unchanged, sampled output keeps the "
                                                    "model's distribution.")] = None,
+    json_schema: Annotated[Path | None, typer.Option(help="Output follows this JSON schema "
+                                                           "(a file): a grammar masks every "
+                                                           "token that could not lead to "
+                                                           "valid JSON.")] = None,
+    regex: Annotated[str | None, typer.Option(help="Output matches this regular "
+                                                    "expression (a token mask, as "
+                                                    "--json-schema).")] = None,
 ) -> None:
     """Generate text: prefill the prompt once, then one token per step through a KV cache."""
     options = dict(locals())  # every flag above, by name: run_generate's keyword arguments

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import tiktoken
 import torch
 
+from minigpt_cli.inference.constraints import Grammar, constraint
 from minigpt_cli.inference.engine import Engine, ModelRunner, Sequence, TokenEvent
 from minigpt_cli.inference.sampling import SamplerSettings
 from minigpt_cli.model.gpt import GPT, KVCache
@@ -130,12 +131,14 @@ def generate(
     prompt_lookup: int = 0,
     draft_k: int = 4,
     draft: GPT | None = None,
+    grammar: Grammar | None = None,
 ) -> tuple[list[Completion], Timings]:
     """Generate for several prompts (token ids) on the engine; each stops on its own.
 
     `on_text(row, text)` receives printable text as soon as it is safe to print. With a
     `seed`, prompt i samples from its own generator seeded `seed + i`. `draft`: a draft
     model for speculative decoding (engine/draft.py), proposing up to `draft_k` tokens.
+    `grammar`: what every output must follow (constraints.py), each with its own state.
     """
     eng = Engine(model, enc, min(len(prompts), MAX_SLOTS), use_cache=use_cache, engine=engine,
                  draft=draft)
@@ -158,7 +161,8 @@ def generate(
     seqs = [Sequence(prompt=list(p), settings=settings, max_tokens=max_new_tokens,
                      stops=stops or [], seed=None if seed is None else seed + i,
                      trace_top=trace_top if on_step is not None else 0, on_event=on_event,
-                     lookup=prompt_lookup, draft_k=draft_k)
+                     lookup=prompt_lookup, draft_k=draft_k,
+                     constraint=constraint(grammar, enc, frozenset({enc.eot_token})))
             for i, p in enumerate(prompts)]
     rows.update({seq.id: i for i, seq in enumerate(seqs)})
     eng.run(seqs)

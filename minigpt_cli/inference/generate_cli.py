@@ -20,7 +20,7 @@ from rich.text import Text
 
 from minigpt_cli import tokenizer as tok
 from minigpt_cli.errors import UserError
-from minigpt_cli.inference import native
+from minigpt_cli.inference import constraints, native
 from minigpt_cli.inference.engine import lookup
 from minigpt_cli.inference.generate import Completion, StepInfo, Timings, beam_search, generate
 from minigpt_cli.inference.loading import load_draft, load_for_inference
@@ -74,6 +74,27 @@ def _check_options(*, max_new_tokens: int, num_beams: int, num_samples: int,
         raise UserError("--num-beams does not speculate: drop --prompt-lookup/--draft")
 
 
+def _grammar(json_schema: Path | None, regex: str | None, num_beams: int
+             ) -> constraints.Grammar | None:
+    """The grammar --json-schema or --regex names, checked before the model loads."""
+    if json_schema is not None and regex is not None:
+        raise UserError("--json-schema and --regex each set the output's grammar: give one")
+    if (json_schema is not None or regex is not None) and num_beams > 1:
+        raise UserError("--num-beams does not follow a grammar: drop --json-schema/--regex")
+    if regex is not None:
+        grammar = constraints.Grammar("regex", regex)
+    elif json_schema is not None:
+        grammar = constraints.from_file(str(json_schema))
+    else:
+        return None
+    flag = "--regex" if regex is not None else "--json-schema"
+    try:
+        constraints.constraint(grammar, tok.byte_encoding(), frozenset({256}))
+    except UserError as e:
+        raise UserError(f"{flag}: {e}") from None
+    return grammar
+
+
 def _encode_prompts(texts: list[str], enc: tiktoken.Encoding, block: int, err: Console
                     ) -> list[list[int]]:
     """Token ids for each prompt; one longer than the context keeps its last `block` tokens."""
@@ -94,7 +115,7 @@ def run_generate(
     num_beams: int, stop: list[str] | None, num_samples: int, prompts_file: Path | None,
     cache: bool, stream: bool, json_out: bool, trace: bool, device: str, dtype: str,
     engine: str = "auto", quantize: str = "none", prompt_lookup: int = 0, draft_k: int = 4,
-    draft: str | None = None,
+    draft: str | None = None, json_schema: Path | None = None, regex: str | None = None,
 ) -> None:
     settings = SamplerSettings(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                                repetition_penalty=repetition_penalty,
@@ -103,6 +124,7 @@ def run_generate(
     _check_options(max_new_tokens=max_new_tokens, num_beams=num_beams, num_samples=num_samples,
                    stop=stop, several=bool(num_samples > 1 or prompts_file or trace),
                    prompt_lookup=prompt_lookup, draft_k=draft_k, draft=draft)
+    grammar = _grammar(json_schema, regex, num_beams)
     texts = _read_prompts(prompts_file) if prompts_file else [prompt] * num_samples
 
     out = Console(highlight=False, soft_wrap=True)
@@ -142,7 +164,7 @@ def run_generate(
             model, enc, prompts, settings, max_new_tokens, use_cache=cache, seed=seed,
             engine=engine, stops=stop or [], on_text=on_text if live else None,
             on_step=on_step if trace and not json_out else None, prompt_lookup=prompt_lookup,
-            draft_k=draft_k, draft=drafter)
+            draft_k=draft_k, draft=drafter, grammar=grammar)
 
     if json_out:
         timing = asdict(timings)

@@ -283,12 +283,15 @@ class Engine:
         s = seq.settings
         row = logits[None].float()
         history = recent(self.runner.windows[seq.slot], s, logits.device, ahead)
-        processed = process(row, s, history)
+        allowed = row if seq.constraint is None else seq.constraint.mask(row)
+        processed = process(allowed, s, history)
         if proposal is not None and not s.greedy:
             token = accept_or_resample(torch.softmax(processed[0], dim=-1), proposal[1],
                                        proposal[0], seq.generator)
         else:
             token = int(choose(processed, s, seq.generator)[0])
+        if seq.constraint is not None:
+            seq.constraint.consume(token)
         if guess is not None and token == guess:
             seq.accepted += 1
         event = TokenEvent(token=token, text="", index=len(seq.tokens), positions=positions)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from minigpt_cli.inference.constraints import Constraint
 from minigpt_cli.inference.engine.text import TextStream
 from minigpt_cli.inference.sampling import SamplerSettings
 
@@ -55,6 +56,7 @@ class Sequence:
     lookup: int = 0  # > 0: draft tokens by prompt lookup on this n-gram size (lookup.py)
     draft_k: int = 4  # most draft tokens verified per step
     on_event: Callable[[Sequence, TokenEvent], None] | None = None
+    constraint: Constraint | None = None  # a grammar its tokens follow (constraints.py)
     # State, owned by the engine.
     id: int = field(default_factory=lambda: next(_ids))
     status: Status = Status.WAITING

@@ -18,6 +18,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 
 from minigpt_cli import tokenizer as tok
 from minigpt_cli.errors import UserError
+from minigpt_cli.inference import constraints
 from minigpt_cli.inference.engine import QueueFull, Sequence, TokenEvent
 from minigpt_cli.inference.serve import chat
 from minigpt_cli.inference.serve.errors import APIError, error_body
@@ -125,11 +126,30 @@ def _sequences(s: Served, body: Sampling, prompts: list[list[int]], max_tokens: 
                stop_ids: frozenset[int] = frozenset()) -> list[Sequence]:
     """One sequence per choice, prompt-major like OpenAI; choice j of a seeded request
     samples with seed + j, so n choices differ and each is reproducible."""
+    grammar = _grammar(body)
+    ends = stop_ids | {s.enc.eot_token}
     return [Sequence(prompt=p, settings=body.sampler(), max_tokens=max_tokens, stops=stops,
                      seed=None if body.seed is None else body.seed + j, logprobs=logprobs,
                      echo_logprobs=echo_logprobs, lookup=s.lookup, draft_k=s.draft_k,
-                     stop_ids=stop_ids)
+                     stop_ids=stop_ids, constraint=_constraint(grammar, s, ends))
             for p in prompts for j in range(body.n)]
+
+
+def _grammar(body: Sampling) -> constraints.Grammar | None:
+    fmt = body.response_format
+    try:
+        return constraints.from_response_format(None if fmt is None else fmt.as_dict())
+    except UserError as e:
+        raise APIError(400, str(e), param="response_format", code="invalid_value") from None
+
+
+def _constraint(grammar: constraints.Grammar | None, s: Served, ends: frozenset[int]
+                ) -> constraints.Constraint | None:
+    """A fresh grammar state for one choice; a grammar that does not compile is a 400."""
+    try:
+        return constraints.constraint(grammar, s.enc, ends)
+    except UserError as e:
+        raise APIError(400, str(e), param="response_format", code="invalid_value") from None
 
 
 async def _run(request: Request, s: Served, fmt: Format, choices: list[Choice],

@@ -7,7 +7,7 @@ checked here, and unknown fields are ignored, as OpenAI-compatible servers do. m
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
@@ -34,6 +34,28 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+    name: str = "response"
+    description: str | None = None
+    schema_: dict[str, Any] = Field(alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's `response_format`: plain text, any JSON object, or JSON following a schema
+    (inference/constraints.py turns it into a grammar)."""
+    model_config = ConfigDict(extra="ignore", strict=True)
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        spec = self.json_schema
+        return {"type": self.type,
+                "json_schema": None if spec is None else {"name": spec.name,
+                                                          "schema": spec.schema_}}
+
+
 class Sampling(BaseModel):
     """Fields both endpoints share."""
     model_config = ConfigDict(extra="ignore", strict=True)
@@ -50,6 +72,7 @@ class Sampling(BaseModel):
     seed: Int | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
+    response_format: ResponseFormat | None = None
 
     @field_validator("stop")
     @classmethod
