@@ -94,6 +94,12 @@ CASES = [
     c("generate", "--engine", "turbo", says="unknown engine"),
     c("generate", "--engine", "native", "--dtype", "bfloat16", says="--engine native"),
     c("generate", "--no-such-flag", says="No such option: --no-such-flag"),
+    c("generate", "--json-schema", "missing.json", says="--json-schema: cannot read"),
+    c("generate", "--json-schema", "bad.jsonl", says="--json-schema: bad.jsonl is not JSON"),
+    c("generate", "--json-schema", "badschema.json", says="--json-schema: invalid json schema"),
+    c("generate", "--regex", "[0-9", says="--regex: invalid regex"),
+    c("generate", "--regex", "a", "--json-schema", "badschema.json", says="give one"),
+    c("generate", "--regex", "a", "--num-beams", "2", says="--num-beams does not follow"),
     # chat: every option is refused before stdin is read (the cases' stdin is empty)
     c("chat", "--checkpoint", "nowhere", says="checkpoint not found"),
     c("chat", "--max-new-tokens", "0", says="--max-new-tokens"),
@@ -270,6 +276,7 @@ def _fixtures(root: Path, run: Path) -> None:
     (root / "bad.jsonl").write_text('{"prompt": "a"}\nnot json\n')
     (root / "short.txt").write_text("too few words\n")
     (root / "p.txt").write_text("reverse abc\n")
+    (root / "badschema.json").write_text('{"type": "nonsense"}')
     (root / "other").symlink_to(run.parent / "other", target_is_directory=True)
 
 

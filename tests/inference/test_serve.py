@@ -150,7 +150,46 @@ BAD = [
     ({"prompt": "x" * 200}, 400, "prompt"),
     ({"max_tokens": 5}, 400, "prompt"),
     ({"prompt": "x", "model": "gpt-4"}, 404, "model"),
+    ({"prompt": "x", "response_format": {"type": "xml"}}, 400, "response_format"),
+    ({"prompt": "x", "response_format": {"type": "json_schema"}}, 400,
+     "response_format.json_schema.json_schema"),
+    ({"prompt": "x", "response_format": {"type": "json_schema", "json_schema": {
+        "name": "t", "schema": {"type": "nonsense"}}}}, 400, "response_format"),
+    ({"prompt": "x", "response_format": {"type": "json_schema", "json_schema": {
+        "name": "t", "schema": {"type": "string", "pattern": "[0-9"}}}}, 400,
+     "response_format"),
 ]
+
+CITY = {"type": "object", "additionalProperties": False, "required": ["city", "rank"],
+        "properties": {"city": {"type": "string", "maxLength": 8},
+                       "rank": {"type": "integer", "minimum": 1, "maximum": 99}}}
+
+
+def test_response_format_through_the_openai_client(server: Server) -> None:
+    """json_schema on chat (streamed and whole, sampled, n=3) and json_object on completions:
+    every choice parses and follows its schema."""
+    import jsonschema_rs
+
+    client = openai.OpenAI(base_url=server.base + "/v1", api_key="unused", max_retries=0)
+    fmt = {"type": "json_schema", "json_schema": {"name": "city", "schema": CITY,
+                                                   "strict": True}}
+    messages = [{"role": "user", "content": "A city?"}]
+    chat = client.chat.completions.create(model="tiny", messages=messages, max_tokens=40,
+                                          temperature=1.0, n=3, seed=1, response_format=fmt)
+    validator = jsonschema_rs.validator_for(CITY)
+    for choice in chat.choices:
+        assert choice.finish_reason == "stop"
+        assert validator.is_valid(json.loads(choice.message.content)), choice.message.content
+    streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+        model="tiny", messages=messages, max_tokens=40, temperature=1.0, seed=1,
+        response_format=fmt, stream=True))
+    assert streamed == chat.choices[0].message.content  # choice 0 samples with seed + 0
+    text = client.completions.create(model="tiny", prompt="ROMEO:", max_tokens=40,
+                                     temperature=0, extra_body={
+                                         "response_format": {"type": "json_object"}})
+    assert text.choices[0].text.startswith("{")
+    if text.choices[0].finish_reason == "stop":
+        assert isinstance(json.loads(text.choices[0].text), dict)
 
 
 @pytest.mark.parametrize(("body", "status", "param"), BAD)

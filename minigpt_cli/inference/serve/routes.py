@@ -23,7 +23,12 @@ from minigpt_cli.inference.engine import QueueFull, Sequence, TokenEvent
 from minigpt_cli.inference.serve import chat
 from minigpt_cli.inference.serve.errors import APIError, error_body
 from minigpt_cli.inference.serve.responses import ChatFormat, Choice, CompletionFormat, Format
-from minigpt_cli.inference.serve.schemas import ChatRequest, CompletionRequest, Sampling
+from minigpt_cli.inference.serve.schemas import (
+    ChatRequest,
+    CompletionRequest,
+    Sampling,
+    response_format_dict,
+)
 from minigpt_cli.inference.serve.worker import SHUTDOWN, Worker
 from minigpt_cli.tokenizer import chat as templates
 
@@ -136,20 +141,22 @@ def _sequences(s: Served, body: Sampling, prompts: list[list[int]], max_tokens: 
 
 
 def _grammar(body: Sampling) -> constraints.Grammar | None:
-    fmt = body.response_format
     try:
-        return constraints.from_response_format(None if fmt is None else fmt.as_dict())
+        return constraints.from_response_format(response_format_dict(body.response_format))
     except UserError as e:
         raise APIError(400, str(e), param="response_format", code="invalid_value") from None
 
 
 def _constraint(grammar: constraints.Grammar | None, s: Served, ends: frozenset[int]
                 ) -> constraints.Constraint | None:
-    """A fresh grammar state for one choice; a grammar that does not compile is a 400."""
+    """A fresh grammar state for one choice. A schema the grammar engine rejects is a 400
+    with its own code: the published OpenAPI schema can say "an object", not "a JSON schema
+    the engine supports"."""
     try:
         return constraints.constraint(grammar, s.enc, ends)
     except UserError as e:
-        raise APIError(400, str(e), param="response_format", code="invalid_value") from None
+        raise APIError(400, str(e), param="response_format", code="invalid_json_schema"
+                       ) from None
 
 
 async def _run(request: Request, s: Served, fmt: Format, choices: list[Choice],

@@ -42,18 +42,36 @@ class JsonSchemaFormat(BaseModel):
     strict: bool | None = None
 
 
-class ResponseFormat(BaseModel):
-    """OpenAI's `response_format`: plain text, any JSON object, or JSON following a schema
-    (inference/constraints.py turns it into a grammar)."""
+class TextFormat(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
-    type: Literal["text", "json_object", "json_schema"]
-    json_schema: JsonSchemaFormat | None = None
+    type: Literal["text"]
 
-    def as_dict(self) -> dict[str, Any]:
-        spec = self.json_schema
-        return {"type": self.type,
-                "json_schema": None if spec is None else {"name": spec.name,
-                                                          "schema": spec.schema_}}
+
+class JsonObjectFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+    type: Literal["json_object"]
+
+
+class JsonSchemaResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+    type: Literal["json_schema"]
+    json_schema: JsonSchemaFormat
+
+
+# OpenAI's `response_format`: plain text, any JSON object, or JSON following a schema
+# (inference/constraints.py turns the last two into grammars).
+ResponseFormat = Annotated[TextFormat | JsonObjectFormat | JsonSchemaResponseFormat,
+                           Field(discriminator="type")]
+
+
+def response_format_dict(fmt: BaseModel | None) -> dict[str, Any] | None:
+    """The request's response_format as constraints.from_response_format reads it."""
+    if fmt is None:
+        return None
+    if isinstance(fmt, JsonSchemaResponseFormat):
+        return {"type": fmt.type, "json_schema": {"name": fmt.json_schema.name,
+                                                  "schema": fmt.json_schema.schema_}}
+    return {"type": fmt.type}
 
 
 class Sampling(BaseModel):
