@@ -320,11 +320,29 @@ def eval_(
                                                      "'answer').")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="--task: most tokens per answer.")] = 32,
     temperature: Annotated[float, typer.Option(help="--task: of the sampled answers.")] = 1.0,
+    tasks: Annotated[str | None, typer.Option(help="Run lm-evaluation-harness tasks "
+                                                   "(comma-separated) in process.")] = None,
+    include_path: Annotated[Path | None, typer.Option(help="--tasks: a folder of your own "
+                                                           "lm-eval task YAMLs.")] = None,
+    limit: Annotated[int | None, typer.Option(help="--tasks: at most N documents per "
+                                                   "task.")] = None,
+    num_fewshot: Annotated[int | None, typer.Option(help="--tasks: examples shown before "
+                                                         "each question.")] = None,
 ) -> None:
-    """Score a whole text (loss, perplexity, bits per byte), measure exposure bias, or score a
-    task's answers (--task)."""
+    """Score a whole text (loss, perplexity, bits per byte), measure exposure bias, score a
+    task's answers (--task), or run lm-evaluation-harness tasks (--tasks)."""
     if task is None and prompts is not None:
         raise UserError("--prompts is for --task: name the reward that scores the answers")
+    if tasks is None and (include_path, limit, num_fewshot) != (None, None, None):
+        raise UserError("--include-path, --limit and --num-fewshot are for --tasks")
+    if tasks is not None:
+        from minigpt_cli.evaluation.harness import run_harness
+
+        run_harness(checkpoint=checkpoint, tasks=tasks, include_path=include_path,
+                    limit=limit, num_fewshot=num_fewshot, batch_size=batch_size,
+                    json_path=json_path, device=device, dtype=dtype,
+                    console=Console(highlight=False))
+        return
     if task is not None:
         from minigpt_cli.evaluation.task_eval import run_task_eval
 

@@ -207,6 +207,11 @@ CASES = [
     c("eval", "--device", "quantum", says="unknown device"),
     c("eval", "--dtype", "float8", says="unknown dtype"),
     c("eval", "--quantize", "int4", says="--quantize must be one of none, int8"),
+    c("eval", "--tasks", " , ", says="--tasks needs one or more task names"),
+    c("eval", "--tasks", "x", "--include-path", "nowhere", says="--include-path nowhere is not"),
+    c("eval", "--tasks", "x", "--limit", "0", says="--limit must be at least 1"),
+    c("eval", "--tasks", "x", "--num-fewshot", "-1", says="--num-fewshot must be >= 0"),
+    c("eval", "--limit", "5", says="are for --tasks"),
 ]
 
 HUGE = str(10**30)
