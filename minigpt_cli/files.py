@@ -65,6 +65,16 @@ def _write_then_rename(path: Path, data: bytes) -> None:
     crash_point(f"{path.name}:renamed")
 
 
+def commit_temp(tmp: Path, path: Path) -> None:
+    """Make a finished temp file (written by a library in `path`'s folder) `path`: the same
+    permissions, fsync and rename as atomic_write_bytes gives its own files."""
+    os.chmod(tmp, 0o666 & ~_UMASK)
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 

@@ -178,15 +178,12 @@ def export_gguf(run: str | Path, out: Path, kind: str = "f32") -> Path:
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
+        files.commit_temp(Path(tmp), out)
     except OSError as e:
         raise SaveError(f"could not write {out}: {e.strerror or e}") from None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    files.fsync_dir(out.parent)
     return out
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -42,13 +43,19 @@ def _run(tmp_path: Path, enc=None, chat: bool = False, **arch: object) -> Path:
         for p in model.parameters():
             p.add_(torch.randn_like(p) * (0.2 if p.dim() == 1 else 0.02))
     run = tmp_path / "run"
-    run.mkdir()
+    run.mkdir(parents=True)
     desc = tok.describe(enc, kind, default_template(tok.EOT).to_dict() if chat else None)
     if kind == "bpe":
         tok.save_ranks(enc, run / tok.TOKENIZER_FILE)
     store.save_model(run / store.MODEL_FILE, model, {"model_config": vars(cfg),
                                                      "tokenizer": desc})
     return run
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _field(reader: GGUFReader, key: str):
@@ -216,6 +223,8 @@ def test_refusals_leave_no_file(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="neither GPT-2"):
         export_gguf(run, tmp_path / "m.gguf")
     assert list(tmp_path.glob("*.gguf*")) == [] and list(tmp_path.glob(".m.gguf*")) == []
+    made = export_gguf(_run(tmp_path / "ok", **LLAMA), tmp_path / "m.gguf")
+    assert made.stat().st_mode & 0o777 == 0o666 & ~_umask()  # as every file minigpt writes
     other = tmp_path / "other"
     other.mkdir()
     run = _run(other, tok._encoding("bpe", {bytes([i]): i for i in range(256)}, r"\S+|\s+"))
