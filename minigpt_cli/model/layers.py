@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from minigpt_cli.model.int8 import q8_product
+
 NORMS = ("layernorm", "rmsnorm")
 POSITIONS = ("learned", "rotary")
 MLPS = ("gelu", "swiglu", "relu2")
@@ -33,6 +35,8 @@ class Linear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(n_out)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if getattr(self, "int8", None) is not None:  # rounded by model/int8.py
+            return q8_product(x, *self.int8, self.bias)
         flat = x.reshape(-1, x.size(-1))
         y = (torch.addmm(self.bias, flat, self.weight) if self.bias is not None
              else flat @ self.weight)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from minigpt_cli.model.int8 import GROUP, dequantize, quantize, quantize_model
+from minigpt_cli.model.int8 import GROUP, dequantize, q8_product, quantize, quantize_model
 from tests.conftest import score
 
 
@@ -87,34 +87,55 @@ def _native():
     return native, lib
 
 
+def _reference_q8(x: np.ndarray, q: np.ndarray, scales: np.ndarray, bias: np.ndarray
+                  ) -> np.ndarray:
+    """The int8 x int8 product from its definition, loop by loop in float64: each row's group
+    of 32 rounded to int8 (scale max |x| / 127, float32 as the kernel has it), the integer dot
+    product with the weights' group, times both scales."""
+    rows, n_in = x.shape
+    out = np.tile(bias.astype(np.float64), (rows, 1))
+    for r in range(rows):
+        for g, start in enumerate(range(0, n_in, GROUP)):
+            xs = x[r, start:start + GROUP].astype(np.float32)
+            d = np.float32(np.abs(xs).max()) / np.float32(127.0)
+            xi = np.rint(xs * (np.float32(1.0) / d)) if d > 0 else np.zeros_like(xs)
+            dots = xi.astype(np.int64) @ q[start:start + GROUP].astype(np.int64)
+            out[r] += dots * np.float64(d) * scales[g].astype(np.float64)
+    return out
+
+
 @pytest.mark.parametrize(("rows", "n_in", "n_out"), [
     (1, 64, 96), (1, 70, 40), (3, 96, 37), (13, 32, 64), (64, 50, 33)])
 def test_int8_kernel_matches_a_numpy_reference(rows: int, n_in: int, n_out: int) -> None:
-    """The C kernel reading int8 (widened and scaled in registers) against NumPy's float64
-    product with the dequantized matrix, 1e-5 relative: partial last groups (70, 50), output
-    tails past the last whole strip (37, 33, 40), every register block (13 and 64 rows), and
-    a group of zeros."""
+    """The C kernel (input rows rounded to int8, integer dot products) against the product
+    written from its definition in NumPy and against PyTorch's q8_product, 1e-5 relative:
+    partial last groups (70, 50), columns past the last whole strip (37, 33, 40), every
+    register block (13 and 64 rows), a group of zero weights and a row of zeros; and each row
+    alone gives the bits it gives in the batch."""
     native, lib = _native()
     g = torch.Generator().manual_seed(rows * n_in)
     w = torch.randn(n_in, n_out, generator=g)
     w[: min(32, n_in), :5] = 0  # an all-zero group in the first columns
     x, bias = torch.randn(rows, n_in, generator=g), torch.randn(n_out, generator=g)
+    x[-1, :GROUP] = 0  # a group of inputs that is all zeros
     q, scales = quantize(w)
-    deq = dequantize(q, scales)
-    strip = lib.minigpt_strip()
-    packed_q, packed_s = native.pack_strips(q, strip), native.pack_strips(scales, strip)
-    y = torch.full((rows, n_out), float("nan"))
-    assert lib.minigpt_product(rows, n_in, n_out, x.data_ptr(), None, packed_q.data_ptr(),
-                               packed_s.data_ptr(), deq.data_ptr(), bias.data_ptr(),
-                               y.data_ptr(), 2) == 0
-    want = x.double().numpy() @ deq.double().numpy() + bias.double().numpy()
+    packed_q, packed_s = native.pack_q8(q, scales, lib.minigpt_strip())
+
+    def product(xs: torch.Tensor) -> torch.Tensor:
+        y = torch.full((len(xs), n_out), float("nan"))
+        assert lib.minigpt_product(len(xs), n_in, n_out, xs.data_ptr(), None,
+                                   packed_q.data_ptr(), packed_s.data_ptr(), None,
+                                   bias.data_ptr(), y.data_ptr(), 2) == 0
+        return y
+
+    y = product(x)
+    want = _reference_q8(x.numpy(), q.numpy(), scales.numpy(), bias.numpy())
     np.testing.assert_allclose(y.double().numpy(), want, rtol=1e-5,
                                atol=1e-5 * np.abs(want).max())
-    # the same kernel on float weights (the dequantized matrix) gives the same bits
-    f, packed = torch.full((rows, n_out), float("nan")), native.pack_strips(deq, strip)
-    lib.minigpt_product(rows, n_in, n_out, x.data_ptr(), packed.data_ptr(), None, None,
-                        deq.data_ptr(), bias.data_ptr(), f.data_ptr(), 2)
-    assert torch.equal(y, f)
+    torch.testing.assert_close(q8_product(x, q, scales, bias), y, rtol=1e-5,
+                               atol=1e-5 * float(y.abs().max()))
+    for r in (0, rows - 1):
+        assert torch.equal(product(x[r:r + 1].clone())[0], y[r])
 
 
 def test_int8_native_step_equals_torch_on_the_rounded_model() -> None:

@@ -36,7 +36,7 @@ from minigpt_cli.model.int8 import GROUP
 from minigpt_cli.model.layers import MLPS, mlp_hidden
 
 SOURCE = Path(__file__).with_name("decode_step.c")  # beside this binding
-ABI_VERSION = 7
+ABI_VERSION = 8
 ENGINES = ("auto", "native", "torch")
 # -march=native is safe because the library is built on the machine that runs it (the cache
 # key includes the CPU). No -ffast-math: NaNs and infinities must behave as in PyTorch. FMA
@@ -158,6 +158,24 @@ def pack_strips(w: torch.Tensor, strip: int) -> torch.Tensor:
     return w[:, :full].reshape(n_in, n_out // strip, strip).transpose(0, 1).contiguous()
 
 
+def pack_q8(q: torch.Tensor, scales: torch.Tensor, strip: int
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """An int8 matrix [n_in, n_out] and its scales [groups, n_out] in the C step's int8 layout:
+    inputs padded to whole groups and columns to whole strips (scale 0), each strip's bytes
+    w + 128 as [n_in / 4][strip][4] (four consecutive inputs of a column together, what a
+    dot-product instruction reads), its scales [groups][strip]."""
+    n_in, n_out = q.shape
+    groups = scales.shape[0]
+    cols = -(-n_out // strip) * strip
+    padded = torch.zeros(groups * GROUP, cols, dtype=torch.int16)
+    padded[:n_in, :n_out] = q.to(torch.int16)
+    unsigned = (padded + 128).to(torch.uint8)  # every weight is in [-127, 127]
+    quads = unsigned.view(groups * GROUP // 4, 4, cols // strip, strip).permute(2, 0, 3, 1)
+    s = torch.zeros(groups, cols)
+    s[:, :n_out] = scales
+    return quads.contiguous(), s.view(groups, cols // strip, strip).transpose(0, 1).contiguous()
+
+
 class FusedForward:
     """The fused C step: the model's forward through the C library over a list of rows (or a
     range of its layers), each row one token in its own cache slot at its own column, so
@@ -204,8 +222,9 @@ class FusedForward:
         for i, t in enumerate(self._tensors):
             q = int8.get(i)
             self._packed.append(pack_strips(t, strip) if i in int8 and q is None else None)
-            self._q8.append(pack_strips(q[0], strip) if q is not None else None)
-            self._scales.append(pack_strips(q[1], strip) if q is not None else None)
+            quads, scales = pack_q8(*q, strip) if q is not None else (None, None)
+            self._q8.append(quads)
+            self._scales.append(scales)
         self._pptrs, self._qptrs, self._sptrs = (
             (ctypes.c_void_p * len(ts))(*[t.data_ptr() if t is not None and t.numel() else None
                                           for t in ts])
@@ -222,7 +241,8 @@ class FusedForward:
         self._rows = [(ctypes.c_int64 * max_rows)() for _ in range(4)]  # token, pos, slot, col
         self._want = (ctypes.c_uint8 * max_rows)()
         self.logits = torch.empty(max_rows, cfg.vocab_size)
-        self._scratch = torch.empty(max_rows * (7 * cfg.n_embd + 3 * width))
+        widest = -(-max(cfg.n_embd, width) // GROUP)  # an int8 product's quantized rows
+        self._scratch = torch.empty(max_rows * (7 * cfg.n_embd + 3 * width + 10 * widest))
 
     def __call__(self, tokens: list[int], positions: list[int], slots: list[int],
                  cols: list[int], cache: KVCache, want: list[bool] | None = None,

@@ -13,8 +13,9 @@
  * attention over the key/value cache, tied output head; GPT-2's LayerNorm, learned positions
  * and tanh-GELU MLP, or the options of minigpt_cli/model/layers.py (RMSNorm, rotary positions,
  * SwiGLU or ReLU² MLP, RMSNorm on queries and keys) as the dims say. Activations are
- * float32; each matrix is float32 or int8 with a float scale per GROUP input rows and output
- * column (minigpt_cli/model/int8.py), read as int8 and widened in registers (see qstrip).
+ * float32; each matrix is float32, or int8 with a float scale per GROUP input rows and output
+ * column (minigpt_cli/model/int8.py), multiplied by its input rows rounded to int8 the same
+ * way, with integer dot products (see q8_group).
  * The cache is minigpt's KVCache layout, [layers, slots, heads, cache_len, head_dim]; each row
  * names its own slot and column, writes its new key and value there and attends over columns
  * 0..col of that slot, so sequences of different lengths share a step with no padding.
@@ -46,7 +47,7 @@ enum { MLP_GELU, MLP_SWIGLU, MLP_RELU2 };
 /* Model-level pointers come first. */
 enum { WTE, WPE, HEAD_T, LNF_W, LNF_B, GLOBALS };
 
-int minigpt_abi_version(void) { return 7; }
+int minigpt_abi_version(void) { return 8; }
 int minigpt_max_batch(void) { return MAX_BATCH; }
 
 /* e^x for float32, written so the softmax and GELU loops vectorize (libm's expf is an opaque
@@ -162,106 +163,163 @@ DEFINE_STRIP(11)
 DEFINE_STRIP(12)
 #endif
 
-/* The int8 form of DEFINE_STRIP, for weights quantized in groups of GROUP input rows (one
- * float scale per group and output column; model/int8.py). Q is the strip's int8 weights,
- * [n_in][STRIP]; S its scales, [ceil(n_in / GROUP)][STRIP]. Each weight vector is widened to
- * float and multiplied by its scale once, then feeds every row as in DEFINE_STRIP: the same
- * operations in the same order as the float kernel run on the dequantized matrix, so the two
- * agree bit for bit. Why it is faster: one token streams every weight once, and a weight is
- * now 1 byte (+ 4 / GROUP for its scale) instead of 4. */
+/* int8 x int8, llama.cpp's Q8_0 product. Weights are int8 in groups of GROUP input rows with
+ * one float scale per group and output column (model/int8.py); before a product each input
+ * row is rounded the same way, per group of GROUP values: scale max |x| / 127, values
+ * round(x / scale) (quantize_rows). A group's product is then a sum of 32 integer products,
+ * exact in int32 whatever order it is added in, times the two scales; the groups' results
+ * are added in float32 in ascending order. So every row's result is the same whichever rows
+ * share the step and whichever instructions add up the integers (model/int8.py's q8_product
+ * is the reference).
+ *
+ * Why: a token streams every weight once, and a weight is 1 byte; widening each to float
+ * (an instruction per weight vector, then a multiply-add per row) left the step waiting on
+ * arithmetic, not memory. With AVX-512 VNNI one instruction multiplies and adds 64 byte pairs.
+ *
+ * Layout: a strip's weights are stored as unsigned bytes w + 128 in quads, [n_in / 4][STRIP][4]
+ * (four consecutive inputs of one column together: what a dot-product instruction reads),
+ * the inputs padded with zeros to whole groups and the columns to whole strips (padding has
+ * scale 0); scales [groups][STRIP]. The +128 makes the weights the unsigned operand VNNI
+ * wants; quantize_rows keeps each row's group sums, 128 * sum(x), which are taken off. */
 #define GROUP 32
-/* VL int8 weights -> VL floats: one sign-extending load and one conversion with AVX2 or
- * AVX-512 (GCC's generic vector conversion compiles to one scalar conversion per lane). */
-static inline vf widen(const int8_t *p) {
-#if defined(__AVX512F__)
-    return (vf)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
-#elif defined(__AVX2__)
-    return (vf)_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
+/* Rows per block: 2 x Q8_RB accumulators in registers beside the weights and constants (32
+ * vector registers with AVX-512, 16 with AVX2). */
+#if VL == 16
+#define Q8_RB 6
 #else
-    typedef int8_t vi8 __attribute__((vector_size(VL)));
-    vi8 q;
-    memcpy(&q, p, sizeof q);
-    return __builtin_convertvector(q, vf);
+#define Q8_RB 4
 #endif
+
+/* Rows quantized for a product: values (int8, each row padded to whole groups), scales, and
+ * 128 x each group's sum, for B rows of n_in. */
+typedef struct {
+    int8_t *v;
+    float *scale;
+    int32_t *offset;
+    int stride; /* values per row: groups * GROUP */
+} qrows;
+
+static void quantize_rows(int B, int n_in, const float *x, qrows *q) {
+    const int groups = q->stride / GROUP;
+    for (int b = 0; b < B; b++) {
+        const float *xr = x + (size_t)b * n_in;
+        int8_t *v = q->v + (size_t)b * q->stride;
+        for (int g = 0; g < groups; g++) {
+            const int i0 = g * GROUP, i1 = i0 + GROUP < n_in ? i0 + GROUP : n_in;
+            float amax = 0.f;
+            for (int i = i0; i < i1; i++) amax = fmaxf(amax, fabsf(xr[i]));
+            const float d = amax / 127.f, id = d > 0.f ? 1.f / d : 0.f;
+            int32_t sum = 0;
+            for (int i = i0; i < i0 + GROUP; i++) {
+                const int8_t t = i < i1 ? (int8_t)lrintf(xr[i] * id) : 0;
+                v[i] = t;
+                sum += t;
+            }
+            q->scale[(size_t)b * groups + g] = d;
+            q->offset[(size_t)b * groups + g] = 128 * sum;
+        }
+    }
 }
-#define DEFINE_QSTRIP(RB)                                                                       \
-    static void qstrip_##RB(int n_in, const float *x, const int8_t *Q, const float *S,        \
-                            const float *bias, float *out) {                                  \
-        vf a[RB][CV];                                                                         \
-        for (int c = 0; c < CV; c++) {                                                        \
-            const vf b0 = bias ? vload(bias + c * VL) : (vf){0};                              \
-            for (int r = 0; r < RB; r++) a[r][c] = b0;                                        \
-        }                                                                                     \
-        for (int i0 = 0; i0 < n_in; i0 += GROUP, S += STRIP) {                                \
-            const vf s0 = vload(S), s1 = vload(S + VL);                                       \
-            const int i1 = i0 + GROUP < n_in ? i0 + GROUP : n_in;                             \
-            for (int i = i0; i < i1; i++, Q += STRIP) {                                       \
-                const vf w0 = widen(Q) * s0, w1 = widen(Q + VL) * s1;                         \
-                for (int r = 0; r < RB; r++) {                                                \
-                    const float xr = x[(size_t)r * n_in + i];                                 \
-                    a[r][0] += xr * w0;                                                       \
-                    a[r][1] += xr * w1;                                                       \
-                }                                                                             \
-            }                                                                                 \
-        }                                                                                     \
-        for (int r = 0; r < RB; r++)                                                          \
-            for (int c = 0; c < CV; c++) memcpy(out + r * STRIP + c * VL, &a[r][c], sizeof(vf)); \
-    }
-DEFINE_QSTRIP(1)
-DEFINE_QSTRIP(2)
-DEFINE_QSTRIP(3)
-DEFINE_QSTRIP(4)
-DEFINE_QSTRIP(5)
-DEFINE_QSTRIP(6)
-#if MAX_RB > 6
-DEFINE_QSTRIP(7)
-DEFINE_QSTRIP(8)
-DEFINE_QSTRIP(9)
-DEFINE_QSTRIP(10)
-DEFINE_QSTRIP(11)
-DEFINE_QSTRIP(12)
+
+/* Integer dot products, the widest the build's CPU has, each giving the same exact sums:
+ * - AVX-512 VNNI: one instruction multiplies 64 unsigned bytes (w + 128) by signed bytes (x)
+ *   and adds each column's four products into its int32 lane; the + 128 is taken off by
+ *   starting the sums at -128 * sum(x);
+ * - AVX2: llama.cpp's way, multiply |x| by w carrying x's sign (pairs added into int16 lanes,
+ *   at most 2 x 127 x 127, so never saturating), then pairs of those into int32 lanes;
+ * - anything else: plain loops, for any compiler. */
+#if defined(__AVX512VNNI__) && VL == 16
+#define Q8_VNNI 1
+#elif defined(__AVX2__) && VL == 8
+#define Q8_AVX2 1
+#endif
+#if defined(Q8_VNNI) || defined(Q8_AVX2)
+typedef int32_t vi __attribute__((vector_size(VL * sizeof(int32_t))));
+#endif
+#ifdef Q8_VNNI
+static inline vi dot4(vi acc, const uint8_t *w, int32_t x4) {
+    return (vi)_mm512_dpbusd_epi32((__m512i)acc, _mm512_loadu_si512(w), _mm512_set1_epi32(x4));
+}
+#elif defined(Q8_AVX2)
+static inline vi dot4(vi acc, const uint8_t *w, int32_t x4) {
+    const __m256i ws = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)w),
+                                        _mm256_set1_epi8((char)0x80)); /* w + 128 -> w */
+    const __m256i x = _mm256_set1_epi32(x4);
+    const __m256i pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(x, x), _mm256_sign_epi8(ws, x));
+    return (vi)_mm256_add_epi32((__m256i)acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
+}
 #endif
 
-/* The int8 form of DEFINE_WIDE (below): one or two rows over two neighbouring strips. Widened
- * int8 weights leave a lone row even more latency-bound than float ones (each FMA waits on
- * the last), so the extra independent sums matter more here. Same operations per weight. */
-#define DEFINE_QWIDE(RB)                                                                        \
-    static void qwide_##RB(int n_in, const float *x, const int8_t *Q0, const int8_t *Q1,      \
-                           const float *S0, const float *S1, const float *bias, float *out0,  \
-                           float *out1) {                                                     \
-        vf a[RB][4];                                                                          \
-        for (int c = 0; c < 4; c++) {                                                         \
-            const vf b0 = bias ? vload(bias + c * VL) : (vf){0};                              \
-            for (int r = 0; r < RB; r++) a[r][c] = b0;                                        \
-        }                                                                                     \
-        for (int i0 = 0; i0 < n_in; i0 += GROUP, S0 += STRIP, S1 += STRIP) {                  \
-            const vf s0 = vload(S0), s1 = vload(S0 + VL), s2 = vload(S1), s3 = vload(S1 + VL); \
-            const int i1 = i0 + GROUP < n_in ? i0 + GROUP : n_in;                             \
-            for (int i = i0; i < i1; i++, Q0 += STRIP, Q1 += STRIP) {                         \
-                const vf w0 = widen(Q0) * s0, w1 = widen(Q0 + VL) * s1;                       \
-                const vf w2 = widen(Q1) * s2, w3 = widen(Q1 + VL) * s3;                       \
-                for (int r = 0; r < RB; r++) {                                                \
-                    const float xr = x[(size_t)r * n_in + i];                                 \
-                    a[r][0] += xr * w0;                                                       \
-                    a[r][1] += xr * w1;                                                       \
-                    a[r][2] += xr * w2;                                                       \
-                    a[r][3] += xr * w3;                                                       \
-                }                                                                             \
+#define DEFINE_Q8STRIP(RB)                                                                      \
+    static void q8strip_##RB(int groups, const qrows *xq, int r0, const uint8_t *Q,           \
+                             const float *S, const float *bias, float *out) {                 \
+        float acc[RB][STRIP];                                                                 \
+        for (int r = 0; r < RB; r++)                                                          \
+            for (int c = 0; c < STRIP; c++) acc[r][c] = bias ? bias[c] : 0.f;                 \
+        for (int g = 0; g < groups; g++, S += STRIP, Q += GROUP * STRIP) {                    \
+            float sums[RB][STRIP];                                                            \
+            q8_group(RB, xq, r0, g, Q, sums);                                                 \
+            for (int r = 0; r < RB; r++) {                                                    \
+                const float xs = xq->scale[(size_t)(r0 + r) * groups + g];                    \
+                for (int c = 0; c < STRIP; c++) acc[r][c] += sums[r][c] * (S[c] * xs);\
             }                                                                                 \
         }                                                                                     \
-        for (int r = 0; r < RB; r++)                                                          \
-            for (int c = 0; c < 4; c++)                                                       \
-                memcpy((c < 2 ? out0 : out1) + r * STRIP + (c % 2) * VL, &a[r][c], sizeof(vf)); \
+        for (int r = 0; r < RB; r++) memcpy(out + r * STRIP, acc[r], sizeof acc[r]);          \
     }
-DEFINE_QWIDE(1)
-DEFINE_QWIDE(2)
 
-typedef void (*qstrip_fn)(int, const float *, const int8_t *, const float *, const float *,
-                          float *);
-static const qstrip_fn QSTRIPS[MAX_RB + 1] = {
-    NULL, qstrip_1, qstrip_2, qstrip_3, qstrip_4, qstrip_5, qstrip_6,
-#if MAX_RB > 6
-    qstrip_7, qstrip_8, qstrip_9, qstrip_10, qstrip_11, qstrip_12,
+/* One group's exact integer sums, sums[r][c] = sum over its GROUP inputs of w * x (at most
+ * 32 x 127 x 127: exact in float32 too), for RB rows from r0 and the strip's STRIP columns. */
+static inline void q8_group(int RB, const qrows *xq, int r0, int g, const uint8_t *Q,
+                            float sums[][STRIP]) {
+    int32_t dot[Q8_RB][STRIP];
+#if defined(Q8_VNNI) || defined(Q8_AVX2)
+    vi a[Q8_RB][CV];
+    for (int r = 0; r < RB; r++) {
+#ifdef Q8_VNNI
+        const int32_t start = -xq->offset[(size_t)(r0 + r) * (xq->stride / GROUP) + g];
+#else
+        const int32_t start = 0;
+#endif
+        for (int c = 0; c < CV; c++) a[r][c] = (vi){0} + start;
+    }
+    for (int k = 0; k < GROUP / 4; k++, Q += 4 * STRIP) {
+        for (int r = 0; r < RB; r++) {
+            int32_t x4;
+            memcpy(&x4, xq->v + (size_t)(r0 + r) * xq->stride + g * GROUP + 4 * k, 4);
+            for (int c = 0; c < CV; c++) a[r][c] = dot4(a[r][c], Q + 4 * VL * c, x4);
+        }
+    }
+    for (int r = 0; r < RB; r++)
+        for (int c = 0; c < CV; c++) memcpy(dot[r] + c * VL, &a[r][c], sizeof(vi));
+#else
+    for (int r = 0; r < RB; r++) {
+        const int8_t *x = xq->v + (size_t)(r0 + r) * xq->stride + g * GROUP;
+        for (int c = 0; c < STRIP; c++) dot[r][c] = 0;
+        for (int k = 0; k < GROUP / 4; k++)
+            for (int c = 0; c < STRIP; c++)
+                for (int j = 0; j < 4; j++)
+                    dot[r][c] += ((int32_t)Q[(size_t)k * 4 * STRIP + 4 * c + j] - 128) *
+                                 x[4 * k + j];
+    }
+#endif
+    for (int r = 0; r < RB; r++)
+        for (int c = 0; c < STRIP; c++) sums[r][c] = (float)dot[r][c];
+}
+
+DEFINE_Q8STRIP(1)
+DEFINE_Q8STRIP(2)
+DEFINE_Q8STRIP(3)
+DEFINE_Q8STRIP(4)
+#if Q8_RB > 4
+DEFINE_Q8STRIP(5)
+DEFINE_Q8STRIP(6)
+#endif
+
+typedef void (*q8strip_fn)(int, const qrows *, int, const uint8_t *, const float *,
+                           const float *, float *);
+static const q8strip_fn Q8STRIPS[Q8_RB + 1] = {NULL, q8strip_1, q8strip_2, q8strip_3, q8strip_4,
+#if Q8_RB > 4
+                                               q8strip_5, q8strip_6,
 #endif
 };
 
@@ -339,19 +397,52 @@ static void share(int n, int *lo, int *hi) {
 #endif
 }
 
+/* The int8 product (Q8_0, above): quantize the rows once (one thread, the others wait), then
+ * each thread takes a contiguous share of the strips, every row of each. Columns are padded to
+ * whole strips, so there is no tail; the last strip writes only its real columns. */
+static void q8_matvec(int B, int n_in, int n_out, const float *x, const uint8_t *Q,
+                      const float *S, const float *bias, float *y, int op, qrows *xq) {
+    const int groups = (n_in + GROUP - 1) / GROUP, strips = (n_out + STRIP - 1) / STRIP;
+#pragma omp single
+    {
+        xq->stride = groups * GROUP;
+        quantize_rows(B, n_in, x, xq);
+    }
+    int lo, hi;
+    share(strips, &lo, &hi);
+    for (int u = lo; u < hi; u++) {
+        float acc[MAX_BATCH * STRIP], tail_bias[STRIP];
+        const int j = u * STRIP, w = n_out - j < STRIP ? n_out - j : STRIP;
+        const float *bs = bias ? bias + j : NULL;
+        if (bias && w < STRIP) { /* the bias ends inside the last strip */
+            for (int c = 0; c < STRIP; c++) tail_bias[c] = c < w ? bias[j + c] : 0.f;
+            bs = tail_bias;
+        }
+        for (int b = 0, rb; b < B; b += rb) {
+            rb = B - b < Q8_RB ? B - b : Q8_RB;
+            Q8STRIPS[rb](groups, xq, b, Q + (size_t)u * groups * GROUP * STRIP,
+                         S + (size_t)u * groups * STRIP, bs, acc + b * STRIP);
+        }
+        finish_strip(B, n_out, acc, y, j, w, op);
+    }
+#pragma omp barrier
+}
+
 /* y[b, :] (op)= x[b, :] @ W + bias for b < B. W is [n_in, n_out] row-major; P holds its whole
  * strips packed strip-major, [n_out / STRIP][n_in][STRIP] (the binding packs it once), so each
- * strip's weights are one contiguous run. An int8 matrix passes its strips as Q (the same
- * layout, one byte a weight) and their scales as S ([n_out / STRIP][groups][STRIP]) instead
- * of P; its W then holds the dequantized values, read only for the tail columns. Runs inside
- * the step's parallel region: each thread takes a contiguous share of the pairs of
- * neighbouring strips, and each pair is done for every row (blocks of MAX_RB rows per strip;
- * one or two leftover rows across both strips) while its weights are in cache, so W streams
- * from memory once per step however many rows there are. The last few columns
- * (n_out % STRIP) are read from W one at a time. */
-static void matvec(int B, int n_in, int n_out, const float *x, const float *P, const int8_t *Q,
-                   const float *S, const float *W, const float *bias, float *y, int op) {
-    const int groups = (n_in + GROUP - 1) / GROUP;
+ * strip's weights are one contiguous run. An int8 matrix passes its strips as Q and their
+ * scales as S instead (q8_matvec). Runs inside the step's parallel region: each thread takes
+ * a contiguous share of the pairs of neighbouring strips, and each pair is done for every row
+ * (blocks of MAX_RB rows per strip; one or two leftover rows across both strips) while its
+ * weights are in cache, so W streams from memory once per step however many rows there are.
+ * The last few columns (n_out % STRIP) are read from W one at a time. */
+static void matvec(int B, int n_in, int n_out, const float *x, const float *P, const uint8_t *Q,
+                   const float *S, const float *W, const float *bias, float *y, int op,
+                   qrows *xq) {
+    if (Q) {
+        q8_matvec(B, n_in, n_out, x, Q, S, bias, y, op, xq);
+        return;
+    }
     const int full = n_out / STRIP, tail = n_out - full * STRIP;
     const int pairs = (full + 1) / 2;
     int lo, hi;
@@ -380,8 +471,8 @@ static void matvec(int B, int n_in, int n_out, const float *x, const float *P, c
         const int rest = B % MAX_RB, wide = ns == 2 && rest > 0 && rest <= 2 ? rest : 0;
         const int nx = u + 1 < hi && s0 + 2 + 1 < full ? s0 + 2 : s0;
         const int blocks = (B - wide + MAX_RB - 1) / MAX_RB, passes = ns * blocks + (wide > 0);
-        const unsigned pf_m = !Q && blocks > 0 ? (unsigned)((2u << 16) / (unsigned)passes) : 0u;
-        const float *next = P ? P + (size_t)nx * n_in * STRIP : NULL;
+        const unsigned pf_m = blocks > 0 ? (unsigned)((2u << 16) / (unsigned)passes) : 0u;
+        const float *next = P + (size_t)nx * n_in * STRIP;
         int pass = 0;
         for (int k = 0; k < ns; k++) {
             const int j = (s0 + k) * STRIP;
@@ -390,23 +481,12 @@ static void matvec(int B, int n_in, int n_out, const float *x, const float *P, c
              * it is one or two rows, which go across both strips below. */
             for (int b = 0, rb; b < B - wide; b += rb) {
                 rb = B - wide - b < MAX_RB ? B - wide - b : MAX_RB;
-                if (Q)
-                    QSTRIPS[rb](n_in, x + (size_t)b * n_in, Q + (size_t)(s0 + k) * n_in * STRIP,
-                                S + (size_t)(s0 + k) * groups * STRIP, bs, acc[k] + b * STRIP);
-                else
-                    STRIPS[rb](n_in, x + (size_t)b * n_in, P + (size_t)(s0 + k) * n_in * STRIP,
-                               bs, acc[k] + b * STRIP,
-                               next + (size_t)(pass++ * 2 * n_in / passes) * STRIP, pf_m);
+                STRIPS[rb](n_in, x + (size_t)b * n_in, P + (size_t)(s0 + k) * n_in * STRIP, bs,
+                           acc[k] + b * STRIP,
+                           next + (size_t)(pass++ * 2 * n_in / passes) * STRIP, pf_m);
             }
         }
-        if (wide && Q) {
-            const int b = B - wide, j = s0 * STRIP;
-            const int8_t *q0 = Q + (size_t)s0 * n_in * STRIP, *q1 = q0 + (size_t)n_in * STRIP;
-            const float *c0 = S + (size_t)s0 * groups * STRIP, *c1 = c0 + (size_t)groups * STRIP;
-            (wide == 1 ? qwide_1 : qwide_2)(n_in, x + (size_t)b * n_in, q0, q1, c0, c1,
-                                            bias ? bias + j : NULL, acc[0] + b * STRIP,
-                                            acc[1] + b * STRIP);
-        } else if (wide) {
+        if (wide) {
             const int b = B - wide, j = s0 * STRIP;
             const float *p0 = P + (size_t)s0 * n_in * STRIP, *p1 = p0 + (size_t)n_in * STRIP;
             (wide == 1 ? wide_1 : wide_2)(n_in, x + (size_t)b * n_in, p0, p1,
@@ -557,14 +637,16 @@ static void attention(int B, int H, int D, int S, const int64_t *slot, const int
  * fp: two floats, the rotary base (read only when rotary) and every norm's epsilon.
  * w: weight pointers (GLOBALS, then PER_LAYER per layer); pw: the same list with each matrix
  * (HEAD_T and the four per-layer products) packed by strips, see matvec; qw, qs: NULL, or the
- * same list with an int8 matrix's packed strips and scales where pw has NULL.
+ * same list with an int8 matrix's packed strips (bytes w + 128, see q8_group) and scales
+ * where pw has NULL.
  * tokens, pos, slot, col: [rows]: row b feeds token tokens[b] at position pos[b], and writes
  * its key and value at column col[b] of cache slot slot[b]; kc, vc: the cache,
  * [layers, n_slots, heads, cache_len, head_dim]; want: [rows], nonzero where a row's logits are
  * needed, or NULL for all; logits: [rows wanted, vocab], in row order;
- * scratch: rows * (7 * n_embd + 3 * mlp width) floats. Returns 0, or -1 on bad arguments. */
+ * scratch: rows * (7 * n_embd + 3 * mlp width + 10 * ceil(max(n_embd, mlp width) / GROUP))
+ * floats. Returns 0, or -1 on bad arguments. */
 int minigpt_decode_step(const int64_t *dims, const float *fp, const float *const *w,
-                        const float *const *pw, const int8_t *const *qw,
+                        const float *const *pw, const uint8_t *const *qw,
                         const float *const *qs, const int64_t *tokens, const int64_t *pos,
                         const int64_t *slot, const int64_t *col, const uint8_t *want, float *kc,
                         float *vc, float *logits, float *scratch) {
@@ -581,13 +663,19 @@ int minigpt_decode_step(const int64_t *dims, const float *fp, const float *const
         if (slot[b] < 0 || slot[b] >= NS || col[b] < 0 || col[b] >= S) return -1;
     const int D = C / H;
     const float rope = rotary ? fp[0] : 0.f, eps = fp[1];
-    static const int8_t *const NONE8[PER_LAYER] = {0};
+    static const uint8_t *const NONE8[PER_LAYER] = {0};
     static const float *const NONE32[PER_LAYER] = {0};
     int nw = 0; /* rows whose logits are wanted; shared by the threads below */
     float *x = scratch, *h = x + B * C, *att = h + B * C, *qkv = att + B * C;
     float *f = qkv + 3 * B * C; /* the MLP's first product: B * F, or B * 2F for SwiGLU */
     float *g = f + 2 * (size_t)B * F; /* SwiGLU's gated product, B * F */
     float *rc = rotary ? g + (size_t)B * F : NULL, *rs = rc ? rc + (size_t)B * (D / 2) : NULL;
+    /* An int8 product's quantized rows (q8_matvec), after the rest: B rows of the widest
+     * input, padded to whole groups. */
+    const int widest = ((C > F ? C : F) + GROUP - 1) / GROUP;
+    float *qa = scratch + (size_t)B * (7 * C + 3 * F);
+    qrows xq = {(int8_t *)(qa + 2 * (size_t)B * widest), qa, (int32_t *)(qa + (size_t)B * widest),
+                widest * GROUP};
 
     /* One parallel region for the whole step: every `omp for` below shares out its loop and
      * ends in a barrier, and `single` does the small serial parts. Forking threads once per
@@ -614,20 +702,21 @@ int minigpt_decode_step(const int64_t *dims, const float *fp, const float *const
             const float *const *p = w + GLOBALS + (size_t)l * PER_LAYER;
             const size_t at = GLOBALS + (size_t)l * PER_LAYER;
             const float *const *q = pw + at;
-            const int8_t *const *q8 = qw ? qw + at : NONE8;
+            const uint8_t *const *q8 = qw ? qw + at : NONE8;
             const float *const *sc = qs ? qs + at : NONE32;
             const size_t layer_off = (size_t)l * NS * H * S * D;
             matvec(B, C, 3 * C, h, q[ATTN_W], q8[ATTN_W], sc[ATTN_W], p[ATTN_W], p[ATTN_B], qkv,
-                   STORE);
+                   STORE, &xq);
             if (qk_norm || rotary)
                 shape_qk(B, H, D, qkv, qk_norm ? p[QN_W] : NULL, p[KN_W], rc, rs, eps);
             attention(B, H, D, S, slot, col, qkv, kc + layer_off, vc + layer_off, att);
             matvec(B, C, C, att, q[APROJ_W], q8[APROJ_W], sc[APROJ_W], p[APROJ_W], p[APROJ_B], x,
-                   ADD);
+                   ADD, &xq);
 #pragma omp single
             layer_norm(B, C, x, p[LN2_W], p[LN2_B], h, rms, eps);
             if (mlp == MLP_SWIGLU) { /* gate and up in one product, then silu(gate) * up */
-                matvec(B, C, 2 * F, h, q[FC_W], q8[FC_W], sc[FC_W], p[FC_W], p[FC_B], f, STORE);
+                matvec(B, C, 2 * F, h, q[FC_W], q8[FC_W], sc[FC_W], p[FC_W], p[FC_B], f, STORE,
+                       &xq);
 #pragma omp for schedule(static)
                 for (int b = 0; b < B; b++) {
                     const float *gate = f + (size_t)b * 2 * F, *up = gate + F;
@@ -637,10 +726,10 @@ int minigpt_decode_step(const int64_t *dims, const float *fp, const float *const
                 }
             } else {
                 matvec(B, C, F, h, q[FC_W], q8[FC_W], sc[FC_W], p[FC_W], p[FC_B], g,
-                       mlp == MLP_RELU2 ? STORE_RELU2 : STORE_GELU);
+                       mlp == MLP_RELU2 ? STORE_RELU2 : STORE_GELU, &xq);
             }
             matvec(B, F, C, g, q[MPROJ_W], q8[MPROJ_W], sc[MPROJ_W], p[MPROJ_W], p[MPROJ_B], x,
-                   ADD);
+                   ADD, &xq);
             /* The next layer's first norm, or the final one. */
             const float *gain = l + 1 < L ? p[PER_LAYER + LN1_W] : w[LNF_W];
             const float *beta = l + 1 < L ? p[PER_LAYER + LN1_B] : w[LNF_B];
@@ -664,7 +753,7 @@ int minigpt_decode_step(const int64_t *dims, const float *fp, const float *const
             }
             if (nw > 0)
                 matvec(nw, C, V, att, pw[HEAD_T], qw ? qw[HEAD_T] : NULL, qs ? qs[HEAD_T] : NULL,
-                       w[HEAD_T], NULL, logits, STORE);
+                       w[HEAD_T], NULL, logits, STORE, &xq);
         }
     }
     return 0;
@@ -672,10 +761,15 @@ int minigpt_decode_step(const int64_t *dims, const float *fp, const float *const
 
 /* y = x @ W + bias for B rows through matvec, float (Q NULL) or int8: the kernels alone, for
  * tests/model/test_int8.py to hold against a NumPy product. Returns -1 on bad arguments. */
-int minigpt_product(int B, int n_in, int n_out, const float *x, const float *P, const int8_t *Q,
+int minigpt_product(int B, int n_in, int n_out, const float *x, const float *P, const uint8_t *Q,
                     const float *S, const float *W, const float *bias, float *y, int threads) {
     if (B < 1 || B > MAX_BATCH || n_in < 1 || n_out < 1 || threads < 1) return -1;
+    const int groups = (n_in + GROUP - 1) / GROUP;
+    float buf[MAX_BATCH * 2 * (4096 / GROUP)];
+    int8_t values[MAX_BATCH * 4096];
+    if (groups > 4096 / GROUP) return -1;
+    qrows xq = {values, buf, (int32_t *)(buf + (size_t)MAX_BATCH * groups), groups * GROUP};
 #pragma omp parallel num_threads(threads) if (threads > 1)
-    matvec(B, n_in, n_out, x, P, Q, S, W, bias, y, STORE);
+    matvec(B, n_in, n_out, x, P, Q, S, W, bias, y, STORE, &xq);
     return 0;
 }
