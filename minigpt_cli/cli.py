@@ -28,8 +28,9 @@ app = typer.Typer(
 err = Console(stderr=True)
 ENGINE_HELP = ("Cached decode steps: auto (the fused C step on CPU float32 when a C compiler "
                "is present, else PyTorch) | native | torch")
-QUANTIZE_HELP = ("none | int8: weights of every product rounded to int8 (groups of 32 input "
-                 "rows, a scale each); the C step then reads 1 byte a weight instead of 4.")
+QUANTIZE_HELP = ("none | int8 | int4: llama.cpp's Q8_0 (or Q4_0) products: weights rounded in "
+                 "groups of 32 input rows, a scale each, inputs to int8 the same way; the C "
+                 "step reads 1 byte (or half of one) a weight instead of 4.")
 # Every command that reads a run takes it the same way.
 Checkpoint = Annotated[str | None, typer.Option(help="Run directory or .safetensors file "
                                                      "(default: newest run under runs/).")]
@@ -388,9 +389,10 @@ def bench(
     train_too: Annotated[bool, typer.Option("--train", help="Also compare a training step "
                                                             "with generation.")] = False,
     engine: Annotated[str, typer.Option(help=ENGINE_HELP)] = "auto",
-    quantize: Annotated[str, typer.Option(help="none | int8: also time cached decoding with "
-                                               "int8 weights beside float32, with the bytes "
-                                               "a step streams and the GB/s achieved.")
+    quantize: Annotated[str, typer.Option(help="none | int8 | int4: also time cached "
+                                               "decoding with those weights beside float32, "
+                                               "with the bytes a step streams and the GB/s "
+                                               "achieved.")
                         ] = "none",
     prompt_lookup: Annotated[int, typer.Option(help="Also time greedy decoding with prompt "
                                                     "lookup on N-grams against plain (needs "

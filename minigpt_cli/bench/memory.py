@@ -23,7 +23,7 @@ from minigpt_cli.model.int8 import quantize_model
 
 @dataclass
 class WallRow:
-    weights: str  # "float32" or "int8"
+    weights: str  # "float32", "int8" or "int4"
     ms_per_step: float  # median over the generated positions and repeats
     tokens_per_s: float
     bytes_per_step: int  # weight bytes one step streams
@@ -32,15 +32,16 @@ class WallRow:
 
 
 def memory_wall(model: GPT, prompts: torch.Tensor, n: int, repeats: int, device: torch.device,
-                engine: str) -> list[dict]:
-    """Time n cached greedy steps with float32 and with int8 weights, same prompts."""
+                engine: str, kind: str = "int8") -> list[dict]:
+    """Time n cached greedy steps with float32 and with `kind` (int8 or int4) weights, same
+    prompts."""
     from minigpt_cli.bench.measure import measure_mode
 
     rounded = copy.deepcopy(model)
-    report = quantize_model(rounded)
+    report = quantize_model(rounded, kind=kind)
     rows, reference = [], None
     for name, m, nbytes in (("float32", model, report.float_bytes),
-                            ("int8", rounded, report.int8_bytes)):
+                            (kind, rounded, report.int8_bytes)):
         r = measure_mode(m, prompts, n, True, repeats, device, engine)
         step_s = statistics.median(r.ms_per_token) / 1e3
         tokens = [t for row in r.tokens for t in row]

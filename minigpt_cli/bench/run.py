@@ -152,10 +152,11 @@ def run_bench(*, checkpoint: str | None, config: str | None, lengths: list[int],
               "kv_formula_gpt2_small_1000_tokens_fp32_bytes":
                   kv_cache_bytes(12, 12, 1000, 64, 1, 4)}
     _print_table(console, results)
-    if quantize == "int8":
+    if quantize != "none":
         from minigpt_cli.bench.memory import memory_wall, print_wall
 
-        report["memory_wall"] = memory_wall(model, prompts, lengths[0], repeats, dev, engine)
+        report["memory_wall"] = memory_wall(model, prompts, lengths[0], repeats, dev, engine,
+                                            quantize)
         print_wall(console, report["memory_wall"])
     speculative_ok = True
     if prompt_lookup or draft_model is not None:

@@ -35,7 +35,7 @@ def find_checkpoint(checkpoint: str | None, runs_dir: Path = Path("runs")) -> Pa
 def load_for_inference(checkpoint: str | None, device: str = "auto", dtype: str = "auto",
                        quantize: str = "none") -> tuple[GPT, tiktoken.Encoding, dict, Path]:
     """Model in eval mode on its device and dtype, with the tokenizer it was trained with;
-    `quantize="int8"` rounds its product weights to int8 values (model/int8.py), and
+    `quantize="int8"` (or "int4") rounds its product weights (model/int8.py), and
     meta["quantize"] then describes what was done."""
     from minigpt_cli import tokenizer as tok
     from minigpt_cli.device import resolve_device, resolve_dtype
@@ -49,8 +49,8 @@ def load_for_inference(checkpoint: str | None, device: str = "auto", dtype: str 
     enc = tok.load(meta["tokenizer"], path.parent)
     if meta.get("quantize"):  # an int8 file: already rounded, --quantize has nothing to add
         meta["quantize"] = f"int8 weights, from {path.name} (minigpt quantize)"
-    elif quantize == "int8":
-        meta["quantize"] = quantize_model(model).describe()
+    elif quantize != "none":
+        meta["quantize"] = quantize_model(model, kind=quantize).describe()
     model.to(device=dev, dtype=dt).eval()  # eval: dropout off, so equal inputs give equal outputs
     return model, enc, meta, path
 

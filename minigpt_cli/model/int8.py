@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 GROUP = 32
-MODES = ("none", "int8")
+MODES = ("none", "int8", "int4")
 
 
 def check_mode(mode: str) -> None:
@@ -45,6 +45,20 @@ def quantize(w: torch.Tensor, group: int = GROUP) -> tuple[torch.Tensor, torch.T
     inverse = torch.where(scales > 0, 1.0 / scales, torch.zeros_like(scales))
     q = torch.round(blocks * inverse[:, None, :]).clamp_(-127, 127).to(torch.int8)
     return q.view(-1, n_out)[:n_in].contiguous(), scales
+
+
+def quantize4(w: torch.Tensor, group: int = GROUP) -> tuple[torch.Tensor, torch.Tensor]:
+    """llama.cpp's Q4_0: w [in, out] -> (q int8 values in [-8, 7], scales [groups, out]). Each
+    group's scale is its largest-magnitude weight m over -8, so m maps to -8 exactly and the
+    rest round half up into [-8, 7]. Dequantized as dequantize does: q times its scale."""
+    n_in, n_out = w.shape
+    pad = (-n_in) % group
+    blocks = F.pad(w.detach().float(), (0, 0, 0, pad)).view(-1, group, n_out)
+    at = blocks.abs().argmax(dim=1, keepdim=True)
+    scales = blocks.gather(1, at)[:, 0, :] / -8.0
+    inverse = torch.where(scales != 0, 1.0 / scales, torch.zeros_like(scales))
+    q = torch.floor(blocks * inverse[:, None, :] + 8.5).clamp_(0, 15) - 8
+    return q.to(torch.int8).view(-1, n_out)[:n_in].contiguous(), scales
 
 
 def dequantize(q: torch.Tensor, scales: torch.Tensor, group: int = GROUP) -> torch.Tensor:
@@ -84,37 +98,46 @@ def q8_product(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor,
 class QuantizeReport:
     matrices: int
     float_bytes: int  # what the quantized matrices take in float32
-    int8_bytes: int  # the same as int8 plus their scales
+    int8_bytes: int  # the same rounded, with their scales
+    kind: str = "int8"
 
     def describe(self) -> str:
-        return (f"int8 weights: {self.matrices} matrices, {self.float_bytes / 1e6:.1f} MB as "
-                f"float32 -> {self.int8_bytes / 1e6:.1f} MB as int8 + scales")
+        head = " (the head int8)" if self.kind == "int4" else ""
+        return (f"{self.kind} weights{head}: {self.matrices} matrices, "
+                f"{self.float_bytes / 1e6:.1f} MB as float32 -> {self.int8_bytes / 1e6:.1f} MB "
+                "rounded + scales")
 
 
 @torch.no_grad()
-def quantize_model(model: torch.nn.Module, group: int = GROUP) -> QuantizeReport:
-    """Round every product's weight to its int8 value in place (the tied embedding, stored
-    [vocab, C], is grouped along C: the head's input)."""
+def quantize_model(model: torch.nn.Module, group: int = GROUP, kind: str = "int8"
+                   ) -> QuantizeReport:
+    """Round every product's weight to its int8 (or, kind "int4", Q4_0) value in place. The
+    tied embedding, stored [vocab, C], is grouped along C (the head's input), and stays int8
+    with int4: it is the output head too, and llama.cpp's own quantizer also keeps that
+    matrix at a higher precision than Q4_0."""
     from minigpt_cli.model.gpt import Linear
 
     matrices = float_bytes = int8_bytes = 0
 
-    def round_in_place(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def round_in_place(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
         nonlocal matrices, float_bytes, int8_bytes
-        q, scales = quantize(w, group)
+        q, scales = (quantize4 if bits == 4 else quantize)(w, group)
         w.copy_(dequantize(q, scales, group).to(w.dtype))
         matrices += 1
         float_bytes += w.numel() * 4
-        int8_bytes += q.numel() + scales.numel() * 4
+        int8_bytes += q.numel() * bits // 8 + scales.numel() * 4
         return q, scales
 
-    # The int8 values stay beside the weights (plain attributes, so no state dict changes)
-    # for the C step, which multiplies by them directly (inference/native).
+    # The rounded values stay beside the weights (plain attributes, so no state dict changes)
+    # for the C step, which multiplies by them directly (inference/native); `int4` marks the
+    # matrices whose values fit 4 bits, which it packs two to a byte.
+    bits = 4 if kind == "int4" else 8
     for module in model.modules():
         if isinstance(module, Linear):
-            module.int8 = round_in_place(module.weight)
-    model.head_int8 = round_in_place(model.wte.weight.t())  # a view: lands in the embedding
-    return QuantizeReport(matrices, float_bytes, int8_bytes)
+            module.int8 = round_in_place(module.weight, bits)
+            module.int4 = bits == 4
+    model.head_int8 = round_in_place(model.wte.weight.t(), 8)  # a view: lands in the embedding
+    return QuantizeReport(matrices, float_bytes, int8_bytes, kind)
 
 
 def int8_pairs(model: torch.nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:

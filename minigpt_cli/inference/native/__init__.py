@@ -36,7 +36,7 @@ from minigpt_cli.model.int8 import GROUP
 from minigpt_cli.model.layers import MLPS, mlp_hidden
 
 SOURCE = Path(__file__).with_name("decode_step.c")  # beside this binding
-ABI_VERSION = 8
+ABI_VERSION = 9
 ENGINES = ("auto", "native", "torch")
 # -march=native is safe because the library is built on the machine that runs it (the cache
 # key includes the CPU). No -ffast-math: NaNs and infinities must behave as in PyTorch. FMA
@@ -107,9 +107,10 @@ def load_library() -> ctypes.CDLL | str:
     if lib.minigpt_abi_version() != ABI_VERSION:
         return f"{path} has an unexpected ABI version; delete it to rebuild"
     lib.minigpt_decode_step.restype = ctypes.c_int
-    lib.minigpt_decode_step.argtypes = [ctypes.c_void_p] * 15
+    lib.minigpt_decode_step.argtypes = [ctypes.c_void_p] * 16
     lib.minigpt_product.restype = ctypes.c_int
-    lib.minigpt_product.argtypes = [ctypes.c_int] * 3 + [ctypes.c_void_p] * 7 + [ctypes.c_int]
+    lib.minigpt_product.argtypes = ([ctypes.c_int] * 3 + [ctypes.c_void_p] * 3 + [ctypes.c_int]
+                                    + [ctypes.c_void_p] * 4 + [ctypes.c_int])
     return lib
 
 
@@ -156,6 +157,17 @@ def pack_strips(w: torch.Tensor, strip: int) -> torch.Tensor:
     n_in, n_out = w.shape
     full = n_out // strip * strip
     return w[:, :full].reshape(n_in, n_out // strip, strip).transpose(0, 1).contiguous()
+
+
+def pack_q4(q: torch.Tensor, scales: torch.Tensor, strip: int
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """An int4 matrix (values in [-8, 7]) as pack_q8 lays out int8, two weights a byte: for each
+    eight inputs, [strip][4] bytes, the low nibble the first four inputs of a column plus 8,
+    the high nibble the last four plus 8."""
+    quads, s = pack_q8(q, scales, strip)  # [strips, n_in / 4, strip, 4] of w + 128
+    nib = quads.to(torch.int16) - 120  # w + 8, in [0, 15]
+    low, high = nib[:, 0::2], nib[:, 1::2]  # quads of inputs 8p..8p+3 and 8p+4..8p+7
+    return (low | (high << 4)).to(torch.uint8).contiguous(), s
 
 
 def pack_q8(q: torch.Tensor, scales: torch.Tensor, strip: int
@@ -213,18 +225,24 @@ class FusedForward:
         assert lib.minigpt_group() == GROUP
         n_glob, n_per = len(globals_), len(per_layer) // max(1, cfg.n_layer)
         int8 = {2: getattr(model, "head_int8", None)}  # head_t
+        int4 = set()
         for layer, block in enumerate(model.h):  # c_attn, c_proj, c_fc, c_proj
             for k, lin in ((2, block.attn.c_attn), (4, block.attn.c_proj), (8, block.mlp.c_fc),
                            (10, block.mlp.c_proj)):
                 int8[n_glob + layer * n_per + k] = getattr(lin, "int8", None)
+                if getattr(lin, "int4", False):
+                    int4.add(n_glob + layer * n_per + k)
         self.int8 = any(v is not None for v in int8.values())
         self._packed, self._q8, self._scales = [], [], []
+        self._bits = (ctypes.c_uint8 * len(self._tensors))()
         for i, t in enumerate(self._tensors):
             q = int8.get(i)
             self._packed.append(pack_strips(t, strip) if i in int8 and q is None else None)
-            quads, scales = pack_q8(*q, strip) if q is not None else (None, None)
+            packer = pack_q4 if i in int4 else pack_q8
+            quads, scales = packer(*q, strip) if q is not None else (None, None)
             self._q8.append(quads)
             self._scales.append(scales)
+            self._bits[i] = 0 if q is None else 4 if i in int4 else 8
         self._pptrs, self._qptrs, self._sptrs = (
             (ctypes.c_void_p * len(ts))(*[t.data_ptr() if t is not None and t.numel() else None
                                           for t in ts])
@@ -282,7 +300,7 @@ class FusedForward:
                 self._want[i] = bool(w)
         rc = self.lib.minigpt_decode_step(
             self._dims, self._floats, self._ptrs, self._pptrs, self._qptrs,
-            self._sptrs, *self._rows,
+            self._sptrs, self._bits, *self._rows,
             None if want is None else self._want,
             cache.k.data_ptr(), cache.v.data_ptr(), self.logits.data_ptr(),
             self._scratch.data_ptr())

@@ -47,7 +47,7 @@ enum { MLP_GELU, MLP_SWIGLU, MLP_RELU2 };
 /* Model-level pointers come first. */
 enum { WTE, WPE, HEAD_T, LNF_W, LNF_B, GLOBALS };
 
-int minigpt_abi_version(void) { return 8; }
+int minigpt_abi_version(void) { return 9; }
 int minigpt_max_batch(void) { return MAX_BATCH; }
 
 /* e^x for float32, written so the softmax and GELU loops vectorize (libm's expf is an opaque
@@ -237,28 +237,40 @@ static void quantize_rows(int B, int n_in, const float *x, qrows *q) {
 typedef int32_t vi __attribute__((vector_size(VL * sizeof(int32_t))));
 #endif
 #ifdef Q8_VNNI
+typedef __m512i vb; /* a vector of bytes */
+/* acc + each column's four products of unsigned weight bytes by signed x bytes. */
+static inline vi dotu(vi acc, vb w, int32_t x4) {
+    return (vi)_mm512_dpbusd_epi32((__m512i)acc, w, _mm512_set1_epi32(x4));
+}
 static inline vi dot4(vi acc, const uint8_t *w, int32_t x4) {
-    return (vi)_mm512_dpbusd_epi32((__m512i)acc, _mm512_loadu_si512(w), _mm512_set1_epi32(x4));
+    return dotu(acc, _mm512_loadu_si512(w), x4);
 }
 #elif defined(Q8_AVX2)
-static inline vi dot4(vi acc, const uint8_t *w, int32_t x4) {
-    const __m256i ws = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)w),
-                                        _mm256_set1_epi8((char)0x80)); /* w + 128 -> w */
+typedef __m256i vb;
+/* acc + each column's four products of signed weight bytes by signed x bytes. */
+static inline vi dots(vi acc, vb w, int32_t x4) {
     const __m256i x = _mm256_set1_epi32(x4);
-    const __m256i pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(x, x), _mm256_sign_epi8(ws, x));
+    const __m256i pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(x, x), _mm256_sign_epi8(w, x));
     return (vi)_mm256_add_epi32((__m256i)acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
+}
+static inline vi dot4(vi acc, const uint8_t *w, int32_t x4) {
+    return dots(acc, _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)w),
+                                      _mm256_set1_epi8((char)0x80)), /* w + 128 -> w */
+                x4);
 }
 #endif
 
-#define DEFINE_Q8STRIP(RB)                                                                      \
-    static void q8strip_##RB(int groups, const qrows *xq, int r0, const uint8_t *Q,           \
-                             const float *S, const float *bias, float *out) {                 \
+/* One strip of an int8 (BITS 8) or int4 (BITS 4) product for RB rows from r0: each group's
+ * exact integer sums (GROUPFN), times the weights' and the row's scales, added in order. */
+#define DEFINE_QSTRIP(NAME, RB, GROUPFN, BITS)                                                  \
+    static void NAME##_##RB(int groups, const qrows *xq, int r0, const uint8_t *Q,            \
+                            const float *S, const float *bias, float *out) {                  \
         float acc[RB][STRIP];                                                                 \
         for (int r = 0; r < RB; r++)                                                          \
             for (int c = 0; c < STRIP; c++) acc[r][c] = bias ? bias[c] : 0.f;                 \
-        for (int g = 0; g < groups; g++, S += STRIP, Q += GROUP * STRIP) {                    \
+        for (int g = 0; g < groups; g++, S += STRIP, Q += GROUP * STRIP * (BITS) / 8) {       \
             float sums[RB][STRIP];                                                            \
-            q8_group(RB, xq, r0, g, Q, sums);                                                 \
+            GROUPFN(RB, xq, r0, g, Q, sums);                                                  \
             for (int r = 0; r < RB; r++) {                                                    \
                 const float xs = xq->scale[(size_t)(r0 + r) * groups + g];                    \
                 for (int c = 0; c < STRIP; c++) acc[r][c] += sums[r][c] * (S[c] * xs);\
@@ -306,20 +318,93 @@ static inline void q8_group(int RB, const qrows *xq, int r0, int g, const uint8_
         for (int c = 0; c < STRIP; c++) sums[r][c] = (float)dot[r][c];
 }
 
-DEFINE_Q8STRIP(1)
-DEFINE_Q8STRIP(2)
-DEFINE_Q8STRIP(3)
-DEFINE_Q8STRIP(4)
+/* The int4 form (llama.cpp's Q4_0 weights, values in [-8, 7]), two weights a byte: for each
+ * eight inputs of a group, [STRIP][4] bytes whose low nibbles are the first four inputs of a
+ * column plus 8 and whose high nibbles the last four, so one load and two masks give two
+ * vectors of quads. VNNI multiplies the unsigned nibbles (w + 8) and takes 8 * sum(x) off;
+ * AVX2 takes the 8 off each byte first. */
+static inline void q4_group(int RB, const qrows *xq, int r0, int g, const uint8_t *Q,
+                            float sums[][STRIP]) {
+    int32_t dot[Q8_RB][STRIP];
+#if defined(Q8_VNNI) || defined(Q8_AVX2)
+    vi a[Q8_RB][CV];
+    for (int r = 0; r < RB; r++) {
+#ifdef Q8_VNNI
+        const int32_t start = -xq->offset[(size_t)(r0 + r) * (xq->stride / GROUP) + g] / 16;
+#else
+        const int32_t start = 0;
+#endif
+        for (int c = 0; c < CV; c++) a[r][c] = (vi){0} + start;
+    }
+    for (int p = 0; p < GROUP / 8; p++, Q += 4 * STRIP) {
+        vb lo[CV], hi[CV];
+        for (int c = 0; c < CV; c++) {
+#ifdef Q8_VNNI
+            const __m512i v = _mm512_loadu_si512(Q + 4 * VL * c), m = _mm512_set1_epi8(0x0F);
+            lo[c] = _mm512_and_si512(v, m);
+            hi[c] = _mm512_and_si512(_mm512_srli_epi16(v, 4), m);
+#else
+            const __m256i v = _mm256_loadu_si256((const __m256i *)(Q + 4 * VL * c));
+            const __m256i m = _mm256_set1_epi8(0x0F), eight = _mm256_set1_epi8(8);
+            lo[c] = _mm256_sub_epi8(_mm256_and_si256(v, m), eight);
+            hi[c] = _mm256_sub_epi8(_mm256_and_si256(_mm256_srli_epi16(v, 4), m), eight);
+#endif
+        }
+        for (int r = 0; r < RB; r++) {
+            int32_t xa, xb;
+            const int8_t *x = xq->v + (size_t)(r0 + r) * xq->stride + g * GROUP + 8 * p;
+            memcpy(&xa, x, 4);
+            memcpy(&xb, x + 4, 4);
+            for (int c = 0; c < CV; c++) {
+#ifdef Q8_VNNI
+                a[r][c] = dotu(dotu(a[r][c], lo[c], xa), hi[c], xb);
+#else
+                a[r][c] = dots(dots(a[r][c], lo[c], xa), hi[c], xb);
+#endif
+            }
+        }
+    }
+    for (int r = 0; r < RB; r++)
+        for (int c = 0; c < CV; c++) memcpy(dot[r] + c * VL, &a[r][c], sizeof(vi));
+#else
+    for (int r = 0; r < RB; r++) {
+        const int8_t *x = xq->v + (size_t)(r0 + r) * xq->stride + g * GROUP;
+        for (int c = 0; c < STRIP; c++) dot[r][c] = 0;
+        for (int p = 0; p < GROUP / 8; p++)
+            for (int c = 0; c < STRIP; c++)
+                for (int j = 0; j < 4; j++) {
+                    const int byte = Q[(size_t)p * 4 * STRIP + 4 * c + j];
+                    dot[r][c] += ((byte & 15) - 8) * x[8 * p + j] +
+                                 ((byte >> 4) - 8) * x[8 * p + 4 + j];
+                }
+    }
+#endif
+    for (int r = 0; r < RB; r++)
+        for (int c = 0; c < STRIP; c++) sums[r][c] = (float)dot[r][c];
+}
+
+#define DEFINE_QSTRIPS(RB)                                                                      \
+    DEFINE_QSTRIP(q8strip, RB, q8_group, 8)                                                   \
+    DEFINE_QSTRIP(q4strip, RB, q4_group, 4)
+DEFINE_QSTRIPS(1)
+DEFINE_QSTRIPS(2)
+DEFINE_QSTRIPS(3)
+DEFINE_QSTRIPS(4)
 #if Q8_RB > 4
-DEFINE_Q8STRIP(5)
-DEFINE_Q8STRIP(6)
+DEFINE_QSTRIPS(5)
+DEFINE_QSTRIPS(6)
 #endif
 
-typedef void (*q8strip_fn)(int, const qrows *, int, const uint8_t *, const float *,
-                           const float *, float *);
-static const q8strip_fn Q8STRIPS[Q8_RB + 1] = {NULL, q8strip_1, q8strip_2, q8strip_3, q8strip_4,
+typedef void (*qstrip_fn)(int, const qrows *, int, const uint8_t *, const float *,
+                          const float *, float *);
+static const qstrip_fn Q8STRIPS[Q8_RB + 1] = {NULL, q8strip_1, q8strip_2, q8strip_3, q8strip_4,
 #if Q8_RB > 4
-                                               q8strip_5, q8strip_6,
+                                              q8strip_5, q8strip_6,
+#endif
+};
+static const qstrip_fn Q4STRIPS[Q8_RB + 1] = {NULL, q4strip_1, q4strip_2, q4strip_3, q4strip_4,
+#if Q8_RB > 4
+                                              q4strip_5, q4strip_6,
 #endif
 };
 
@@ -400,8 +485,9 @@ static void share(int n, int *lo, int *hi) {
 /* The int8 product (Q8_0, above): quantize the rows once (one thread, the others wait), then
  * each thread takes a contiguous share of the strips, every row of each. Columns are padded to
  * whole strips, so there is no tail; the last strip writes only its real columns. */
-static void q8_matvec(int B, int n_in, int n_out, const float *x, const uint8_t *Q,
+static void q8_matvec(int B, int n_in, int n_out, const float *x, const uint8_t *Q, int bits,
                       const float *S, const float *bias, float *y, int op, qrows *xq) {
+    const qstrip_fn *kernels = bits == 4 ? Q4STRIPS : Q8STRIPS;
     const int groups = (n_in + GROUP - 1) / GROUP, strips = (n_out + STRIP - 1) / STRIP;
 #pragma omp single
     {
@@ -420,7 +506,7 @@ static void q8_matvec(int B, int n_in, int n_out, const float *x, const uint8_t 
         }
         for (int b = 0, rb; b < B; b += rb) {
             rb = B - b < Q8_RB ? B - b : Q8_RB;
-            Q8STRIPS[rb](groups, xq, b, Q + (size_t)u * groups * GROUP * STRIP,
+            kernels[rb](groups, xq, b, Q + (size_t)u * groups * GROUP * STRIP * bits / 8,
                          S + (size_t)u * groups * STRIP, bs, acc + b * STRIP);
         }
         finish_strip(B, n_out, acc, y, j, w, op);
@@ -437,10 +523,10 @@ static void q8_matvec(int B, int n_in, int n_out, const float *x, const uint8_t 
  * weights are in cache, so W streams from memory once per step however many rows there are.
  * The last few columns (n_out % STRIP) are read from W one at a time. */
 static void matvec(int B, int n_in, int n_out, const float *x, const float *P, const uint8_t *Q,
-                   const float *S, const float *W, const float *bias, float *y, int op,
+                   int bits, const float *S, const float *W, const float *bias, float *y, int op,
                    qrows *xq) {
     if (Q) {
-        q8_matvec(B, n_in, n_out, x, Q, S, bias, y, op, xq);
+        q8_matvec(B, n_in, n_out, x, Q, bits, S, bias, y, op, xq);
         return;
     }
     const int full = n_out / STRIP, tail = n_out - full * STRIP;
@@ -637,8 +723,8 @@ static void attention(int B, int H, int D, int S, const int64_t *slot, const int
  * fp: two floats, the rotary base (read only when rotary) and every norm's epsilon.
  * w: weight pointers (GLOBALS, then PER_LAYER per layer); pw: the same list with each matrix
  * (HEAD_T and the four per-layer products) packed by strips, see matvec; qw, qs: NULL, or the
- * same list with an int8 matrix's packed strips (bytes w + 128, see q8_group) and scales
- * where pw has NULL.
+ * same list with an int8 or int4 matrix's packed strips (see q8_group, q4_group) and scales
+ * where pw has NULL; qbits: NULL, or each matrix's bits (8 or 4).
  * tokens, pos, slot, col: [rows]: row b feeds token tokens[b] at position pos[b], and writes
  * its key and value at column col[b] of cache slot slot[b]; kc, vc: the cache,
  * [layers, n_slots, heads, cache_len, head_dim]; want: [rows], nonzero where a row's logits are
@@ -647,7 +733,8 @@ static void attention(int B, int H, int D, int S, const int64_t *slot, const int
  * floats. Returns 0, or -1 on bad arguments. */
 int minigpt_decode_step(const int64_t *dims, const float *fp, const float *const *w,
                         const float *const *pw, const uint8_t *const *qw,
-                        const float *const *qs, const int64_t *tokens, const int64_t *pos,
+                        const float *const *qs, const uint8_t *qbits, const int64_t *tokens,
+                        const int64_t *pos,
                         const int64_t *slot, const int64_t *col, const uint8_t *want, float *kc,
                         float *vc, float *logits, float *scratch) {
     const int L = (int)dims[0], H = (int)dims[1], C = (int)dims[2], V = (int)dims[3];
@@ -664,6 +751,7 @@ int minigpt_decode_step(const int64_t *dims, const float *fp, const float *const
     const int D = C / H;
     const float rope = rotary ? fp[0] : 0.f, eps = fp[1];
     static const uint8_t *const NONE8[PER_LAYER] = {0};
+    static const uint8_t NOBITS[PER_LAYER] = {0};
     static const float *const NONE32[PER_LAYER] = {0};
     int nw = 0; /* rows whose logits are wanted; shared by the threads below */
     float *x = scratch, *h = x + B * C, *att = h + B * C, *qkv = att + B * C;
@@ -703,20 +791,21 @@ int minigpt_decode_step(const int64_t *dims, const float *fp, const float *const
             const size_t at = GLOBALS + (size_t)l * PER_LAYER;
             const float *const *q = pw + at;
             const uint8_t *const *q8 = qw ? qw + at : NONE8;
+            const uint8_t *bits = qbits ? qbits + at : NOBITS;
             const float *const *sc = qs ? qs + at : NONE32;
             const size_t layer_off = (size_t)l * NS * H * S * D;
-            matvec(B, C, 3 * C, h, q[ATTN_W], q8[ATTN_W], sc[ATTN_W], p[ATTN_W], p[ATTN_B], qkv,
-                   STORE, &xq);
+            matvec(B, C, 3 * C, h, q[ATTN_W], q8[ATTN_W], bits[ATTN_W], sc[ATTN_W], p[ATTN_W],
+                   p[ATTN_B], qkv, STORE, &xq);
             if (qk_norm || rotary)
                 shape_qk(B, H, D, qkv, qk_norm ? p[QN_W] : NULL, p[KN_W], rc, rs, eps);
             attention(B, H, D, S, slot, col, qkv, kc + layer_off, vc + layer_off, att);
-            matvec(B, C, C, att, q[APROJ_W], q8[APROJ_W], sc[APROJ_W], p[APROJ_W], p[APROJ_B], x,
-                   ADD, &xq);
+            matvec(B, C, C, att, q[APROJ_W], q8[APROJ_W], bits[APROJ_W], sc[APROJ_W], p[APROJ_W],
+                   p[APROJ_B], x, ADD, &xq);
 #pragma omp single
             layer_norm(B, C, x, p[LN2_W], p[LN2_B], h, rms, eps);
             if (mlp == MLP_SWIGLU) { /* gate and up in one product, then silu(gate) * up */
-                matvec(B, C, 2 * F, h, q[FC_W], q8[FC_W], sc[FC_W], p[FC_W], p[FC_B], f, STORE,
-                       &xq);
+                matvec(B, C, 2 * F, h, q[FC_W], q8[FC_W], bits[FC_W], sc[FC_W], p[FC_W], p[FC_B],
+                       f, STORE, &xq);
 #pragma omp for schedule(static)
                 for (int b = 0; b < B; b++) {
                     const float *gate = f + (size_t)b * 2 * F, *up = gate + F;
@@ -725,11 +814,11 @@ int minigpt_decode_step(const int64_t *dims, const float *fp, const float *const
                     for (int j = 0; j < F; j++) o[j] = silu(gate[j]) * up[j];
                 }
             } else {
-                matvec(B, C, F, h, q[FC_W], q8[FC_W], sc[FC_W], p[FC_W], p[FC_B], g,
+                matvec(B, C, F, h, q[FC_W], q8[FC_W], bits[FC_W], sc[FC_W], p[FC_W], p[FC_B], g,
                        mlp == MLP_RELU2 ? STORE_RELU2 : STORE_GELU, &xq);
             }
-            matvec(B, F, C, g, q[MPROJ_W], q8[MPROJ_W], sc[MPROJ_W], p[MPROJ_W], p[MPROJ_B], x,
-                   ADD, &xq);
+            matvec(B, F, C, g, q[MPROJ_W], q8[MPROJ_W], bits[MPROJ_W], sc[MPROJ_W], p[MPROJ_W],
+                   p[MPROJ_B], x, ADD, &xq);
             /* The next layer's first norm, or the final one. */
             const float *gain = l + 1 < L ? p[PER_LAYER + LN1_W] : w[LNF_W];
             const float *beta = l + 1 < L ? p[PER_LAYER + LN1_B] : w[LNF_B];
@@ -752,17 +841,20 @@ int minigpt_decode_step(const int64_t *dims, const float *fp, const float *const
                         memmove(att + (size_t)nw++ * C, h + (size_t)b * C, C * sizeof(float));
             }
             if (nw > 0)
-                matvec(nw, C, V, att, pw[HEAD_T], qw ? qw[HEAD_T] : NULL, qs ? qs[HEAD_T] : NULL,
-                       w[HEAD_T], NULL, logits, STORE, &xq);
+                matvec(nw, C, V, att, pw[HEAD_T], qw ? qw[HEAD_T] : NULL,
+                       qbits ? qbits[HEAD_T] : 0, qs ? qs[HEAD_T] : NULL, w[HEAD_T], NULL,
+                       logits, STORE, &xq);
         }
     }
     return 0;
 }
 
-/* y = x @ W + bias for B rows through matvec, float (Q NULL) or int8: the kernels alone, for
- * tests/model/test_int8.py to hold against a NumPy product. Returns -1 on bad arguments. */
+/* y = x @ W + bias for B rows through matvec, float (Q NULL), int8 or int4 (bits): the kernels
+ * alone, for tests/model/test_int8.py to hold against a NumPy product. Returns -1 on bad
+ * arguments. */
 int minigpt_product(int B, int n_in, int n_out, const float *x, const float *P, const uint8_t *Q,
-                    const float *S, const float *W, const float *bias, float *y, int threads) {
+                    int bits, const float *S, const float *W, const float *bias, float *y,
+                    int threads) {
     if (B < 1 || B > MAX_BATCH || n_in < 1 || n_out < 1 || threads < 1) return -1;
     const int groups = (n_in + GROUP - 1) / GROUP;
     float buf[MAX_BATCH * 2 * (4096 / GROUP)];
@@ -770,6 +862,6 @@ int minigpt_product(int B, int n_in, int n_out, const float *x, const float *P, 
     if (groups > 4096 / GROUP) return -1;
     qrows xq = {values, buf, (int32_t *)(buf + (size_t)MAX_BATCH * groups), groups * GROUP};
 #pragma omp parallel num_threads(threads) if (threads > 1)
-    matvec(B, n_in, n_out, x, P, Q, S, W, bias, y, STORE, &xq);
+    matvec(B, n_in, n_out, x, P, Q, bits, S, W, bias, y, STORE, &xq);
     return 0;
 }
