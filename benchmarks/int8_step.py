@@ -1,5 +1,5 @@
-"""The C decode step reading float32 weights against int8 ones, batch 1, interleaved, and
-llama.cpp's `llama-bench` on the same weights in the same rounds.
+"""The C decode step reading float32 weights against int8 and int4 ones, batch 1, interleaved,
+and llama.cpp's `llama-bench` on the same weights in the same rounds.
 
 GPT-2 124M (random weights, or `--run` an imported one): one copy as it is, one rounded by
 quantize.py (the step then streams int8 strips and their scales). Each round times both at
@@ -50,12 +50,14 @@ def main() -> None:
     else:
         base = GPT(SHAPE).eval()
     shape = base.config
-    rounded = copy.deepcopy(base)
-    report = quantize_model(rounded)
-    print(report.describe())
-    # bytes one step streams: every product's weights (the embedding rows read are negligible)
-    streamed = {"float32": report.float_bytes, "int8": report.int8_bytes}
-    steps = {"float32": FusedForward(base), "int8": FusedForward(rounded)}
+    steps, streamed = {"float32": FusedForward(base)}, {}
+    for kind in ("int8", "int4"):
+        rounded = copy.deepcopy(base)
+        report = quantize_model(rounded, kind=kind)
+        print(report.describe())
+        # bytes one step streams: every product's weights (the embedding rows read are few)
+        streamed["float32"], streamed[kind] = report.float_bytes, report.int8_bytes
+        steps[kind] = FusedForward(rounded)
     cache = KVCache(shape, 1, shape.block_size, "cpu", torch.float32)
     times: dict[str, list[float]] = {name: [] for name in steps}
     peers = {f"llama.cpp {Path(g).stem}": g for g in args.gguf} if args.llama_bench else {}
@@ -79,10 +81,11 @@ def main() -> None:
             times[name].append(dt)
             print(f"round {r + 1} {name:7s}: {dt * 1e3:6.2f} ms/token  {1 / dt:6.1f} tok/s  "
                   f"{streamed[name] / dt / 1e9:5.1f} GB/s")
-    for name in ["float32", *peers]:
-        ratios = [other / q for other, q in zip(times[name], times["int8"], strict=True)]
-        print(f"minigpt int8 / {name} speed: median {statistics.median(ratios):.2f}x "
-              f"[{min(ratios):.2f}-{max(ratios):.2f}]")
+    for kind in ("int8", "int4"):
+        for name in ["float32", *peers]:
+            ratios = [other / q for other, q in zip(times[name], times[kind], strict=True)]
+            print(f"minigpt {kind} / {name} speed: median {statistics.median(ratios):.2f}x "
+                  f"[{min(ratios):.2f}-{max(ratios):.2f}]")
 
 
 if __name__ == "__main__":

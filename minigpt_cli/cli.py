@@ -212,13 +212,16 @@ def export_gguf(
 @app.command()
 def quantize(
     run: Annotated[str, typer.Argument(help="Run directory or .safetensors file.")],
-    out_dir: Annotated[Path, typer.Argument(help="New folder for the int8 weights.")],
+    out_dir: Annotated[Path, typer.Argument(help="New folder for the rounded weights.")],
+    type_: Annotated[str, typer.Option("--type", help="int8 (a quarter of the size) | int4 "
+                                                      "(Q4_0, two weights a byte; the head "
+                                                      "int8)")] = "int8",
 ) -> None:
-    """Save a run's weights as int8 (groups of 32, a scale each; safetensors, a quarter of the
-    size). Every command loads the folder as a run, and the C step reads the int8 directly."""
+    """Save a run's weights rounded (groups of 32, a scale each; safetensors). Every command
+    loads the folder as a run, and the C step multiplies the rounded bytes directly."""
     from minigpt_cli.convert.quantize import quantize_run
 
-    path = quantize_run(run, out_dir)
+    path = quantize_run(run, out_dir, type_)
     err.print(f"quantized {run} → {path}")
 
 

@@ -149,6 +149,7 @@ CASES = [
     c("export-gguf", "runs/tiny", "nowhere/m.gguf", says="nowhere is not a directory"),
     c("export-gguf", "runs/tiny", "m.gguf", "--type", "q5_k", says="--type must be one of"),
     c("quantize", "nowhere", "out", says="checkpoint not found"),
+    c("quantize", "runs/tiny", "out", "--type", "int2", says="--type must be int8 or int4"),
     c("quantize", "runs/tiny", "cfg.yaml", says="cfg.yaml is a file, not a folder"),
     c("bench", "--quantize", "int2", says="--quantize must be one of none, int8, int4"),
     c("bench", "--checkpoint", "nowhere", says="checkpoint not found"),

@@ -47,8 +47,10 @@ def load_for_inference(checkpoint: str | None, device: str = "auto", dtype: str 
     path = find_checkpoint(checkpoint)
     model, meta = store.load_model(path)
     enc = tok.load(meta["tokenizer"], path.parent)
-    if meta.get("quantize"):  # an int8 file: already rounded, --quantize has nothing to add
-        meta["quantize"] = f"int8 weights, from {path.name} (minigpt quantize)"
+    if meta.get("quantize"):  # a rounded file: --quantize has nothing to add
+        kind = meta["quantize"].get("kind", "int8") if isinstance(meta["quantize"], dict) \
+            else "int8"
+        meta["quantize"] = f"{kind} weights, from {path.name} (minigpt quantize)"
     elif quantize != "none":
         meta["quantize"] = quantize_model(model, kind=quantize).describe()
     model.to(device=dev, dtype=dt).eval()  # eval: dropout off, so equal inputs give equal outputs

@@ -150,25 +150,47 @@ def int8_pairs(model: torch.nn.Module) -> dict[str, tuple[torch.Tensor, torch.Te
     return pairs
 
 
-def pack(tensors: dict[str, torch.Tensor], pairs: dict[str, tuple[torch.Tensor, torch.Tensor]]
-         ) -> dict[str, torch.Tensor]:
+def pack(tensors: dict[str, torch.Tensor], pairs: dict[str, tuple[torch.Tensor, torch.Tensor]],
+         int4: frozenset[str] = frozenset()) -> dict[str, torch.Tensor]:
     """A state dict to save with each rounded matrix as NAME.int8 + NAME.scale (safetensors
-    holds int8 as it is): a quarter of the float32 bytes."""
+    holds int8 as it is): a quarter of the float32 bytes. A matrix named in `int4` is saved
+    as NAME.int4 instead, two values a byte (input rows 2i and 2i + 1 of a column as the low
+    and high nibble, each plus 8): an eighth."""
     out = {k: v for k, v in tensors.items() if k not in pairs}
     for name, (q, scales) in pairs.items():
-        out[f"{name}.int8"], out[f"{name}.scale"] = q.contiguous(), scales.contiguous()
+        if name in int4:
+            nib = F.pad(q.to(torch.int16) + 8, (0, 0, 0, q.shape[0] % 2))
+            out[f"{name}.int4"] = (nib[0::2] | (nib[1::2] << 4)).to(torch.uint8).contiguous()
+        else:
+            out[f"{name}.int8"] = q.contiguous()
+        out[f"{name}.scale"] = scales.contiguous()
     return out
+
+
+def _values(key: str, q: torch.Tensor, n_in: int) -> torch.Tensor:
+    if key.endswith(".int8"):
+        if q.dtype != torch.int8:
+            raise ValueError(f"{key} is {q.dtype}, not int8")
+        return q
+    if q.dtype != torch.uint8:
+        raise ValueError(f"{key} is {q.dtype}, not packed uint8")
+    low, high = (q & 15).to(torch.int8) - 8, (q >> 4).to(torch.int8) - 8
+    return torch.stack([low, high], dim=1).reshape(-1, q.shape[1])[:n_in]
 
 
 def unpack(tensors: dict[str, torch.Tensor], group: int
            ) -> tuple[dict[str, torch.Tensor], dict[str, tuple[torch.Tensor, torch.Tensor]]]:
-    """The inverse of pack: float tensors (the int8 ones dequantized) and the int8 pairs."""
+    """The inverse of pack: float tensors (the rounded ones dequantized) and the pairs of
+    values and scales (int4 ones unpacked to int8 values in [-8, 7])."""
     out, pairs = dict(tensors), {}
-    for key in [k for k in tensors if k.endswith(".int8")]:
-        name = key.removesuffix(".int8")
-        q, scales = out.pop(key), out.pop(f"{name}.scale", None)
-        if scales is None or q.dtype != torch.int8:
+    for key in [k for k in tensors if k.endswith((".int8", ".int4"))]:
+        name = key.rsplit(".", 1)[0]
+        packed, scales = out.pop(key), out.pop(f"{name}.scale", None)
+        if scales is None:
             raise ValueError(f"{key} has no float scales beside it")
+        q = _values(key, packed, min(scales.shape[0] * group, 2 * packed.shape[0]))
+        if q.shape[0] > scales.shape[0] * group or q.shape[1] != scales.shape[1]:
+            raise ValueError(f"{key} does not match its scales' shape")
         pairs[name] = (q, scales.float())
         w = dequantize(q, scales.float(), group)
         out[name] = w.t().contiguous() if name == "wte.weight" else w
@@ -176,9 +198,12 @@ def unpack(tensors: dict[str, torch.Tensor], group: int
 
 
 def attach(model: torch.nn.Module, pairs: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
-    """Give a model loaded from an int8 file its int8 values back, for the C step."""
+    """Give a model loaded from a rounded file its values back, for the C step (a matrix whose
+    values all fit 4 bits is packed as int4 there: the same numbers)."""
     for name, pair in pairs.items():
         if name == "wte.weight":
             model.head_int8 = pair
         else:
-            model.get_submodule(name.removesuffix(".weight")).int8 = pair
+            module = model.get_submodule(name.removesuffix(".weight"))
+            module.int8 = pair
+            module.int4 = bool(pair[0].min() >= -8 and pair[0].max() <= 7)

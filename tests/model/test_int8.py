@@ -223,7 +223,35 @@ def test_quantize_command_saves_int8_that_loads_as_the_rounded_model(run, tmp_pa
     a, b = int8_pairs(rounded), int8_pairs(loaded)
     assert a.keys() == b.keys() and all(torch.equal(a[k][0], b[k][0]) and
                                         torch.equal(a[k][1], b[k][1]) for k in a)
-    with pytest.raises(UserError, match="already holds int8"):
+    with pytest.raises(UserError, match=r"already holds rounded \(int8\)"):
         quantize_run(str(path), tmp_path / "again")
     with pytest.raises(UserError, match="is not empty: name a new or empty folder"):
         quantize_run(str(run), tmp_path / "q8")
+
+
+def test_quantize_int4_saves_two_weights_a_byte_and_loads_as_the_rounded_model(run, tmp_path
+                                                                               ) -> None:
+    """`minigpt quantize --type int4`: the block matrices as NAME.int4 (half a byte a weight),
+    the head as int8, loading as exactly the model --quantize int4 makes, with the C step
+    told which matrices are int4."""
+    import copy
+
+    from minigpt_cli.convert.quantize import quantize_run
+    from minigpt_cli.model import store
+    from minigpt_cli.model.int8 import int8_pairs
+
+    path = quantize_run(str(run), tmp_path / "q4", "int4")
+    raw, meta = store.load_safetensors(path)
+    packed = raw["h.0.mlp.c_fc.weight.int4"]
+    assert packed.dtype == torch.uint8 and "wte.weight.int8" in raw
+    assert packed.numel() * 2 == raw["h.0.mlp.c_fc.weight.scale"].shape[1] * 32
+    assert meta["quantize"] == {"kind": "int4", "group": GROUP}
+    loaded, _ = store.load_model(path)
+    original, _ = store.load_model(run / store.MODEL_FILE)
+    rounded = copy.deepcopy(original)
+    quantize_model(rounded, kind="int4")
+    want, got = rounded.state_dict(), loaded.state_dict()
+    assert all(torch.equal(want[k], got[k]) for k in want)
+    a, b = int8_pairs(rounded), int8_pairs(loaded)
+    assert all(torch.equal(a[k][0], b[k][0]) and torch.equal(a[k][1], b[k][1]) for k in a)
+    assert loaded.h[0].mlp.c_fc.int4 and rounded.h[0].mlp.c_fc.int4
