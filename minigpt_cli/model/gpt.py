@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minigpt_cli.model.int8 import q8_product
 from minigpt_cli.model.layers import MLP, Linear, apply_rotary, norm, rotary_tables
+from minigpt_cli.model.q8 import q8_product
 
 __all__ = ["GPT", "GPTConfig", "KVCache", "Linear", "RowsView"]
 

@@ -4,16 +4,16 @@ Every matrix a product reads (the four per block, and the tied embedding that is
 output head) is split into groups of GROUP consecutive input rows; each group of each output
 column keeps one float32 scale, max |w| / 127, and 8-bit integers round(w / scale). A
 product's input rows are rounded the same way just before it, per row and group of GROUP
-values (`quantize_rows`), so each group's part of the product is a sum of integer products,
-exact, times the two scales (`q8_product`). Biases, norms, attention and the KV cache stay
+values, so each group's part of the product is a sum of integer products, exact, times the
+two scales (q8.py). Biases, norms, attention and the KV cache stay
 float32.
 
-This module is the reference: `quantize` and `dequantize` define the weights' format,
-`quantize_model` puts the dequantized values into a model in place (so the embedding lookup
-reads them) and marks its products int8, and `q8_product` is what an int8 product computes,
-on any device. The speed comes from the C step, which multiplies the int8 bytes themselves
-with integer dot-product instructions (decoding one token is bound by the bytes of weight it
-streams) and is checked against this reference.
+This module is the reference for the weights: `quantize` and `dequantize` (and `quantize4`,
+llama.cpp's Q4_0) define their format, and `quantize_model` puts the dequantized values into a
+model in place (so the embedding lookup reads them) and marks its products rounded; q8.py's
+`q8_product` is what a rounded product computes, on any device. The speed comes from the C
+step, which multiplies the bytes themselves with integer dot-product instructions (decoding
+one token is bound by the bytes of weight it streams) and is checked against this reference.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-GROUP = 32
+from minigpt_cli.model.q8 import GROUP
+
 MODES = ("none", "int8", "int4")
 
 
@@ -64,34 +65,6 @@ def quantize4(w: torch.Tensor, group: int = GROUP) -> tuple[torch.Tensor, torch.
 def dequantize(q: torch.Tensor, scales: torch.Tensor, group: int = GROUP) -> torch.Tensor:
     """The float32 matrix an int8 product multiplies by: q times its group's scale."""
     return q.float() * scales.repeat_interleave(group, dim=0)[: q.shape[0]]
-
-
-def quantize_rows(x: torch.Tensor, group: int = GROUP) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [N, n_in] -> (integer values as float32 [N, groups, group], scales [N, groups]), each
-    row's groups of `group` values rounded as the weights are (scale max |x| / 127; the last
-    group padded with zeros). Values are float32 holding integers, for exact products."""
-    n, n_in = x.shape
-    blocks = F.pad(x.float(), (0, (-n_in) % group)).view(n, -1, group)
-    scales = blocks.abs().amax(dim=2) / 127.0
-    inverse = torch.where(scales > 0, 1.0 / scales, torch.zeros_like(scales))
-    return torch.round(blocks * inverse[:, :, None]), scales
-
-
-def q8_product(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor,
-               bias: torch.Tensor | None = None, group: int = GROUP) -> torch.Tensor:
-    """x [..., n_in] @ the int8 matrix q [n_in, n_out] (scales [groups, n_out]) with x's rows
-    rounded to int8 too: sum over groups of (x_int . w_int) * x_scale * w_scale. A group's
-    integer sum is at most 32 * 127 * 127, exact in float32."""
-    flat = x.reshape(-1, x.shape[-1])
-    xq, xs = quantize_rows(flat, group)
-    n_in, n_out = q.shape
-    wq = F.pad(q.float(), (0, 0, 0, (-n_in) % group)).view(-1, group, n_out).to(xq.device)
-    ws = scales.to(xq.device)
-    y = bias.float().expand(len(flat), n_out).clone() if bias is not None else \
-        torch.zeros(len(flat), n_out, device=xq.device)
-    for g in range(wq.shape[0]):  # groups in ascending order, as the C step adds them
-        y += (xq[:, g] @ wq[g]) * (ws[g][None, :] * xs[:, g, None])
-    return y.to(x.dtype).view(*x.shape[:-1], n_out)
 
 
 @dataclass

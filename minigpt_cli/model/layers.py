@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minigpt_cli.model.int8 import q8_product
+from minigpt_cli.model.q8 import q8_product
 
 NORMS = ("layernorm", "rmsnorm")
 POSITIONS = ("learned", "rotary")

@@ -7,14 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from minigpt_cli.model.int8 import (
-    GROUP,
-    dequantize,
-    q8_product,
-    quantize,
-    quantize4,
-    quantize_model,
-)
+from minigpt_cli.model.int8 import GROUP, dequantize, quantize, quantize4, quantize_model
+from minigpt_cli.model.q8 import q8_product
 from tests.conftest import score
 
 

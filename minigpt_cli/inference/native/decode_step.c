@@ -169,7 +169,7 @@ DEFINE_STRIP(12)
  * round(x / scale) (quantize_rows). A group's product is then a sum of 32 integer products,
  * exact in int32 whatever order it is added in, times the two scales; the groups' results
  * are added in float32 in ascending order. So every row's result is the same whichever rows
- * share the step and whichever instructions add up the integers (model/int8.py's q8_product
+ * share the step and whichever instructions add up the integers (model/q8.py's q8_product
  * is the reference).
  *
  * Why: a token streams every weight once, and a weight is 1 byte; widening each to float
