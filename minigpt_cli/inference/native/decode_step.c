@@ -279,21 +279,37 @@ static inline vi dot4(vi acc, const uint8_t *w, int32_t x4) {
         for (int r = 0; r < RB; r++) memcpy(out + r * STRIP, acc[r], sizeof acc[r]);          \
     }
 
+#if defined(Q8_VNNI) || defined(Q8_AVX2)
+/* Start each row's group sums: at -bias * sum(x) where VNNI multiplies weights stored plus
+ * `bias` (128 for int8, 8 for int4), else at 0. qrows keeps 128 * sum(x). */
+static inline void q_begin(int RB, const qrows *xq, int r0, int g, int bias, vi a[][CV]) {
+    for (int r = 0; r < RB; r++) {
+#ifdef Q8_VNNI
+        const int32_t start = -xq->offset[(size_t)(r0 + r) * (xq->stride / GROUP) + g] /
+                              (128 / bias);
+#else
+        const int32_t start = 0;
+        (void)xq, (void)r0, (void)g, (void)bias;
+#endif
+        for (int c = 0; c < CV; c++) a[r][c] = (vi){0} + start;
+    }
+}
+
+/* The integer sums as floats (exact: below 2^24). */
+static inline void q_end(int RB, vi a[][CV], float sums[][STRIP]) {
+    for (int r = 0; r < RB; r++)
+        for (int c = 0; c < CV; c++)
+            for (int l = 0; l < VL; l++) sums[r][c * VL + l] = (float)a[r][c][l];
+}
+#endif
+
 /* One group's exact integer sums, sums[r][c] = sum over its GROUP inputs of w * x (at most
  * 32 x 127 x 127: exact in float32 too), for RB rows from r0 and the strip's STRIP columns. */
 static inline void q8_group(int RB, const qrows *xq, int r0, int g, const uint8_t *Q,
                             float sums[][STRIP]) {
-    int32_t dot[Q8_RB][STRIP];
 #if defined(Q8_VNNI) || defined(Q8_AVX2)
     vi a[Q8_RB][CV];
-    for (int r = 0; r < RB; r++) {
-#ifdef Q8_VNNI
-        const int32_t start = -xq->offset[(size_t)(r0 + r) * (xq->stride / GROUP) + g];
-#else
-        const int32_t start = 0;
-#endif
-        for (int c = 0; c < CV; c++) a[r][c] = (vi){0} + start;
-    }
+    q_begin(RB, xq, r0, g, 128, a);
     for (int k = 0; k < GROUP / 4; k++, Q += 4 * STRIP) {
         for (int r = 0; r < RB; r++) {
             int32_t x4;
@@ -301,21 +317,19 @@ static inline void q8_group(int RB, const qrows *xq, int r0, int g, const uint8_
             for (int c = 0; c < CV; c++) a[r][c] = dot4(a[r][c], Q + 4 * VL * c, x4);
         }
     }
-    for (int r = 0; r < RB; r++)
-        for (int c = 0; c < CV; c++) memcpy(dot[r] + c * VL, &a[r][c], sizeof(vi));
+    q_end(RB, a, sums);
 #else
     for (int r = 0; r < RB; r++) {
         const int8_t *x = xq->v + (size_t)(r0 + r) * xq->stride + g * GROUP;
-        for (int c = 0; c < STRIP; c++) dot[r][c] = 0;
-        for (int k = 0; k < GROUP / 4; k++)
-            for (int c = 0; c < STRIP; c++)
+        for (int c = 0; c < STRIP; c++) {
+            int32_t dot = 0;
+            for (int k = 0; k < GROUP / 4; k++)
                 for (int j = 0; j < 4; j++)
-                    dot[r][c] += ((int32_t)Q[(size_t)k * 4 * STRIP + 4 * c + j] - 128) *
-                                 x[4 * k + j];
+                    dot += ((int32_t)Q[(size_t)k * 4 * STRIP + 4 * c + j] - 128) * x[4 * k + j];
+            sums[r][c] = (float)dot;
+        }
     }
 #endif
-    for (int r = 0; r < RB; r++)
-        for (int c = 0; c < STRIP; c++) sums[r][c] = (float)dot[r][c];
 }
 
 /* The int4 form (llama.cpp's Q4_0 weights, values in [-8, 7]), two weights a byte: for each
@@ -325,17 +339,9 @@ static inline void q8_group(int RB, const qrows *xq, int r0, int g, const uint8_
  * AVX2 takes the 8 off each byte first. */
 static inline void q4_group(int RB, const qrows *xq, int r0, int g, const uint8_t *Q,
                             float sums[][STRIP]) {
-    int32_t dot[Q8_RB][STRIP];
 #if defined(Q8_VNNI) || defined(Q8_AVX2)
     vi a[Q8_RB][CV];
-    for (int r = 0; r < RB; r++) {
-#ifdef Q8_VNNI
-        const int32_t start = -xq->offset[(size_t)(r0 + r) * (xq->stride / GROUP) + g] / 16;
-#else
-        const int32_t start = 0;
-#endif
-        for (int c = 0; c < CV; c++) a[r][c] = (vi){0} + start;
-    }
+    q_begin(RB, xq, r0, g, 8, a);
     for (int p = 0; p < GROUP / 8; p++, Q += 4 * STRIP) {
         vb lo[CV], hi[CV];
         for (int c = 0; c < CV; c++) {
@@ -364,23 +370,21 @@ static inline void q4_group(int RB, const qrows *xq, int r0, int g, const uint8_
             }
         }
     }
-    for (int r = 0; r < RB; r++)
-        for (int c = 0; c < CV; c++) memcpy(dot[r] + c * VL, &a[r][c], sizeof(vi));
+    q_end(RB, a, sums);
 #else
     for (int r = 0; r < RB; r++) {
         const int8_t *x = xq->v + (size_t)(r0 + r) * xq->stride + g * GROUP;
-        for (int c = 0; c < STRIP; c++) dot[r][c] = 0;
-        for (int p = 0; p < GROUP / 8; p++)
-            for (int c = 0; c < STRIP; c++)
+        for (int c = 0; c < STRIP; c++) {
+            int32_t dot = 0;
+            for (int p = 0; p < GROUP / 8; p++)
                 for (int j = 0; j < 4; j++) {
                     const int byte = Q[(size_t)p * 4 * STRIP + 4 * c + j];
-                    dot[r][c] += ((byte & 15) - 8) * x[8 * p + j] +
-                                 ((byte >> 4) - 8) * x[8 * p + 4 + j];
+                    dot += ((byte & 15) - 8) * x[8 * p + j] + ((byte >> 4) - 8) * x[8 * p + 4 + j];
                 }
+            sums[r][c] = (float)dot;
+        }
     }
 #endif
-    for (int r = 0; r < RB; r++)
-        for (int c = 0; c < STRIP; c++) sums[r][c] = (float)dot[r][c];
 }
 
 #define DEFINE_QSTRIPS(RB)                                                                      \
