@@ -1,15 +1,15 @@
 """The C decode step reading float32 weights against int8 and int4 ones, batch 1, interleaved,
 and llama.cpp's `llama-bench` on the same weights in the same rounds.
 
-GPT-2 124M (random weights, or `--run` an imported one): one copy as it is, one rounded by
-quantize.py (the step then streams int8 strips and their scales). Each round times both at
-positions 16..16+n and prints ms per token, tokens/s and the weight bytes streamed per second,
-so the memory wall is visible: a batch-1 step reads every weight once. With `--llama-bench`,
-each round also runs `llama-bench -p 0 -n 64` on each given GGUF (F32 and Q8_0 made from the
-same weights by llama.cpp's convert_hf_to_gguf.py; docs/benchmarks.md §6 shows how).
+GPT-2 124M (random weights, or `--run` an imported one): one copy as it is, one rounded to
+int8 and one to int4 by model/int8.py (the step then streams their packed bytes and scales).
+Each round times all three at positions 16..16+n and prints ms per token, tokens/s and the
+weight bytes streamed per second, so the memory wall is visible: a batch-1 step reads every
+weight once. With `--llama-bench`, each round also runs `llama-bench -p 0 -n 64` on each
+given GGUF (e.g. the Q8_0 and Q4_0 files `minigpt export-gguf` writes from the same run).
 
     python benchmarks/int8_step.py [--rounds 3] [--steps 64] [--threads 2] [--run RUN]
-        [--llama-bench BIN --gguf F32.gguf --gguf Q8_0.gguf]
+        [--llama-bench BIN --gguf Q8_0.gguf --gguf Q4_0.gguf]
 """
 
 from __future__ import annotations
