@@ -96,6 +96,14 @@ class Constraint:
         keep = self.allowed(row.shape[-1]).to(row.device)
         return row.masked_fill(~keep, float("-inf"))
 
+    def copy(self) -> Constraint:
+        """Another sequence's state at this point, without compiling the grammar again (the
+        n choices of one request each take a copy of one compiled grammar)."""
+        twin = object.__new__(Constraint)
+        twin.matcher, twin.n_vocab = self.matcher.deep_copy(), self.n_vocab
+        twin.words = torch.zeros_like(self.words)
+        return twin
+
     def consume(self, token: int) -> None:
         if not self.matcher.is_stopped() and not self.matcher.consume_token(token):
             raise RuntimeError(f"the grammar refused token {token}: "

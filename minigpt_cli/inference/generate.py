@@ -158,11 +158,12 @@ def generate(
         if ev.text and on_text is not None:
             on_text(row, ev.text)
 
+    compiled = constraint(grammar, enc, frozenset({enc.eot_token}))
     seqs = [Sequence(prompt=list(p), settings=settings, max_tokens=max_new_tokens,
                      stops=stops or [], seed=None if seed is None else seed + i,
                      trace_top=trace_top if on_step is not None else 0, on_event=on_event,
                      lookup=prompt_lookup, draft_k=draft_k,
-                     constraint=constraint(grammar, enc, frozenset({enc.eot_token})))
+                     constraint=compiled.copy() if compiled is not None else None)
             for i, p in enumerate(prompts)]
     rows.update({seq.id: i for i, seq in enumerate(seqs)})
     eng.run(seqs)

@@ -131,12 +131,11 @@ def _sequences(s: Served, body: Sampling, prompts: list[list[int]], max_tokens: 
                stop_ids: frozenset[int] = frozenset()) -> list[Sequence]:
     """One sequence per choice, prompt-major like OpenAI; choice j of a seeded request
     samples with seed + j, so n choices differ and each is reproducible."""
-    grammar = _grammar(body)
-    ends = stop_ids | {s.enc.eot_token}
+    grammar = _constraint(_grammar(body), s, stop_ids | {s.enc.eot_token})
     return [Sequence(prompt=p, settings=body.sampler(), max_tokens=max_tokens, stops=stops,
                      seed=None if body.seed is None else body.seed + j, logprobs=logprobs,
                      echo_logprobs=echo_logprobs, lookup=s.lookup, draft_k=s.draft_k,
-                     stop_ids=stop_ids, constraint=_constraint(grammar, s, ends))
+                     stop_ids=stop_ids, constraint=grammar.copy() if grammar else None)
             for p in prompts for j in range(body.n)]
 
 
@@ -149,9 +148,9 @@ def _grammar(body: Sampling) -> constraints.Grammar | None:
 
 def _constraint(grammar: constraints.Grammar | None, s: Served, ends: frozenset[int]
                 ) -> constraints.Constraint | None:
-    """A fresh grammar state for one choice. A schema the grammar engine rejects is a 400
-    with its own code: the published OpenAPI schema can say "an object", not "a JSON schema
-    the engine supports"."""
+    """The request's grammar, compiled once (each choice takes a copy). A schema the grammar
+    engine rejects is a 400 with its own code: the published OpenAPI schema can say "an
+    object", not "a JSON schema the engine supports"."""
     try:
         return constraints.constraint(grammar, s.enc, ends)
     except UserError as e:
