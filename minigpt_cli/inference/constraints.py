@@ -73,7 +73,12 @@ class Constraint:
         llg = _llguidance()
         source = grammar.llguidance_grammar()
         try:
-            self.matcher = llg.LLMatcher(_tokenizer(enc, ends), source, log_level=0)
+            lltok = _tokenizer(enc, ends)
+        except Exception as e:  # e.g. a tokenizer.json run by the tokenizers library
+            raise UserError(f"structured output cannot use this run's tokenizer "
+                            f"({type(e).__name__}: {e})") from None
+        try:
+            self.matcher = llg.LLMatcher(lltok, source, log_level=0)
             error = self.matcher.get_error() if self.matcher.is_error() else ""
         except Exception as e:  # documented never to raise on a bad grammar; guarded anyway
             error = str(e)
