@@ -54,8 +54,8 @@ class Grammar:
         try:
             return llg.LLMatcher.grammar_from_json_schema(
                 schema, defaults={"whitespace_flexible": False})
-        except (ValueError, TypeError) as e:
-            raise UserError(f"invalid JSON schema: {e}") from None
+        except Exception as e:  # ValueError is documented; a request's data may find more
+            raise UserError(f"invalid JSON schema: {' '.join(str(e).split())[:300]}") from None
 
 
 @functools.lru_cache(maxsize=8)
