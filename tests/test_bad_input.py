@@ -213,6 +213,8 @@ CASES = [
     c("eval", "--tasks", "x", "--limit", "0", says="--limit must be at least 1"),
     c("eval", "--tasks", "x", "--num-fewshot", "-1", says="--num-fewshot must be >= 0"),
     c("eval", "--limit", "5", says="are for --tasks"),
+    c("eval", "--tasks", "t_missing", "--include-path", "lmtasks",
+      says="lm-eval could not run it (FileNotFoundError"),
 ]
 
 HUGE = str(10**30)
@@ -283,6 +285,12 @@ def _fixtures(root: Path, run: Path) -> None:
     (root / "short.txt").write_text("too few words\n")
     (root / "p.txt").write_text("reverse abc\n")
     (root / "badschema.json").write_text('{"type": "nonsense"}')
+    (root / "lmtasks").mkdir()  # an lm-eval task whose data file is missing
+    (root / "lmtasks" / "t.yaml").write_text(
+        "task: t_missing\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+        "    test: /nowhere/t.jsonl\ntest_split: test\noutput_type: multiple_choice\n"
+        'doc_to_text: "{{context}}"\ndoc_to_choice: "{{choices}}"\n'
+        'doc_to_target: "{{answer}}"\n')
     (root / "other").symlink_to(run.parent / "other", target_is_directory=True)
 
 

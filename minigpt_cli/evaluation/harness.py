@@ -176,9 +176,14 @@ def run_harness(*, checkpoint: str | None, tasks: str, include_path: Path | None
                         "your own: --include-path DIR with its YAML)")
     model, enc, _, _ = load_for_inference(checkpoint, device, dtype)
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # a task's data is a local file
-    results = lm_eval.simple_evaluate(model=make_lm(model, enc, batch_size), tasks=names,
-                                      num_fewshot=num_fewshot, limit=limit,
-                                      task_manager=manager, bootstrap_iters=0)
+    try:
+        results = lm_eval.simple_evaluate(model=make_lm(model, enc, batch_size), tasks=names,
+                                          num_fewshot=num_fewshot, limit=limit,
+                                          task_manager=manager, bootstrap_iters=0)
+    except Exception as e:  # a task's YAML or data is the user's: say which, in one line
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        raise UserError(f"--tasks {tasks}: lm-eval could not run it ({type(e).__name__}: "
+                        f"{first})") from None
     console.print(make_table(results))
     if json_path is not None:
         files.atomic_write_text(json_path, json.dumps(

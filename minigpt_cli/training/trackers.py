@@ -33,7 +33,6 @@ from minigpt_cli import files
 
 KINDS = ("tensorboard", "mlflow", "wandb")
 STATE_FILE = "trackers.json"  # the MLflow and W&B run ids a resume continues
-_EXTRAS = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb"}
 
 
 def scalars(record: dict[str, Any]) -> dict[str, float]:
@@ -151,7 +150,7 @@ class Trackers:
         try:
             call()
         except ImportError:
-            self._drop(kind, f"it is not installed (pip install 'minigpt[{_EXTRAS[kind]}]')")
+            self._drop(kind, f"it is not installed (pip install 'minigpt[{kind}]')")
         except Exception as e:  # a tracker's own failure never stops training
             self._drop(kind, f"{type(e).__name__}: {e}")
 
@@ -162,6 +161,8 @@ class Trackers:
                            "metrics.jsonl has every figure")
 
     def log(self, record: dict[str, Any]) -> None:
+        if not self.live:
+            return
         points = scalars(record)
         if not points or "step" not in record:
             return
