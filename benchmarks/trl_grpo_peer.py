@@ -10,6 +10,11 @@ spread (TRL: scale_rewards "none"), the loss normalised over all sampled tokens 
 reverse` on the same held-out prompts.
 
     python benchmarks/trl_grpo_peer.py --trl-python VENV/bin/python [--steps 60] [--rounds 2]
+        [--seeds 1]
+
+`--seeds K` runs K GRPO seeds from each round's start, on both sides (seed r + rounds * k for
+round r's k-th; k = 0 is the round's own seed), so the spread of outcomes from one start is
+measured, not only the spread between starts.
 """
 
 from __future__ import annotations
@@ -72,6 +77,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--lr", type=float, default=3e-4)
+    ap.add_argument("--seeds", type=int, default=1)
     args = ap.parse_args()
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
@@ -100,34 +106,63 @@ def main() -> None:
             (out / f"sft{r}.yaml").write_text(yaml.safe_dump(sft_cfg))
             minigpt("train", str(out / f"sft{r}.yaml"))
             minigpt("export-hf", str(start), str(out / f"sft{r}-hf"))
-        grpo = {**base, "out_dir": str(out / f"grpo{r}"),
-                "train": {"init_from": str(start), "objective": "grpo", "optimizer": "adamw",
-                          "lr": args.lr, "min_lr": args.lr, "warmup_steps": 0,
-                          "weight_decay": 0.1, "beta2": 0.99, "grad_clip": 1.0,
-                          "max_steps": args.steps, "eval_interval": args.steps,
-                          "eval_steps": 1, "save_interval": args.steps, "log_interval": 10},
-                "rl": {"prompts": str(rl_path), "reward": "reverse", "group_size": 8,
-                       "prompts_per_step": 16, "max_new_tokens": 10}}
-        (out / f"grpo{r}.yaml").write_text(yaml.safe_dump(grpo))
-        minigpt("train", str(out / f"grpo{r}.yaml"))
-        ours_s = training_seconds(out / f"grpo{r}" / "metrics.jsonl", args.steps)
-        trl = subprocess.run([args.trl_python, "-c", TRL_SCRIPT, str(out / f"sft{r}-hf"),
-                              str(rl_path), str(out / f"trl{r}"), str(args.steps), str(r),
-                              str(args.lr)], capture_output=True, text=True, cwd=ROOT,
-                             check=True)
-        trl_s = float(trl.stdout.split("TRAIN_S")[-1].split()[0])
-        minigpt("import-hf", str(out / f"trl{r}"), str(out / f"trl{r}-run"))
-        rows.append({"round": r, "minigpt_s": ours_s, "trl_train_s": trl_s,
-                     "start": score(start, held_path, out / f"s{r}.json"),
-                     "minigpt": score(out / f"grpo{r}", held_path, out / f"m{r}.json"),
-                     "trl": score(out / f"trl{r}-run", held_path, out / f"t{r}.json")})
-        x = rows[-1]
-        print(f"round {r}: start sampled {x['start']['sampled_mean_reward']:.3f} | minigpt "
-              f"{ours_s:.1f} s, sampled {x['minigpt']['sampled_mean_reward']:.3f} greedy "
-              f"{x['minigpt']['greedy_mean_reward']:.3f} | TRL {trl_s:.1f} s, sampled "
-              f"{x['trl']['sampled_mean_reward']:.3f} greedy "
-              f"{x['trl']['greedy_mean_reward']:.3f}", flush=True)
+        for k in range(args.seeds):
+            rows.append(grpo_pair(args, out, r, r + args.rounds * k, base, start, held_path,
+                                  rl_path))
     (out / "results.json").write_text(json.dumps(rows, indent=1))
+    summarise(rows)
+
+
+def grpo_pair(args: argparse.Namespace, out: Path, r: int, seed: int, base: dict, start: Path,
+              held_path: Path, rl_path: Path) -> dict:
+    """One GRPO seed from round r's start, minigpt's then TRL's, both scored."""
+    tag = f"{r}" if seed == r else f"{r}s{seed}"
+    base = {**base, "seed": seed}
+    grpo = {**base, "out_dir": str(out / f"grpo{tag}"),
+            "train": {"init_from": str(start), "objective": "grpo", "optimizer": "adamw",
+                      "lr": args.lr, "min_lr": args.lr, "warmup_steps": 0,
+                      "weight_decay": 0.1, "beta2": 0.99, "grad_clip": 1.0,
+                      "max_steps": args.steps, "eval_interval": args.steps,
+                      "eval_steps": 1, "save_interval": args.steps, "log_interval": 10},
+            "rl": {"prompts": str(rl_path), "reward": "reverse", "group_size": 8,
+                   "prompts_per_step": 16, "max_new_tokens": 10}}
+    (out / f"grpo{tag}.yaml").write_text(yaml.safe_dump(grpo))
+    minigpt("train", str(out / f"grpo{tag}.yaml"))
+    ours_s = training_seconds(out / f"grpo{tag}" / "metrics.jsonl", args.steps)
+    trl = subprocess.run([args.trl_python, "-c", TRL_SCRIPT, str(out / f"sft{r}-hf"),
+                          str(rl_path), str(out / f"trl{tag}"), str(args.steps), str(seed),
+                          str(args.lr)], capture_output=True, text=True, cwd=ROOT, check=True)
+    trl_s = float(trl.stdout.split("TRAIN_S")[-1].split()[0])
+    minigpt("import-hf", str(out / f"trl{tag}"), str(out / f"trl{tag}-run"))
+    x = {"round": r, "seed": seed, "minigpt_s": ours_s, "trl_train_s": trl_s,
+         "minigpt_rewards": logged_rewards(out / f"grpo{tag}" / "metrics.jsonl"),
+         "trl_rewards": json.loads(trl.stdout.split("REWARDS")[-1].splitlines()[0]),
+         "start": score(start, held_path, out / f"s{r}.json"),
+         "minigpt": score(out / f"grpo{tag}", held_path, out / f"m{tag}.json"),
+         "trl": score(out / f"trl{tag}-run", held_path, out / f"t{tag}.json")}
+    print(f"round {r} seed {seed}: start sampled {x['start']['sampled_mean_reward']:.3f} | "
+          f"minigpt {ours_s:.1f} s, sampled {x['minigpt']['sampled_mean_reward']:.3f} greedy "
+          f"{x['minigpt']['greedy_mean_reward']:.3f} | TRL {trl_s:.1f} s, sampled "
+          f"{x['trl']['sampled_mean_reward']:.3f} greedy "
+          f"{x['trl']['greedy_mean_reward']:.3f}", flush=True)
+    return x
+
+
+def logged_rewards(metrics: Path) -> list[float]:
+    """The mean reward of every logged step (log_interval 10, as TRL's logging_steps)."""
+    log = [json.loads(x) for x in metrics.read_text().splitlines()]
+    return [r["reward_mean"] for r in log if "reward_mean" in r]
+
+
+def summarise(rows: list[dict]) -> None:
+    """Per side: the median held-out sampled accuracy and how many seeds ended below their
+    start's (the run got worse, not better)."""
+    for side in ("minigpt", "trl"):
+        acc = sorted(x[side]["sampled_mean_reward"] for x in rows)
+        worse = sum(x[side]["sampled_mean_reward"] < x["start"]["sampled_mean_reward"]
+                    for x in rows)
+        print(f"{side}: sampled accuracy median {acc[len(acc) // 2]:.3f} "
+              f"[{acc[0]:.3f}-{acc[-1]:.3f}], {worse} of {len(rows)} ended below their start")
 
 
 if __name__ == "__main__":

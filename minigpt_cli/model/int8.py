@@ -2,11 +2,11 @@
 
 Every matrix a product reads (the four per block, and the tied embedding that is also the
 output head) is split into groups of GROUP consecutive input rows; each group of each output
-column keeps one float32 scale, max |w| / 127, and 8-bit integers round(w / scale). A
+column keeps one scale, max |w| / 127, stored as float16 as Q8_0 stores it, and 8-bit
+integers round(w / scale) (rounded by the exact scale, before the scale itself is). A
 product's input rows are rounded the same way just before it, per row and group of GROUP
 values, so each group's part of the product is a sum of integer products, exact, times the
-two scales (q8.py). Biases, norms, attention and the KV cache stay
-float32.
+two scales (q8.py). Biases, norms, attention and the KV cache stay float32.
 
 This module is the reference for the weights: `quantize` and `dequantize` (and `quantize4`,
 llama.cpp's Q4_0) define their format, and `quantize_model` puts the dequantized values into a
@@ -36,22 +36,30 @@ def check_mode(mode: str) -> None:
         raise UserError(f"--quantize must be one of {', '.join(MODES)}, got '{mode}'")
 
 
+def half_scales(scales: torch.Tensor) -> torch.Tensor:
+    """Scales as llama.cpp keeps them, float16 (34 bytes a group of 32 int8 weights rather
+    than 36, 18 rather than 20 for int4: decoding streams every byte), held as float32 values
+    here so every product reads the same numbers."""
+    return scales.to(torch.float16).float()
+
+
 def quantize(w: torch.Tensor, group: int = GROUP) -> tuple[torch.Tensor, torch.Tensor]:
-    """w [in, out] -> (q int8 [in, out], scales float32 [ceil(in / group), out]).
-    A group that is all zeros gets scale 0 and zeros, never a division by zero."""
+    """w [in, out] -> (q int8 [in, out], scales [ceil(in / group), out], float16 values as
+    float32). A group that is all zeros gets scale 0 and zeros, never a division by zero."""
     n_in, n_out = w.shape
     pad = (-n_in) % group
     blocks = F.pad(w.detach().float(), (0, 0, 0, pad)).view(-1, group, n_out)
     scales = blocks.abs().amax(dim=1) / 127.0
     inverse = torch.where(scales > 0, 1.0 / scales, torch.zeros_like(scales))
     q = torch.round(blocks * inverse[:, None, :]).clamp_(-127, 127).to(torch.int8)
-    return q.view(-1, n_out)[:n_in].contiguous(), scales
+    return q.view(-1, n_out)[:n_in].contiguous(), half_scales(scales)
 
 
 def quantize4(w: torch.Tensor, group: int = GROUP) -> tuple[torch.Tensor, torch.Tensor]:
     """llama.cpp's Q4_0: w [in, out] -> (q int8 values in [-8, 7], scales [groups, out]). Each
     group's scale is its largest-magnitude weight m over -8, so m maps to -8 exactly and the
-    rest round half up into [-8, 7]. Dequantized as dequantize does: q times its scale."""
+    rest round half up into [-8, 7]; the scale is then kept as float16, as int8's. Dequantized
+    as dequantize does: q times its scale."""
     n_in, n_out = w.shape
     pad = (-n_in) % group
     blocks = F.pad(w.detach().float(), (0, 0, 0, pad)).view(-1, group, n_out)
@@ -59,7 +67,7 @@ def quantize4(w: torch.Tensor, group: int = GROUP) -> tuple[torch.Tensor, torch.
     scales = blocks.gather(1, at)[:, 0, :] / -8.0
     inverse = torch.where(scales != 0, 1.0 / scales, torch.zeros_like(scales))
     q = torch.floor(blocks * inverse[:, None, :] + 8.5).clamp_(0, 15) - 8
-    return q.to(torch.int8).view(-1, n_out)[:n_in].contiguous(), scales
+    return q.to(torch.int8).view(-1, n_out)[:n_in].contiguous(), half_scales(scales)
 
 
 def dequantize(q: torch.Tensor, scales: torch.Tensor, group: int = GROUP) -> torch.Tensor:
@@ -98,7 +106,7 @@ def quantize_model(model: torch.nn.Module, group: int = GROUP, kind: str = "int8
         w.copy_(dequantize(q, scales, group).to(w.dtype))
         matrices += 1
         float_bytes += w.numel() * 4
-        int8_bytes += q.numel() * bits // 8 + scales.numel() * 4
+        int8_bytes += q.numel() * bits // 8 + scales.numel() * 2
         return q, scales
 
     # The rounded values stay beside the weights (plain attributes, so no state dict changes)
@@ -125,10 +133,10 @@ def int8_pairs(model: torch.nn.Module) -> dict[str, tuple[torch.Tensor, torch.Te
 
 def pack(tensors: dict[str, torch.Tensor], pairs: dict[str, tuple[torch.Tensor, torch.Tensor]],
          int4: frozenset[str] = frozenset()) -> dict[str, torch.Tensor]:
-    """A state dict to save with each rounded matrix as NAME.int8 + NAME.scale (safetensors
-    holds int8 as it is): a quarter of the float32 bytes. A matrix named in `int4` is saved
-    as NAME.int4 instead, two values a byte (input rows 2i and 2i + 1 of a column as the low
-    and high nibble, each plus 8): an eighth."""
+    """A state dict to save with each rounded matrix as NAME.int8 + NAME.scale (float16;
+    safetensors holds int8 as it is): a quarter of the float32 bytes. A matrix named in
+    `int4` is saved as NAME.int4 instead, two values a byte (input rows 2i and 2i + 1 of a
+    column as the low and high nibble, each plus 8): an eighth."""
     out = {k: v for k, v in tensors.items() if k not in pairs}
     for name, (q, scales) in pairs.items():
         if name in int4:
@@ -136,7 +144,7 @@ def pack(tensors: dict[str, torch.Tensor], pairs: dict[str, tuple[torch.Tensor, 
             out[f"{name}.int4"] = (nib[0::2] | (nib[1::2] << 4)).to(torch.uint8).contiguous()
         else:
             out[f"{name}.int8"] = q.contiguous()
-        out[f"{name}.scale"] = scales.contiguous()
+        out[f"{name}.scale"] = scales.to(torch.float16).contiguous()
     return out
 
 
@@ -154,7 +162,8 @@ def _values(key: str, q: torch.Tensor, n_in: int) -> torch.Tensor:
 def unpack(tensors: dict[str, torch.Tensor], group: int
            ) -> tuple[dict[str, torch.Tensor], dict[str, tuple[torch.Tensor, torch.Tensor]]]:
     """The inverse of pack: float tensors (the rounded ones dequantized) and the pairs of
-    values and scales (int4 ones unpacked to int8 values in [-8, 7])."""
+    values and scales (int4 ones unpacked to int8 values in [-8, 7]; scales as float16
+    values, whatever type a file holds them in, so every product reads the same numbers)."""
     out, pairs = dict(tensors), {}
     for key in [k for k in tensors if k.endswith((".int8", ".int4"))]:
         name = key.rsplit(".", 1)[0]
@@ -164,8 +173,8 @@ def unpack(tensors: dict[str, torch.Tensor], group: int
         q = _values(key, packed, min(scales.shape[0] * group, 2 * packed.shape[0]))
         if q.shape[0] > scales.shape[0] * group or q.shape[1] != scales.shape[1]:
             raise ValueError(f"{key} does not match its scales' shape")
-        pairs[name] = (q, scales.float())
-        w = dequantize(q, scales.float(), group)
+        pairs[name] = (q, half_scales(scales))
+        w = dequantize(q, pairs[name][1], group)
         out[name] = w.t().contiguous() if name == "wte.weight" else w
     return out, pairs
 

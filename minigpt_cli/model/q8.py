@@ -1,11 +1,11 @@
 """The int8 product, llama.cpp's Q8_0 arithmetic, as the reference every engine computes.
 
-An int8 (or int4) matrix is integers in groups of GROUP input rows with one float scale per
-group and output column (model/int8.py makes them). Its product's input rows are rounded the
-same way just before it, per row and group (scale max |x| / 127), so each group's part of the
-product is a sum of integer products, exact, times the two scales; the groups' parts are
-added in ascending order, as the C step adds them. Layers call `q8_product` where a matrix
-has been rounded (layers.Linear, GPT.head).
+An int8 (or int4) matrix is integers in groups of GROUP input rows with one scale (a float16
+value) per group and output column (model/int8.py makes them). Its product's input rows are
+rounded the same way just before it, per row and group (scale max |x| / 127), so each
+group's part of the product is a sum of integer products, exact, times the two scales; the
+groups' parts are added in ascending order, as the C step adds them. Layers call
+`q8_product` where a matrix has been rounded (layers.Linear, GPT.head).
 """
 
 from __future__ import annotations

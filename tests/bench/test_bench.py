@@ -113,15 +113,16 @@ def test_bench_bad_lengths(small_config: Path, tmp_path: Path) -> None:
 
 def test_bench_memory_wall_rows(small_config: Path, tmp_path: Path) -> None:
     """--quantize int8 adds float32 and int8 rows for cached decoding: the weight bytes a step
-    streams (int8: 1 byte a weight plus a 4-byte scale per 32), the GB/s those bytes imply at
-    the measured step time, and how many greedy tokens the int8 run shares with float32."""
+    streams (int8: 1 byte a weight plus a 2-byte float16 scale per 32), the GB/s those bytes
+    imply at the measured step time, and how many greedy tokens the int8 run shares with
+    float32."""
     code, report = _bench(small_config, tmp_path, lengths=[16], quantize="int8")
     assert code == 0
     f32, q8 = report["memory_wall"]
     assert (f32["weights"], q8["weights"]) == ("float32", "int8")
     n = 2 * (32 * 96 + 32 * 32 + 32 * 128 + 128 * 32) + 32 * 257  # block matrices + head
     assert f32["bytes_per_step"] == 4 * n
-    assert q8["bytes_per_step"] == n + 4 * n // 32
+    assert q8["bytes_per_step"] == n + 2 * n // 32
     for row in (f32, q8):
         assert row["ms_per_step"] > 0 and row["tokens_per_s"] > 0
         assert row["gb_per_s"] == pytest.approx(row["bytes_per_step"] / row["ms_per_step"]

@@ -13,7 +13,8 @@ from tests.conftest import score
 
 
 def _reference_product(x: np.ndarray, w: np.ndarray, group: int) -> np.ndarray:
-    """x @ W with W rounded Q8_0-style, written loop by loop from the definition."""
+    """x @ W with W rounded as llama.cpp's Q8_0 reference does, written loop by loop: the
+    integers rounded by the float32 scale max |w| / 127, the scale then kept as float16."""
     n_in, n_out = w.shape
     deq = np.zeros_like(w, dtype=np.float64)
     for start in range(0, n_in, group):
@@ -23,8 +24,8 @@ def _reference_product(x: np.ndarray, w: np.ndarray, group: int) -> np.ndarray:
             scale = np.float32(np.float32(amax) / np.float32(127.0))
             if scale == 0:
                 continue
-            q = np.clip(np.round(block[:, j] / scale), -127, 127)
-            deq[start:start + group, j] = q * scale
+            q = np.clip(np.round(block[:, j] * (np.float32(1.0) / scale)), -127, 127)
+            deq[start:start + group, j] = q * np.float64(np.float16(scale))
     return x.astype(np.float64) @ deq
 
 
@@ -40,9 +41,11 @@ def test_int8_product_matches_a_numpy_reference(n_in: int) -> None:
     got = (x @ dequantize(q, scales)).double().numpy()
     want = _reference_product(x.numpy(), w.numpy(), GROUP)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
-    # and the rounding is a rounding: no weight moves more than half a step
+    # and the rounding is a rounding: no weight moves more than half a step, plus what the
+    # float16 scale moves its integer (at most 127 x 2^-11 of the step)
     step = scales.repeat_interleave(GROUP, 0)[:n_in]
-    assert ((dequantize(q, scales) - w).abs() <= step / 2 + 1e-7).all()
+    assert ((dequantize(q, scales) - w).abs() <= step * (0.5 + 127 * 2.0**-11) + 1e-7).all()
+    assert torch.equal(scales, scales.half().float())
 
 
 def test_all_zero_groups_stay_zero() -> None:
@@ -192,7 +195,7 @@ def test_next_token_agrees_with_float32(run, kind: str, bar: float) -> None:
 
 
 def test_quantize_command_saves_int8_that_loads_as_the_rounded_model(run, tmp_path) -> None:
-    """`minigpt quantize RUN OUT`: safetensors with int8 matrices and float scales, well under
+    """`minigpt quantize RUN OUT`: safetensors with int8 matrices and float16 scales, well under
     half the float32 file (a third for tiny.yaml's run; here the header and the small float
     tensors weigh more), which loads as exactly the model --quantize int8 makes (and
     hands the C step its int8 values); a second quantize and a non-empty OUT are refused."""
@@ -207,7 +210,14 @@ def test_quantize_command_saves_int8_that_loads_as_the_rounded_model(run, tmp_pa
     assert path.stat().st_size < 0.4 * (run / store.MODEL_FILE).stat().st_size
     raw, meta = store.load_safetensors(path)
     assert raw["h.0.mlp.c_fc.weight.int8"].dtype == torch.int8
+    assert raw["h.0.mlp.c_fc.weight.scale"].dtype == torch.float16  # as Q8_0 keeps it
     assert meta["quantize"] == {"kind": "int8", "group": GROUP}
+    # scales held as float32 in a file (off by less than half a float16 step) read back as
+    # the float16 values, so every product reads the same numbers
+    from minigpt_cli.model.int8 import unpack
+    widened = {k: v.float() * (1 + 1e-5) if k.endswith(".scale") else v for k, v in raw.items()}
+    assert all(torch.equal(unpack(widened, GROUP)[1][k][1], pair[1])
+               for k, pair in unpack(raw, GROUP)[1].items())
     loaded, _ = store.load_model(path)
     original, _ = store.load_model(run / store.MODEL_FILE)
     rounded = copy.deepcopy(original)

@@ -36,7 +36,7 @@ from minigpt_cli.model.int8 import GROUP
 from minigpt_cli.model.layers import MLPS, mlp_hidden
 
 SOURCE = Path(__file__).with_name("decode_step.c")  # beside this binding
-ABI_VERSION = 9
+ABI_VERSION = 10
 ENGINES = ("auto", "native", "torch")
 # -march=native is safe because the library is built on the machine that runs it (the cache
 # key includes the CPU). No -ffast-math: NaNs and infinities must behave as in PyTorch. FMA
@@ -175,7 +175,8 @@ def pack_q8(q: torch.Tensor, scales: torch.Tensor, strip: int
     """An int8 matrix [n_in, n_out] and its scales [groups, n_out] in the C step's int8 layout:
     inputs padded to whole groups and columns to whole strips (scale 0), each strip's bytes
     w + 128 as [n_in / 4][strip][4] (four consecutive inputs of a column together, what a
-    dot-product instruction reads), its scales [groups][strip]."""
+    dot-product instruction reads), its scales [groups][strip] as float16 (exact: model/int8.py
+    keeps scales at float16 values)."""
     n_in, n_out = q.shape
     groups = scales.shape[0]
     cols = -(-n_out // strip) * strip
@@ -183,7 +184,7 @@ def pack_q8(q: torch.Tensor, scales: torch.Tensor, strip: int
     padded[:n_in, :n_out] = q.to(torch.int16)
     unsigned = (padded + 128).to(torch.uint8)  # every weight is in [-127, 127]
     quads = unsigned.view(groups * GROUP // 4, 4, cols // strip, strip).permute(2, 0, 3, 1)
-    s = torch.zeros(groups, cols)
+    s = torch.zeros(groups, cols, dtype=torch.float16)
     s[:, :n_out] = scales
     return quads.contiguous(), s.view(groups, cols // strip, strip).transpose(0, 1).contiguous()
 

@@ -13,7 +13,7 @@
  * attention over the key/value cache, tied output head; GPT-2's LayerNorm, learned positions
  * and tanh-GELU MLP, or the options of minigpt_cli/model/layers.py (RMSNorm, rotary positions,
  * SwiGLU or ReLU² MLP, RMSNorm on queries and keys) as the dims say. Activations are
- * float32; each matrix is float32, or int8 with a float scale per GROUP input rows and output
+ * float32; each matrix is float32, or int8 with a float16 scale per GROUP input rows and output
  * column (minigpt_cli/model/int8.py), multiplied by its input rows rounded to int8 the same
  * way, with integer dot products (see q8_group).
  * The cache is minigpt's KVCache layout, [layers, slots, heads, cache_len, head_dim]; each row
@@ -47,7 +47,7 @@ enum { MLP_GELU, MLP_SWIGLU, MLP_RELU2 };
 /* Model-level pointers come first. */
 enum { WTE, WPE, HEAD_T, LNF_W, LNF_B, GLOBALS };
 
-int minigpt_abi_version(void) { return 9; }
+int minigpt_abi_version(void) { return 10; }
 int minigpt_max_batch(void) { return MAX_BATCH; }
 
 /* e^x for float32, written so the softmax and GELU loops vectorize (libm's expf is an opaque
@@ -164,7 +164,7 @@ DEFINE_STRIP(12)
 #endif
 
 /* int8 x int8, llama.cpp's Q8_0 product. Weights are int8 in groups of GROUP input rows with
- * one float scale per group and output column (model/int8.py); before a product each input
+ * one float16 scale per group and output column (model/int8.py); before a product each input
  * row is rounded the same way, per group of GROUP values: scale max |x| / 127, values
  * round(x / scale) (quantize_rows). A group's product is then a sum of 32 integer products,
  * exact in int32 whatever order it is added in, times the two scales; the groups' results
@@ -179,8 +179,9 @@ DEFINE_STRIP(12)
  * Layout: a strip's weights are stored as unsigned bytes w + 128 in quads, [n_in / 4][STRIP][4]
  * (four consecutive inputs of one column together: what a dot-product instruction reads),
  * the inputs padded with zeros to whole groups and the columns to whole strips (padding has
- * scale 0); scales [groups][STRIP]. The +128 makes the weights the unsigned operand VNNI
- * wants; quantize_rows keeps each row's group sums, 128 * sum(x), which are taken off. */
+ * scale 0); scales [groups][STRIP] as float16 bits, as Q8_0 keeps them (two bytes a group
+ * fewer to stream). The +128 makes the weights the unsigned operand VNNI wants; quantize_rows
+ * keeps each row's group sums, 128 * sum(x), which are taken off. */
 #define GROUP 32
 /* Rows per block: 2 x Q8_RB accumulators in registers beside the weights and constants (32
  * vector registers with AVX-512, 16 with AVX2). */
@@ -260,20 +261,48 @@ static inline vi dot4(vi acc, const uint8_t *w, int32_t x4) {
 }
 #endif
 
+/* A float16 (bits) as float32: exact for every value, normal, subnormal or zero (scales are
+ * finite and never negative zero matters: it multiplies). F16C converts eight at once. */
+static inline float half_to_float(uint16_t h) {
+    const uint32_t sign = (uint32_t)(h & 0x8000) << 16, e = (h >> 10) & 0x1F, m = h & 0x3FF;
+    float f;
+    if (e == 0) { /* zero or subnormal: m x 2^-24, exact in float32 */
+        f = (float)m * 0x1p-24f;
+        uint32_t bits;
+        memcpy(&bits, &f, 4);
+        bits |= sign;
+        memcpy(&f, &bits, 4);
+        return f;
+    }
+    const uint32_t bits = sign | (e == 31 ? 0xFFu << 23 : (e + 112) << 23) | m << 13;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+static inline void halves_to_floats(const uint16_t *h, float *f) {
+#ifdef __F16C__
+    for (int c = 0; c < STRIP; c += 8)
+        _mm256_storeu_ps(f + c, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(h + c))));
+#else
+    for (int c = 0; c < STRIP; c++) f[c] = half_to_float(h[c]);
+#endif
+}
+
 /* One strip of an int8 (BITS 8) or int4 (BITS 4) product for RB rows from r0: each group's
  * exact integer sums (GROUPFN), times the weights' and the row's scales, added in order. */
 #define DEFINE_QSTRIP(NAME, RB, GROUPFN, BITS)                                                  \
     static void NAME##_##RB(int groups, const qrows *xq, int r0, const uint8_t *Q,            \
-                            const float *S, const float *bias, float *out) {                  \
-        float acc[RB][STRIP];                                                                 \
+                            const uint16_t *S, const float *bias, float *out) {               \
+        float acc[RB][STRIP], ws[STRIP];                                                      \
         for (int r = 0; r < RB; r++)                                                          \
             for (int c = 0; c < STRIP; c++) acc[r][c] = bias ? bias[c] : 0.f;                 \
         for (int g = 0; g < groups; g++, S += STRIP, Q += GROUP * STRIP * (BITS) / 8) {       \
             float sums[RB][STRIP];                                                            \
             GROUPFN(RB, xq, r0, g, Q, sums);                                                  \
+            halves_to_floats(S, ws);                                                          \
             for (int r = 0; r < RB; r++) {                                                    \
                 const float xs = xq->scale[(size_t)(r0 + r) * groups + g];                    \
-                for (int c = 0; c < STRIP; c++) acc[r][c] += sums[r][c] * (S[c] * xs);\
+                for (int c = 0; c < STRIP; c++) acc[r][c] += sums[r][c] * (ws[c] * xs);      \
             }                                                                                 \
         }                                                                                     \
         for (int r = 0; r < RB; r++) memcpy(out + r * STRIP, acc[r], sizeof acc[r]);          \
@@ -399,7 +428,7 @@ DEFINE_QSTRIPS(5)
 DEFINE_QSTRIPS(6)
 #endif
 
-typedef void (*qstrip_fn)(int, const qrows *, int, const uint8_t *, const float *,
+typedef void (*qstrip_fn)(int, const qrows *, int, const uint8_t *, const uint16_t *,
                           const float *, float *);
 static const qstrip_fn Q8STRIPS[Q8_RB + 1] = {NULL, q8strip_1, q8strip_2, q8strip_3, q8strip_4,
 #if Q8_RB > 4
@@ -490,7 +519,7 @@ static void share(int n, int *lo, int *hi) {
  * each thread takes a contiguous share of the strips, every row of each. Columns are padded to
  * whole strips, so there is no tail; the last strip writes only its real columns. */
 static void q8_matvec(int B, int n_in, int n_out, const float *x, const uint8_t *Q, int bits,
-                      const float *S, const float *bias, float *y, int op, qrows *xq) {
+                      const uint16_t *S, const float *bias, float *y, int op, qrows *xq) {
     const qstrip_fn *kernels = bits == 4 ? Q4STRIPS : Q8STRIPS;
     const int groups = (n_in + GROUP - 1) / GROUP, strips = (n_out + STRIP - 1) / STRIP;
 #pragma omp single
@@ -527,8 +556,8 @@ static void q8_matvec(int B, int n_in, int n_out, const float *x, const uint8_t 
  * weights are in cache, so W streams from memory once per step however many rows there are.
  * The last few columns (n_out % STRIP) are read from W one at a time. */
 static void matvec(int B, int n_in, int n_out, const float *x, const float *P, const uint8_t *Q,
-                   int bits, const float *S, const float *W, const float *bias, float *y, int op,
-                   qrows *xq) {
+                   int bits, const uint16_t *S, const float *W, const float *bias, float *y,
+                   int op, qrows *xq) {
     if (Q) {
         q8_matvec(B, n_in, n_out, x, Q, bits, S, bias, y, op, xq);
         return;
@@ -727,8 +756,8 @@ static void attention(int B, int H, int D, int S, const int64_t *slot, const int
  * fp: two floats, the rotary base (read only when rotary) and every norm's epsilon.
  * w: weight pointers (GLOBALS, then PER_LAYER per layer); pw: the same list with each matrix
  * (HEAD_T and the four per-layer products) packed by strips, see matvec; qw, qs: NULL, or the
- * same list with an int8 or int4 matrix's packed strips (see q8_group, q4_group) and scales
- * where pw has NULL; qbits: NULL, or each matrix's bits (8 or 4).
+ * same list with an int8 or int4 matrix's packed strips (see q8_group, q4_group) and float16
+ * scales where pw has NULL; qbits: NULL, or each matrix's bits (8 or 4).
  * tokens, pos, slot, col: [rows]: row b feeds token tokens[b] at position pos[b], and writes
  * its key and value at column col[b] of cache slot slot[b]; kc, vc: the cache,
  * [layers, n_slots, heads, cache_len, head_dim]; want: [rows], nonzero where a row's logits are
@@ -737,7 +766,7 @@ static void attention(int B, int H, int D, int S, const int64_t *slot, const int
  * floats. Returns 0, or -1 on bad arguments. */
 int minigpt_decode_step(const int64_t *dims, const float *fp, const float *const *w,
                         const float *const *pw, const uint8_t *const *qw,
-                        const float *const *qs, const uint8_t *qbits, const int64_t *tokens,
+                        const uint16_t *const *qs, const uint8_t *qbits, const int64_t *tokens,
                         const int64_t *pos,
                         const int64_t *slot, const int64_t *col, const uint8_t *want, float *kc,
                         float *vc, float *logits, float *scratch) {
@@ -756,7 +785,7 @@ int minigpt_decode_step(const int64_t *dims, const float *fp, const float *const
     const float rope = rotary ? fp[0] : 0.f, eps = fp[1];
     static const uint8_t *const NONE8[PER_LAYER] = {0};
     static const uint8_t NOBITS[PER_LAYER] = {0};
-    static const float *const NONE32[PER_LAYER] = {0};
+    static const uint16_t *const NONE16[PER_LAYER] = {0};
     int nw = 0; /* rows whose logits are wanted; shared by the threads below */
     float *x = scratch, *h = x + B * C, *att = h + B * C, *qkv = att + B * C;
     float *f = qkv + 3 * B * C; /* the MLP's first product: B * F, or B * 2F for SwiGLU */
@@ -796,7 +825,7 @@ int minigpt_decode_step(const int64_t *dims, const float *fp, const float *const
             const float *const *q = pw + at;
             const uint8_t *const *q8 = qw ? qw + at : NONE8;
             const uint8_t *bits = qbits ? qbits + at : NOBITS;
-            const float *const *sc = qs ? qs + at : NONE32;
+            const uint16_t *const *sc = qs ? qs + at : NONE16;
             const size_t layer_off = (size_t)l * NS * H * S * D;
             matvec(B, C, 3 * C, h, q[ATTN_W], q8[ATTN_W], bits[ATTN_W], sc[ATTN_W], p[ATTN_W],
                    p[ATTN_B], qkv, STORE, &xq);
@@ -857,7 +886,7 @@ int minigpt_decode_step(const int64_t *dims, const float *fp, const float *const
  * alone, for tests/model/test_int8.py to hold against a NumPy product. Returns -1 on bad
  * arguments. */
 int minigpt_product(int B, int n_in, int n_out, const float *x, const float *P, const uint8_t *Q,
-                    int bits, const float *S, const float *W, const float *bias, float *y,
+                    int bits, const uint16_t *S, const float *W, const float *bias, float *y,
                     int threads) {
     if (B < 1 || B > MAX_BATCH || n_in < 1 || n_out < 1 || threads < 1) return -1;
     const int groups = (n_in + GROUP - 1) / GROUP;
