@@ -200,13 +200,55 @@ typedef struct {
     int stride; /* values per row: groups * GROUP */
 } qrows;
 
-static void quantize_rows(int B, int n_in, const float *x, qrows *q) {
+#ifdef __AVX2__
+/* One whole group of GROUP values, eight at a time: the same scale, values and sum as the
+ * loop in quantize_rows (the largest magnitude is the same whatever order it is found in;
+ * the conversion rounds to nearest even, as lrintf does). */
+static inline void quantize_group(const float *x, int8_t *v, float *scale, int32_t *offset) {
+    const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+    const __m256 x0 = _mm256_loadu_ps(x), x1 = _mm256_loadu_ps(x + 8);
+    const __m256 x2 = _mm256_loadu_ps(x + 16), x3 = _mm256_loadu_ps(x + 24);
+    const __m256 m = _mm256_max_ps(
+        _mm256_max_ps(_mm256_and_ps(x0, magnitude), _mm256_and_ps(x1, magnitude)),
+        _mm256_max_ps(_mm256_and_ps(x2, magnitude), _mm256_and_ps(x3, magnitude)));
+    __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_max_ss(h, _mm_movehdup_ps(h));
+    const float d = _mm_cvtss_f32(h) / 127.f, id = d > 0.f ? 1.f / d : 0.f;
+    const __m256 vid = _mm256_set1_ps(id);
+    const __m256i i0 = _mm256_cvtps_epi32(_mm256_mul_ps(x0, vid));
+    const __m256i i1 = _mm256_cvtps_epi32(_mm256_mul_ps(x1, vid));
+    const __m256i i2 = _mm256_cvtps_epi32(_mm256_mul_ps(x2, vid));
+    const __m256i i3 = _mm256_cvtps_epi32(_mm256_mul_ps(x3, vid));
+    /* packs work within 128-bit halves; the permute puts the four quads back in order */
+    const __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(i0, i1),
+                                             _mm256_packs_epi32(i2, i3));
+    _mm256_storeu_si256((__m256i *)v, _mm256_permutevar8x32_epi32(
+                                          bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+    const __m256i t = _mm256_add_epi32(_mm256_add_epi32(i0, i1), _mm256_add_epi32(i2, i3));
+    __m128i u = _mm_add_epi32(_mm256_castsi256_si128(t), _mm256_extracti128_si256(t, 1));
+    u = _mm_add_epi32(u, _mm_shuffle_epi32(u, 0x4E));
+    u = _mm_add_epi32(u, _mm_shuffle_epi32(u, 0xB1));
+    *scale = d;
+    *offset = 128 * _mm_cvtsi128_si32(u);
+}
+#endif
+
+/* Rows [r0, r1) of B, quantized for a product (each thread takes its own rows). */
+static void quantize_rows(int r0, int r1, int n_in, const float *x, qrows *q) {
     const int groups = q->stride / GROUP;
-    for (int b = 0; b < B; b++) {
+    for (int b = r0; b < r1; b++) {
         const float *xr = x + (size_t)b * n_in;
         int8_t *v = q->v + (size_t)b * q->stride;
         for (int g = 0; g < groups; g++) {
             const int i0 = g * GROUP, i1 = i0 + GROUP < n_in ? i0 + GROUP : n_in;
+#ifdef __AVX2__
+            if (i1 - i0 == GROUP) {
+                quantize_group(xr + i0, v + i0, q->scale + (size_t)b * groups + g,
+                               q->offset + (size_t)b * groups + g);
+                continue;
+            }
+#endif
             float amax = 0.f;
             for (int i = i0; i < i1; i++) amax = fmaxf(amax, fabsf(xr[i]));
             const float d = amax / 127.f, id = d > 0.f ? 1.f / d : 0.f;
@@ -279,13 +321,17 @@ static inline float half_to_float(uint16_t h) {
     return f;
 }
 
-static inline void halves_to_floats(const uint16_t *h, float *f) {
-#ifdef __F16C__
-    for (int c = 0; c < STRIP; c += 8)
-        _mm256_storeu_ps(f + c, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(h + c))));
+/* A strip's STRIP float16 scales as CV float vectors. */
+static inline void load_halves(const uint16_t *h, vf f[CV]) {
+    for (int c = 0; c < CV; c++) {
+#if VL == 16
+        f[c] = (vf)_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(h + c * VL)));
+#elif defined(__F16C__)
+        f[c] = (vf)_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(h + c * VL)));
 #else
-    for (int c = 0; c < STRIP; c++) f[c] = half_to_float(h[c]);
+        for (int l = 0; l < VL; l++) f[c][l] = half_to_float(h[c * VL + l]);
 #endif
+    }
 }
 
 /* One strip of an int8 (BITS 8) or int4 (BITS 4) product for RB rows from r0: each group's
@@ -293,16 +339,18 @@ static inline void halves_to_floats(const uint16_t *h, float *f) {
 #define DEFINE_QSTRIP(NAME, RB, GROUPFN, BITS)                                                  \
     static void NAME##_##RB(int groups, const qrows *xq, int r0, const uint8_t *Q,            \
                             const uint16_t *S, const float *bias, float *out) {               \
-        float acc[RB][STRIP], ws[STRIP];                                                      \
-        for (int r = 0; r < RB; r++)                                                          \
-            for (int c = 0; c < STRIP; c++) acc[r][c] = bias ? bias[c] : 0.f;                 \
+        vf acc[RB][CV], ws[CV];                                                               \
+        for (int c = 0; c < CV; c++) {                                                        \
+            const vf b0 = bias ? vload(bias + c * VL) : (vf){0};                              \
+            for (int r = 0; r < RB; r++) acc[r][c] = b0;                                      \
+        }                                                                                     \
         for (int g = 0; g < groups; g++, S += STRIP, Q += GROUP * STRIP * (BITS) / 8) {       \
-            float sums[RB][STRIP];                                                            \
+            vf sums[RB][CV];                                                                  \
             GROUPFN(RB, xq, r0, g, Q, sums);                                                  \
-            halves_to_floats(S, ws);                                                          \
+            load_halves(S, ws);                                                               \
             for (int r = 0; r < RB; r++) {                                                    \
                 const float xs = xq->scale[(size_t)(r0 + r) * groups + g];                    \
-                for (int c = 0; c < STRIP; c++) acc[r][c] += sums[r][c] * (ws[c] * xs);      \
+                for (int c = 0; c < CV; c++) acc[r][c] += sums[r][c] * (ws[c] * xs);         \
             }                                                                                 \
         }                                                                                     \
         for (int r = 0; r < RB; r++) memcpy(out + r * STRIP, acc[r], sizeof acc[r]);          \
@@ -325,17 +373,16 @@ static inline void q_begin(int RB, const qrows *xq, int r0, int g, int bias, vi 
 }
 
 /* The integer sums as floats (exact: below 2^24). */
-static inline void q_end(int RB, vi a[][CV], float sums[][STRIP]) {
+static inline void q_end(int RB, vi a[][CV], vf sums[][CV]) {
     for (int r = 0; r < RB; r++)
-        for (int c = 0; c < CV; c++)
-            for (int l = 0; l < VL; l++) sums[r][c * VL + l] = (float)a[r][c][l];
+        for (int c = 0; c < CV; c++) sums[r][c] = __builtin_convertvector(a[r][c], vf);
 }
 #endif
 
 /* One group's exact integer sums, sums[r][c] = sum over its GROUP inputs of w * x (at most
  * 32 x 127 x 127: exact in float32 too), for RB rows from r0 and the strip's STRIP columns. */
 static inline void q8_group(int RB, const qrows *xq, int r0, int g, const uint8_t *Q,
-                            float sums[][STRIP]) {
+                            vf sums[][CV]) {
 #if defined(Q8_VNNI) || defined(Q8_AVX2)
     vi a[Q8_RB][CV];
     q_begin(RB, xq, r0, g, 128, a);
@@ -355,7 +402,7 @@ static inline void q8_group(int RB, const qrows *xq, int r0, int g, const uint8_
             for (int k = 0; k < GROUP / 4; k++)
                 for (int j = 0; j < 4; j++)
                     dot += ((int32_t)Q[(size_t)k * 4 * STRIP + 4 * c + j] - 128) * x[4 * k + j];
-            sums[r][c] = (float)dot;
+            sums[r][c / VL][c % VL] = (float)dot;
         }
     }
 #endif
@@ -367,7 +414,7 @@ static inline void q8_group(int RB, const qrows *xq, int r0, int g, const uint8_
  * vectors of quads. VNNI multiplies the unsigned nibbles (w + 8) and takes 8 * sum(x) off;
  * AVX2 takes the 8 off each byte first. */
 static inline void q4_group(int RB, const qrows *xq, int r0, int g, const uint8_t *Q,
-                            float sums[][STRIP]) {
+                            vf sums[][CV]) {
 #if defined(Q8_VNNI) || defined(Q8_AVX2)
     vi a[Q8_RB][CV];
     q_begin(RB, xq, r0, g, 8, a);
@@ -410,7 +457,7 @@ static inline void q4_group(int RB, const qrows *xq, int r0, int g, const uint8_
                     const int byte = Q[(size_t)p * 4 * STRIP + 4 * c + j];
                     dot += ((byte & 15) - 8) * x[8 * p + j] + ((byte >> 4) - 8) * x[8 * p + 4 + j];
                 }
-            sums[r][c] = (float)dot;
+            sums[r][c / VL][c % VL] = (float)dot;
         }
     }
 #endif
@@ -515,19 +562,22 @@ static void share(int n, int *lo, int *hi) {
 #endif
 }
 
-/* The int8 product (Q8_0, above): quantize the rows once (one thread, the others wait), then
- * each thread takes a contiguous share of the strips, every row of each. Columns are padded to
- * whole strips, so there is no tail; the last strip writes only its real columns. */
+/* The int8 product (Q8_0, above): each thread quantizes a share of the rows into the shared
+ * buffers (its own copy of their description: nothing shared is written but the rows), then,
+ * after a barrier, takes a contiguous share of the strips, every row of each. Columns are
+ * padded to whole strips, so there is no tail; the last strip writes only its real columns. */
 static void q8_matvec(int B, int n_in, int n_out, const float *x, const uint8_t *Q, int bits,
-                      const uint16_t *S, const float *bias, float *y, int op, qrows *xq) {
+                      const uint16_t *S, const float *bias, float *y, int op,
+                      const qrows *buffers) {
     const qstrip_fn *kernels = bits == 4 ? Q4STRIPS : Q8STRIPS;
     const int groups = (n_in + GROUP - 1) / GROUP, strips = (n_out + STRIP - 1) / STRIP;
-#pragma omp single
-    {
-        xq->stride = groups * GROUP;
-        quantize_rows(B, n_in, x, xq);
-    }
+    qrows rows = *buffers;
+    const qrows *xq = &rows;
+    rows.stride = groups * GROUP;
     int lo, hi;
+    share(B, &lo, &hi);
+    quantize_rows(lo, hi, n_in, x, &rows);
+#pragma omp barrier
     share(strips, &lo, &hi);
     for (int u = lo; u < hi; u++) {
         float acc[MAX_BATCH * STRIP], tail_bias[STRIP];
@@ -557,7 +607,7 @@ static void q8_matvec(int B, int n_in, int n_out, const float *x, const uint8_t 
  * The last few columns (n_out % STRIP) are read from W one at a time. */
 static void matvec(int B, int n_in, int n_out, const float *x, const float *P, const uint8_t *Q,
                    int bits, const uint16_t *S, const float *W, const float *bias, float *y,
-                   int op, qrows *xq) {
+                   int op, const qrows *xq) {
     if (Q) {
         q8_matvec(B, n_in, n_out, x, Q, bits, S, bias, y, op, xq);
         return;
