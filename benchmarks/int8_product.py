@@ -1,19 +1,22 @@
 """One int8 product through the C library, build against build: this tree's library compiled
 for the machine (-march=native: AVX-512 VNNI where the CPU has it) and for AVX2 alone
-(-march=x86-64-v3), and, with `--before REV`, the same two builds of the library as it was at
-commit REV (int8 weights widened to float in registers, float32 inputs).
+(-march=x86-64-v3), and, with `--before REV` (repeatable), the same two builds of the library
+as it was at commit REV, each called as its ABI version wants: up to 8, int8 weights widened
+to float in registers and float32 inputs; 9, int8 x int8 with float32 scales; from 10, the
+scales float16.
 
 Each round times every build in turn, `--repeats` calls of `minigpt_product` on a 768 x 3,072
 matrix (GPT-2's MLP) at 1, 8 and 64 rows, 2 threads; the median per build and row count is
 printed in µs per product.
 
-    python benchmarks/int8_product.py [--rounds 5] [--before 378f929]
+    python benchmarks/int8_product.py [--rounds 5] [--before 5e2c7fa] [--before f02cdae]
 """
 
 from __future__ import annotations
 
 import argparse
 import ctypes
+import re
 import statistics
 import subprocess
 import tempfile
@@ -35,13 +38,19 @@ def _build(source: Path, march: str, out: Path) -> ctypes.CDLL:
     return ctypes.CDLL(str(out))
 
 
-def _caller(lib: ctypes.CDLL, current: bool, q: torch.Tensor, scales: torch.Tensor):
+def _abi(source: Path) -> int:
+    """The ABI version a library's source returns."""
+    return int(re.search(r"minigpt_abi_version\(void\) \{ return (\d+);", source.read_text())[1])
+
+
+def _caller(lib: ctypes.CDLL, abi: int, q: torch.Tensor, scales: torch.Tensor):
     """A function of (x, y) running one product with this build's packing and arguments."""
     lib.minigpt_product.restype = ctypes.c_int
     strip = lib.minigpt_strip()
     deq = dequantize(q, scales)
-    if current:  # quads of w + 128, and the number of bits
+    if abi >= 9:  # quads of w + 128, and the number of bits
         packed, s = native.pack_q8(q, scales, strip)
+        s = s if abi >= 10 else s.float()
         lib.minigpt_product.argtypes = ([ctypes.c_int] * 3 + [ctypes.c_void_p] * 3
                                         + [ctypes.c_int] + [ctypes.c_void_p] * 4 + [ctypes.c_int])
         head = (packed.data_ptr(), 8, s.data_ptr())
@@ -64,23 +73,24 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--repeats", type=int, default=200)
-    ap.add_argument("--before", help="also time the library as it was at this commit")
+    ap.add_argument("--before", action="append", default=[],
+                    help="also time the library as it was at this commit (repeatable)")
     args = ap.parse_args()
     torch.manual_seed(0)
     q, scales = quantize(torch.randn(768, 3072))
     tmp = Path(tempfile.mkdtemp())
-    sources = {"": (SOURCE, True)}
-    if args.before:
-        old = tmp / "before.c"
-        old.write_text(subprocess.run(["git", "show", f"{args.before}:minigpt_cli/inference/"
+    sources = {"": SOURCE}
+    for rev in args.before:
+        old = tmp / f"{rev}.c"
+        old.write_text(subprocess.run(["git", "show", f"{rev}:minigpt_cli/inference/"
                                        "native/decode_step.c"], check=True, capture_output=True,
                                       text=True, cwd=SOURCE.parent).stdout)
-        sources[f"{args.before} "] = (old, False)
+        sources[f"{rev} "] = old
     builds = {}
-    for tag, (src, current) in sources.items():
+    for tag, src in sources.items():
         for name, march in TARGETS.items():
             lib = _build(src, march, tmp / f"{tag.strip() or 'now'}-{name}.so")
-            builds[f"{tag}{name}"] = _caller(lib, current, q, scales)
+            builds[f"{tag}{name}"] = _caller(lib, _abi(src), q, scales)
     times: dict[tuple[str, int], list[float]] = {}
     for _ in range(args.rounds):
         for rows in (1, 8, 64):
