@@ -7,6 +7,10 @@ Each round times all three at positions 16..16+n and prints ms per token, tokens
 weight bytes streamed per second, so the memory wall is visible: a batch-1 step reads every
 weight once. With `--llama-bench`, each round also runs `llama-bench -p 0 -n 64` on each
 given GGUF (e.g. the Q8_0 and Q4_0 files `minigpt export-gguf` writes from the same run).
+Each round also measures the ceiling: the read bandwidth the machine gives the same threads
+(PyTorch summing 1 GiB of float32), and each step's bytes per second is printed as a share of
+it (llama.cpp's as its file size per token): a step at the ceiling cannot go faster without
+streaming fewer bytes.
 
     python benchmarks/int8_step.py [--rounds 3] [--steps 64] [--threads 2] [--run RUN]
         [--llama-bench BIN --gguf Q8_0.gguf --gguf Q4_0.gguf]
@@ -63,14 +67,19 @@ def main() -> None:
     peers = {f"llama.cpp {Path(g).stem}": g for g in args.gguf} if args.llama_bench else {}
     for name in peers:
         times[name] = []
+    ceiling, sink = [], torch.ones(2**28)  # 1 GiB
     for r in range(args.rounds):
+        ceiling.append(read_bandwidth(sink))
+        print(f"round {r + 1} read bandwidth (1 GiB sum): {ceiling[-1] / 1e9:5.1f} GB/s")
         for name, gguf in peers.items():
             out = subprocess.run([args.llama_bench, "-m", gguf, "-t", str(args.threads), "-p",
                                   "0", "-n", str(args.steps), "-r", "1", "-o", "json"],
                                  check=True, capture_output=True, text=True).stdout
             dt = 1 / json.loads(out)[0]["avg_ts"]
             times[name].append(dt)
-            print(f"round {r + 1} {name}: {dt * 1e3:6.2f} ms/token  {1 / dt:6.1f} tok/s")
+            share = Path(gguf).stat().st_size / dt / ceiling[-1]
+            print(f"round {r + 1} {name}: {dt * 1e3:6.2f} ms/token  {1 / dt:6.1f} tok/s  "
+                  f"{share:4.0%} of the read bandwidth")
         for name, step in steps.items():
             for p in range(8):  # warm-up
                 step([1], [p], [0], [p], cache)
@@ -80,12 +89,24 @@ def main() -> None:
             dt = (time.perf_counter() - t0) / args.steps
             times[name].append(dt)
             print(f"round {r + 1} {name:7s}: {dt * 1e3:6.2f} ms/token  {1 / dt:6.1f} tok/s  "
-                  f"{streamed[name] / dt / 1e9:5.1f} GB/s")
+                  f"{streamed[name] / dt / 1e9:5.1f} GB/s, "
+                  f"{streamed[name] / dt / ceiling[-1]:4.0%} of the read bandwidth")
     for kind in ("int8", "int4"):
         for name in ["float32", *peers]:
             ratios = [other / q for other, q in zip(times[name], times[kind], strict=True)]
             print(f"minigpt {kind} / {name} speed: median {statistics.median(ratios):.2f}x "
                   f"[{min(ratios):.2f}-{max(ratios):.2f}]")
+
+
+def read_bandwidth(sink: torch.Tensor) -> float:
+    """Bytes per second of the fastest of three sums over `sink` (far larger than the caches):
+    what streaming memory can give this many threads now."""
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        sink.sum()
+        best = min(best, time.perf_counter() - t0)
+    return sink.numel() * sink.element_size() / best
 
 
 if __name__ == "__main__":

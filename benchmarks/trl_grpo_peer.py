@@ -14,7 +14,8 @@ reverse` on the same held-out prompts.
 
 `--seeds K` runs K GRPO seeds from each round's start, on both sides (seed r + rounds * k for
 round r's k-th; k = 0 is the round's own seed), so the spread of outcomes from one start is
-measured, not only the spread between starts.
+measured, not only the spread between starts; `--round R` (repeatable) runs only those
+rounds' starts.
 """
 
 from __future__ import annotations
@@ -78,6 +79,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--seeds", type=int, default=1)
+    ap.add_argument("--round", type=int, action="append", default=[])
     args = ap.parse_args()
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
@@ -92,7 +94,7 @@ def main() -> None:
         path.write_text("".join(json.dumps({"prompt": p.text, **p.fields}) + "\n"
                                 for p in items))
     rows = []
-    for r in range(args.rounds):
+    for r in args.round or range(args.rounds):
         start = out / f"sft{r}"
         base = {"seed": r, "device": "cpu", "dtype": "float32",
                 "data": {"source": str(data), "format": "chat", "val_fraction": 0.01},

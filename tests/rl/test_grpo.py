@@ -16,6 +16,8 @@ from rich.console import Console
 from minigpt_cli import tasks
 from minigpt_cli import tokenizer as tok
 from minigpt_cli.config import config_from_dict
+from minigpt_cli.convert.hf import export_hf
+from minigpt_cli.convert.llama import to_llama
 from minigpt_cli.errors import UserError
 from minigpt_cli.model import store
 from minigpt_cli.model.gpt import GPT, GPTConfig
@@ -139,3 +141,86 @@ def test_built_in_tasks_check_their_answers() -> None:
     for p in tasks.make("addition", 5, seed=1) + tasks.make("reverse", 5, seed=1):
         assert tasks.BUILTIN[("reverse" if p.text.startswith("reverse") else "addition")](
             p.text, p.fields["answer"], **p.fields) == 1.0
+
+
+# GRPO against TRL's own loss: on the same weights and the same sampled completions, TRL's
+# GRPOTrainer (on-policy, advantages not scaled, loss_type "dapo": the settings
+# benchmarks/trl_grpo_peer.py matches) gives the gradient minigpt's GRPO step gives. Where
+# the two peers' runs differ, this says the update is not why: the same samples make the same
+# step, so what differs is which samples each draws.
+
+def _minigpt_step(tmp_path: Path, sft_run: Path) -> tuple[dict, dict]:
+    """One GRPO loss of minigpt's: its samples (prompt ids, completions, advantages) and the
+    gradient of every weight, named and laid out as LlamaForCausalLM's."""
+    (tmp_path / "length.py").write_text(  # rewards that differ within every group
+        "def shortest(prompt, completion, **fields):\n    return -len(completion)\n")
+    cfg = config_from_dict(grpo_raw(tmp_path, sft_run, group_size=8, prompts_per_step=4,
+                                    max_new_tokens=8,
+                                    reward=f"{tmp_path / 'length.py'}:shortest"))
+    objective = GRPO(cfg)
+    model, meta = store.load_model(sft_run / store.MODEL_FILE)
+    enc = tok.load(meta["tokenizer"], sft_run)
+    objective.start(enc, chat.ChatTemplate.from_dict(meta["tokenizer"]["chat"]))
+    seen: dict = {}
+    rows = objective._rows
+
+    def keep(each, completions, advantages):  # type: ignore[no-untyped-def]
+        seen.update(prompts=[objective.ids[i] for i in each], completions=completions,
+                    advantages=advantages)
+        return rows(each, completions, advantages)
+
+    objective._rows = keep  # type: ignore[method-assign]
+    model.train()
+    loss = objective.loss(model, model, 0, torch.device("cpu"), torch.float32)
+    loss.backward()
+    grads = {name: p.grad for name, p in model.named_parameters()}
+    return seen, to_llama(grads, model.config)
+
+
+def _trl_inputs(seen: dict, pad: int) -> dict[str, torch.Tensor]:
+    """The batch as GRPOTrainer hands it to its loss: prompts padded on the left, completions
+    on the right, a mask for each."""
+    rows, width = len(seen["prompts"]), max(len(p) for p in seen["prompts"])
+    length = max(len(c) for c in seen["completions"])
+    prompt_ids = torch.full((rows, width), pad)
+    prompt_mask = torch.zeros(rows, width, dtype=torch.long)
+    completion_ids = torch.full((rows, length), pad)
+    completion_mask = torch.zeros(rows, length, dtype=torch.long)
+    for r, (p, c) in enumerate(zip(seen["prompts"], seen["completions"], strict=True)):
+        prompt_ids[r, width - len(p):], prompt_mask[r, width - len(p):] = torch.tensor(p), 1
+        completion_ids[r, :len(c)], completion_mask[r, :len(c)] = torch.tensor(c), 1
+    return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask,
+            "completion_ids": completion_ids, "completion_mask": completion_mask,
+            "advantages": torch.tensor(seen["advantages"]),
+            "num_items_in_batch": completion_mask.sum().float()}
+
+
+def test_trl_grpo_loss_on_minigpts_samples_gives_minigpts_gradient(tmp_path, sft_run) -> None:
+    import transformers
+    import trl
+    from datasets import Dataset
+
+    seen, ours = _minigpt_step(tmp_path, sft_run)
+    assert any(a != 0 for a in seen["advantages"])  # a batch that teaches something
+    hf = export_hf(sft_run, tmp_path / "hf")
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(hf)
+    tokenizer.pad_token = tokenizer.bos_token
+    args = trl.GRPOConfig(output_dir=str(tmp_path / "trl"), per_device_train_batch_size=32,
+                          num_generations=8, max_completion_length=8, beta=0.0,
+                          scale_rewards="none", loss_type="dapo", num_iterations=1,
+                          use_cpu=True, bf16=False, fp16=False, report_to=[],
+                          save_strategy="no")  # float32, as minigpt's step (TRL's default: bf16)
+    data = Dataset.from_list([{"prompt": [{"role": "user", "content": "x"}]}] * 8)
+    trainer = trl.GRPOTrainer(model=model, reward_funcs=lambda completions, **_: [0.0] * len(
+        completions), args=args, train_dataset=data, processing_class=tokenizer)
+    trainer.current_gradient_accumulation_steps = 1  # set by train(), which this skips
+    model.train()
+    loss = trainer._compute_loss(model, _trl_inputs(seen, tokenizer.pad_token_id))
+    loss.backward()  # its value is -sum(A) / tokens (the ratio is 1 on-policy); its gradient
+    theirs = {name: p.grad for name, p in model.named_parameters()}
+    assert set(theirs) == set(ours)
+    for name, grad in theirs.items():
+        scale = float(grad.abs().max()) + 1e-12
+        torch.testing.assert_close(ours[name], grad, rtol=1e-4, atol=1e-5 * scale,
+                                   msg=lambda m, n=name: f"{n}: {m}")
