@@ -9,7 +9,8 @@ Each round times every build in turn, `--repeats` calls of `minigpt_product` on 
 matrix (GPT-2's MLP) at 1, 8 and 64 rows, 2 threads; the median per build and row count is
 printed in µs per product.
 
-    python benchmarks/int8_product.py [--rounds 5] [--before 5e2c7fa] [--before f02cdae]
+    python benchmarks/int8_product.py [--rounds 5] [--bits 8|4] [--before 5e2c7fa]
+        [--before f02cdae]
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from pathlib import Path
 import torch
 
 from minigpt_cli.inference import native
-from minigpt_cli.model.int8 import dequantize, quantize
+from minigpt_cli.model.int8 import dequantize, quantize, quantize4
 
 SOURCE = Path(native.__file__).with_name("decode_step.c")
 TARGETS = {"native": "-march=native", "avx2": "-march=x86-64-v3"}
@@ -43,17 +44,17 @@ def _abi(source: Path) -> int:
     return int(re.search(r"minigpt_abi_version\(void\) \{ return (\d+);", source.read_text())[1])
 
 
-def _caller(lib: ctypes.CDLL, abi: int, q: torch.Tensor, scales: torch.Tensor):
+def _caller(lib: ctypes.CDLL, abi: int, q: torch.Tensor, scales: torch.Tensor, bits: int):
     """A function of (x, y) running one product with this build's packing and arguments."""
     lib.minigpt_product.restype = ctypes.c_int
     strip = lib.minigpt_strip()
     deq = dequantize(q, scales)
-    if abi >= 9:  # quads of w + 128, and the number of bits
-        packed, s = native.pack_q8(q, scales, strip)
+    if abi >= 9:  # quads of w + 128 (or int4's nibbles), and the number of bits
+        packed, s = (native.pack_q4 if bits == 4 else native.pack_q8)(q, scales, strip)
         s = s if abi >= 10 else s.float()
         lib.minigpt_product.argtypes = ([ctypes.c_int] * 3 + [ctypes.c_void_p] * 3
                                         + [ctypes.c_int] + [ctypes.c_void_p] * 4 + [ctypes.c_int])
-        head = (packed.data_ptr(), 8, s.data_ptr())
+        head = (packed.data_ptr(), bits, s.data_ptr())
     else:  # int8 strips [n_in][strip] and their scales
         packed, s = native.pack_strips(q, strip), native.pack_strips(scales, strip)
         lib.minigpt_product.argtypes = [ctypes.c_int] * 3 + [ctypes.c_void_p] * 7 + [ctypes.c_int]
@@ -73,11 +74,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--repeats", type=int, default=200)
+    ap.add_argument("--bits", type=int, choices=(8, 4), default=8,
+                    help="int8, or int4 (Q4_0's weights; libraries from ABI 9 on)")
     ap.add_argument("--before", action="append", default=[],
                     help="also time the library as it was at this commit (repeatable)")
     args = ap.parse_args()
     torch.manual_seed(0)
-    q, scales = quantize(torch.randn(768, 3072))
+    q, scales = (quantize4 if args.bits == 4 else quantize)(torch.randn(768, 3072))
     tmp = Path(tempfile.mkdtemp())
     sources = {"": SOURCE}
     for rev in args.before:
@@ -90,7 +93,8 @@ def main() -> None:
     for tag, src in sources.items():
         for name, march in TARGETS.items():
             lib = _build(src, march, tmp / f"{tag.strip() or 'now'}-{name}.so")
-            builds[f"{tag}{name}"] = _caller(lib, _abi(src), q, scales)
+            if args.bits == 8 or _abi(src) >= 9:
+                builds[f"{tag}{name}"] = _caller(lib, _abi(src), q, scales, args.bits)
     times: dict[tuple[str, int], list[float]] = {}
     for _ in range(args.rounds):
         for rows in (1, 8, 64):

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -163,7 +164,7 @@ def summarise(rows: list[dict]) -> None:
         acc = sorted(x[side]["sampled_mean_reward"] for x in rows)
         worse = sum(x[side]["sampled_mean_reward"] < x["start"]["sampled_mean_reward"]
                     for x in rows)
-        print(f"{side}: sampled accuracy median {acc[len(acc) // 2]:.3f} "
+        print(f"{side}: sampled accuracy median {statistics.median(acc):.3f} "
               f"[{acc[0]:.3f}-{acc[-1]:.3f}], {worse} of {len(rows)} ended below their start")
 
 
