@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -54,7 +55,9 @@ def test_bench_reports_every_field(small_config: Path, tmp_path: Path) -> None:
     assert long["uncached"]["positions_computed"] == sum(4 + i for i in range(160))
     assert long["tokens_match"] and short["tokens_match"] and long["ok"]
     assert long["max_logit_diff"] < 1e-3
-    assert long["speedup"] > 1.0
+    # the speed-up is reported, not asserted: a timing depends on the machine's load; the work
+    # counts above are what the cache saves
+    assert math.isfinite(long["speedup"]) and long["speedup"] > 0
     # float32 K and V: 2 x layers 2 x heads 2 x positions x head_dim 16 x 4 bytes
     assert long["kv_bytes_formula"] == 2 * 2 * 2 * (4 + 160) * 16 * 4
     assert long["kv_bytes_allocated"] == 2 * 2 * 2 * 164 * 16 * 4  # block_size 164 (raised)
