@@ -6,14 +6,15 @@ int8 and one to int4 by model/int8.py (the step then streams their packed bytes 
 Each round times all three at positions 16..16+n and prints ms per token, tokens/s and the
 weight bytes streamed per second, so the memory wall is visible: a batch-1 step reads every
 weight once. With `--llama-bench`, each round also runs `llama-bench -p 0 -n 64` on each
-given GGUF (e.g. the Q8_0 and Q4_0 files `minigpt export-gguf` writes from the same run).
+given GGUF (e.g. the F32, Q8_0 and Q4_0 files `minigpt export-gguf` writes from the same run),
+and every minigpt step's speed is printed against each.
 Each round also measures the ceiling: the read bandwidth the machine gives the same threads
 (PyTorch summing 1 GiB of float32), and each step's bytes per second is printed as a share of
 it (llama.cpp's as its file size per token): a step at the ceiling cannot go faster without
 streaming fewer bytes.
 
     python benchmarks/int8_step.py [--rounds 3] [--steps 64] [--threads 2] [--run RUN]
-        [--llama-bench BIN --gguf Q8_0.gguf --gguf Q4_0.gguf]
+        [--llama-bench BIN --gguf F32.gguf --gguf Q8_0.gguf --gguf Q4_0.gguf]
 """
 
 from __future__ import annotations
@@ -91,8 +92,8 @@ def main() -> None:
             print(f"round {r + 1} {name:7s}: {dt * 1e3:6.2f} ms/token  {1 / dt:6.1f} tok/s  "
                   f"{streamed[name] / dt / 1e9:5.1f} GB/s, "
                   f"{streamed[name] / dt / ceiling[-1]:4.0%} of the read bandwidth")
-    for kind in ("int8", "int4"):
-        for name in ["float32", *peers]:
+    for kind in ("float32", "int8", "int4"):
+        for name in [n for n in ("float32", *peers) if n != kind]:
             ratios = [other / q for other, q in zip(times[name], times[kind], strict=True)]
             print(f"minigpt {kind} / {name} speed: median {statistics.median(ratios):.2f}x "
                   f"[{min(ratios):.2f}-{max(ratios):.2f}]")
