@@ -36,11 +36,19 @@ def check_mode(mode: str) -> None:
         raise UserError(f"--quantize must be one of {', '.join(MODES)}, got '{mode}'")
 
 
-def half_scales(scales: torch.Tensor) -> torch.Tensor:
+def half_scales(scales: torch.Tensor, levels: int = 127) -> torch.Tensor:
     """Scales as llama.cpp keeps them, float16 (34 bytes a group of 32 int8 weights rather
     than 36, 18 rather than 20 for int4: decoding streams every byte), held as float32 values
-    here so every product reads the same numbers."""
-    return scales.to(torch.float16).float()
+    here so every product reads the same numbers. A scale past float16's range (a weight over
+    65504 x `levels`, the largest integer: from a run that diverged) is refused rather than
+    rounded to infinity."""
+    half = scales.to(torch.float16)
+    if not torch.isfinite(half).all() and torch.isfinite(scales).all():
+        from minigpt_cli.errors import UserError
+
+        raise UserError(f"a weight of {float(scales.abs().max()) * levels:.3g} is past what "
+                        f"this rounding keeps (float16 scales: |w| up to {65504 * levels:.3g})")
+    return half.float()
 
 
 def quantize(w: torch.Tensor, group: int = GROUP) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,7 +75,7 @@ def quantize4(w: torch.Tensor, group: int = GROUP) -> tuple[torch.Tensor, torch.
     scales = blocks.gather(1, at)[:, 0, :] / -8.0
     inverse = torch.where(scales != 0, 1.0 / scales, torch.zeros_like(scales))
     q = torch.floor(blocks * inverse[:, None, :] + 8.5).clamp_(0, 15) - 8
-    return q.to(torch.int8).view(-1, n_out)[:n_in].contiguous(), half_scales(scales)
+    return q.to(torch.int8).view(-1, n_out)[:n_in].contiguous(), half_scales(scales, 8)
 
 
 def dequantize(q: torch.Tensor, scales: torch.Tensor, group: int = GROUP) -> torch.Tensor:

@@ -48,6 +48,17 @@ def test_int8_product_matches_a_numpy_reference(n_in: int) -> None:
     assert torch.equal(scales, scales.half().float())
 
 
+def test_a_weight_past_float16_scales_is_refused_in_one_line() -> None:
+    from minigpt_cli.errors import UserError
+
+    w = torch.zeros(32, 4)
+    w[0, 0] = 1e7  # scales 1e7 / 127 and 1e7 / 8: past float16's 65504
+    for rounding, most in ((quantize, "8.32e\\+06"), (quantize4, "5.24e\\+05")):
+        with pytest.raises(UserError, match=f"past what this rounding keeps .*up to {most}"):
+            rounding(w)
+    quantize(w / 2)  # 5e6: within int8's range
+
+
 def test_all_zero_groups_stay_zero() -> None:
     w = torch.zeros(64, 8)
     w[32:, 3] = torch.linspace(-1, 1, 32)

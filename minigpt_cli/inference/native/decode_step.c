@@ -303,8 +303,8 @@ static inline vi dot4(vi acc, const uint8_t *w, int32_t x4) {
 }
 #endif
 
-/* A float16 (bits) as float32: exact for every value, normal, subnormal or zero (scales are
- * finite and never negative zero matters: it multiplies). F16C converts eight at once. */
+/* A float16 (bits) as float32, exact for every value: normal, subnormal, zero, infinite or
+ * not a number. Where the build has F16C (or AVX-512), load_halves converts a vector at once. */
 static inline float half_to_float(uint16_t h) {
     const uint32_t sign = (uint32_t)(h & 0x8000) << 16, e = (h >> 10) & 0x1F, m = h & 0x3FF;
     float f;
