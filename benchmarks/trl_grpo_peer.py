@@ -158,14 +158,16 @@ def logged_rewards(metrics: Path) -> list[float]:
 
 
 def summarise(rows: list[dict]) -> None:
-    """Per side: the median held-out sampled accuracy and how many seeds ended below their
-    start's (the run got worse, not better)."""
+    """Per side: the median held-out sampled accuracy, how many seeds ended below their start's
+    (the run got worse, not better) and how many at 0 (0.001 or less: nothing left to learn
+    from)."""
     for side in ("minigpt", "trl"):
         acc = sorted(x[side]["sampled_mean_reward"] for x in rows)
         worse = sum(x[side]["sampled_mean_reward"] < x["start"]["sampled_mean_reward"]
                     for x in rows)
         print(f"{side}: sampled accuracy median {statistics.median(acc):.3f} "
-              f"[{acc[0]:.3f}-{acc[-1]:.3f}], {worse} of {len(rows)} ended below their start")
+              f"[{acc[0]:.3f}-{acc[-1]:.3f}], {worse} of {len(rows)} ended below their start, "
+              f"{sum(a <= 0.001 for a in acc)} at 0")
 
 
 if __name__ == "__main__":
