@@ -14,21 +14,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
-from tests.inference.serving import ROOT, serving, train_run
+from tests.inference.serving import ROOT, serving
 
 EXAMPLES = 80  # per operation (300 on three seeds, by hand, found nothing either)
 
 
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return train_run(tmp_path_factory.mktemp("fuzz"))
-
-
-def test_schemathesis_finds_nothing(run_dir: Path) -> None:
+def test_schemathesis_finds_nothing(served_run: Path) -> None:
     tool = Path(sys.executable).parent / "schemathesis"
-    with serving(run_dir, "--max-tokens", "8") as server:
+    with serving(served_run, "--max-tokens", "8") as server:
         out = subprocess.run(
             [str(tool), "run", f"{server.base}/openapi.json", "--checks", "all",
              "--max-examples", str(EXAMPLES), "--seed", "1", "--no-color"],

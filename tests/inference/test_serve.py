@@ -26,15 +26,15 @@ from minigpt_cli import tokenizer as tok
 from minigpt_cli.inference.generate import generate
 from minigpt_cli.inference.loading import load_for_inference
 from minigpt_cli.inference.sampling import SamplerSettings
-from tests.inference.serving import ROOT, Server, serving, train_run
+from tests.inference.serving import ROOT, Server, serving
 
 PROMPTS = ["ROMEO:\n", "JULIET:\nGood", "the king", "NURSE:\nMy lord, sweet", "O", "FRIAR:",
            "Come, gentle night", "love"]
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return train_run(tmp_path_factory.mktemp("serve"))
+def run_dir(served_run: Path) -> Path:
+    return served_run
 
 
 @pytest.fixture(scope="module")

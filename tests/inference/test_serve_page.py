@@ -14,7 +14,7 @@ from typing import Any
 import openai
 import pytest
 
-from tests.inference.serving import Server, serving, train_run
+from tests.inference.serving import Server, serving
 
 
 def _chromium() -> str | None:
@@ -51,10 +51,11 @@ def _page(browser_path: str, run_dir: Path) -> Iterator[tuple[Server, Any]]:
             browser.close()
 
 
-def test_page_streams_tokens_and_shows_distributions(browser_path: str, tmp_path: Path) -> None:
+def test_page_streams_tokens_and_shows_distributions(browser_path: str, served_run: Path,
+                                                    tmp_path: Path) -> None:
     from playwright.sync_api import expect
 
-    with _page(browser_path, train_run(tmp_path)) as (_, page):
+    with _page(browser_path, served_run) as (_, page):
         expect(page.locator("#model")).to_contain_text("tiny")
         page.fill("#prompt", "ROMEO:")
         page.fill("#max_tokens", "40")
