@@ -209,8 +209,9 @@ def test_trl_grpo_loss_on_minigpts_samples_gives_minigpts_gradient(tmp_path, sft
     args = trl.GRPOConfig(output_dir=str(tmp_path / "trl"), per_device_train_batch_size=32,
                           num_generations=8, max_completion_length=8, beta=0.0,
                           scale_rewards="none", loss_type="dapo", num_iterations=1,
-                          use_cpu=True, bf16=False, fp16=False, report_to=[],
-                          save_strategy="no")  # float32, as minigpt's step (TRL's default: bf16)
+                          weight_decay=0.1, adam_beta2=0.99, use_cpu=True, bf16=False,
+                          fp16=False, report_to=[], save_strategy="no")
+    # bf16 and fp16 off: float32, as minigpt's step (TRL's default is bf16)
     data = Dataset.from_list([{"prompt": [{"role": "user", "content": "x"}]}] * 8)
     trainer = trl.GRPOTrainer(model=model, reward_funcs=lambda completions, **_: [0.0] * len(
         completions), args=args, train_dataset=data, processing_class=tokenizer)
@@ -224,3 +225,11 @@ def test_trl_grpo_loss_on_minigpts_samples_gives_minigpts_gradient(tmp_path, sft
         scale = float(grad.abs().max()) + 1e-12
         torch.testing.assert_close(ours[name], grad, rtol=1e-4, atol=1e-5 * scale,
                                    msg=lambda m, n=name: f"{n}: {m}")
+    # and the step it takes with them is minigpt's `optimizer: adamw` one: AdamW, the same
+    # betas and eps, weight decay on the same tensors (every matrix, the embedding; no gain)
+    opt = trainer.create_optimizer()
+    decayed = {name for group in opt.param_groups if group["weight_decay"] > 0
+               for name, p in model.named_parameters() if any(p is q for q in group["params"])}
+    assert type(opt).__name__ == "AdamW" and opt.defaults["eps"] == 1e-8
+    assert opt.defaults["betas"] == (0.9, 0.99)  # benchmarks/trl_grpo_peer.py's, and ours
+    assert decayed == {name for name, grad in ours.items() if grad.dim() >= 2}
