@@ -8,13 +8,9 @@ fails the suite.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import signal
 import socket
-import subprocess
-import sys
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -26,6 +22,7 @@ import yaml
 from minigpt_cli.config import config_from_dict
 from minigpt_cli.training.loop import train
 from tests.conftest import make_text, tiny_raw
+from tests.forks import Forks
 
 
 @dataclass(frozen=True)
@@ -326,78 +323,12 @@ class Outcome:
     changed: list[str]
 
 
-# Each case is its own process running the CLI's entry point (minigpt_cli.cli.main, what the
-# `minigpt` script calls) on its own argv, cwd and environment, and its exit code, stdout and
-# stderr are what is checked. The processes are forked from a server that imported torch and
-# minigpt once: most cases are refused in milliseconds, and importing torch afresh for each
-# of ~100 of them took most of this file's time (~100 s of the suite's 5 minutes). The server
-# runs no torch operation before forking, so no thread pool is copied half-alive.
-_FORK_SERVER = r"""
-import json, os, signal, sys
-import torch  # noqa: F401
-import minigpt_cli.cli as cli
-for module in ("inference.generate_cli", "training.loop", "evaluation.eval_cli", "bench.run",
-               "convert.hf", "inference.serve.server"):
-    __import__(f"minigpt_cli.{module}")
-for line in sys.stdin:
-    spec = json.loads(line)
-    sys.stdout.flush()
-    pid = os.fork()
-    if pid == 0:
-        os.chdir(spec["cwd"])
-        os.environ.clear()
-        os.environ.update(spec["env"])
-        for fd, path, mode in ((0, os.devnull, os.O_RDONLY),
-                               (1, spec["stdout"], os.O_WRONLY | os.O_CREAT),
-                               (2, spec["stderr"], os.O_WRONLY | os.O_CREAT)):
-            os.dup2(os.open(path, mode, 0o600), fd)
-        sys.argv = ["minigpt", *spec["args"]]
-        signal.alarm(spec["timeout"])  # an accepted case that starts serving ends here
-        code = 1
-        try:
-            cli.main()
-            code = 0
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-        except BaseException:
-            import traceback
-            traceback.print_exc()
-        finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    print(json.dumps(os.waitstatus_to_exitcode(status)), flush=True)
-"""
+# Each case is its own process, forked from a server that imported torch and minigpt once
+# (tests/forks.py): most cases are refused in milliseconds, and importing torch afresh for each
+# of ~100 of them took most of this file's time.
 
 
-class _Forks:
-    """One fork server: run(args, cwd, env) -> (exit code or None if killed, stdout, stderr)."""
-
-    def __init__(self, tmp: Path, env: dict[str, str]) -> None:
-        self.tmp = tmp
-        self.proc = subprocess.Popen([sys.executable, "-c", _FORK_SERVER], env=env, text=True,
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-        self.n = 0
-
-    def run(self, args: list[str], cwd: Path, env: dict[str, str]
-            ) -> tuple[int | None, str, str]:
-        self.n += 1
-        out, err = self.tmp / f"{self.n}.out", self.tmp / f"{self.n}.err"
-        spec = {"args": args, "cwd": str(cwd), "env": env, "stdout": str(out),
-                "stderr": str(err), "timeout": 60}
-        self.proc.stdin.write(json.dumps(spec) + "\n")
-        self.proc.stdin.flush()
-        code = json.loads(self.proc.stdout.readline())
-        text = (out.read_text(errors="replace"), err.read_text(errors="replace"))
-        return (None if code == -signal.SIGALRM else code), *text
-
-    def close(self) -> None:
-        self.proc.stdin.close()
-        self.proc.wait(timeout=30)
-
-
-def _run(case: Case, root: Path, port: int, forks: _Forks) -> Outcome:
+def _run(case: Case, root: Path, port: int, forks: Forks) -> Outcome:
     before = _tree(root)
     args = [a.replace("{port}", str(port)) for a in case.args]
     env = {**os.environ, "MINIGPT_DATA_DIR": str(root / "data"), "COLUMNS": "200"}
@@ -428,9 +359,7 @@ def outcomes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Out
         roots[-1].mkdir()
         _fixtures(roots[-1], base / "run")
     env = {k: v for k, v in os.environ.items() if k != "MINIGPT_API_KEY"}
-    servers = [_Forks(base / f"io{k}", env) for k in range(2)]
-    for k in range(2):
-        (base / f"io{k}").mkdir()
+    servers = [Forks(base / f"io{k}", env) for k in range(2)]
     try:
         with socket.create_server(("127.0.0.1", 0)) as taken, ThreadPoolExecutor(2) as pool:
             port = taken.getsockname()[1]

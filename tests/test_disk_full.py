@@ -8,8 +8,9 @@ from __future__ import annotations
 import errno
 import json
 import os
+import queue
 import subprocess
-import sys
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from minigpt_cli.faults import ERRNO_ENV, FAIL_ENV
 from minigpt_cli.model import store
 from minigpt_cli.training import run_state
 from tests.conftest import make_text, tiny_raw
+from tests.forks import Forks
 
 # (where the write fails, the errno, what the line must say is intact)
 TRAIN_POINTS = [
@@ -31,14 +33,32 @@ TRAIN_POINTS = [
 ]
 
 
-def _minigpt(args: list[str], cwd: Path, point: str | None = None, code: str = "ENOSPC"
-             ) -> subprocess.CompletedProcess:
+@pytest.fixture(scope="module")
+def forks(tmp_path_factory: pytest.TempPathFactory) -> Iterator[queue.Queue[Forks]]:
+    """Two fork servers (tests/forks.py), each command taking whichever is free."""
+    base = tmp_path_factory.mktemp("forks")
+    env = {k: v for k, v in os.environ.items() if k not in (FAIL_ENV, ERRNO_ENV)}
+    free: queue.Queue[Forks] = queue.Queue()
+    servers = [Forks(base / f"io{k}", env) for k in range(2)]
+    for server in servers:
+        free.put(server)
+    yield free
+    for server in servers:
+        server.close()
+
+
+def _minigpt(forks: queue.Queue[Forks], args: list[str], cwd: Path, point: str | None = None,
+             code: str = "ENOSPC") -> subprocess.CompletedProcess:
+    """`minigpt ARGS` in cwd, its writes failing at `point` with `code`, as its own process."""
     env = {**os.environ, "MINIGPT_DATA_DIR": str(cwd / "data")}
     env.pop(FAIL_ENV, None)
     if point:
         env.update({FAIL_ENV: point, ERRNO_ENV: code})
-    return subprocess.run([sys.executable, "-m", "minigpt_cli", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=180)
+    server = forks.get()
+    try:
+        return server.completed(args, cwd, env)
+    finally:
+        forks.put(server)
 
 
 def _one_line(p: subprocess.CompletedProcess, *says: str) -> str:
@@ -50,25 +70,28 @@ def _one_line(p: subprocess.CompletedProcess, *says: str) -> str:
     return errors[0]
 
 
-def _fail_training(point: str, code: str, root: Path) -> subprocess.CompletedProcess:
+def _fail_training(forks: queue.Queue[Forks], point: str, code: str, root: Path
+                   ) -> subprocess.CompletedProcess:
     root.mkdir(parents=True)
     (root / "corpus.txt").write_text(make_text())
     (root / "cfg.yaml").write_text(yaml.safe_dump(tiny_raw(root / "corpus.txt", root / "run")))
-    return _minigpt(["train", "cfg.yaml"], root, point, code)
+    return _minigpt(forks, ["train", "cfg.yaml"], root, point, code)
 
 
 @pytest.fixture(scope="module")
-def failed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, object]]:
+def failed(tmp_path_factory: pytest.TempPathFactory, forks: queue.Queue[Forks]
+           ) -> dict[str, tuple[Path, object]]:
     base = tmp_path_factory.mktemp("full")
     with ThreadPoolExecutor(2) as pool:
-        futures = {p: (base / f"case{i}", pool.submit(_fail_training, p, code, base / f"case{i}"))
+        futures = {p: (base / f"case{i}",
+                       pool.submit(_fail_training, forks, p, code, base / f"case{i}"))
                    for i, (p, code, _) in enumerate(TRAIN_POINTS)}
         return {p: (root, f.result()) for p, (root, f) in futures.items()}
 
 
 @pytest.mark.parametrize(("point", "code", "intact"), TRAIN_POINTS)
 def test_a_failed_save_is_one_line_and_loses_nothing(point: str, code: str, intact: str,
-                                                     failed) -> None:
+                                                     failed, forks) -> None:
     root, p = failed[point]
     run = root / "run"
     name = point.split(":")[0].replace("train_state-*", "train_state-")
@@ -85,28 +108,29 @@ def test_a_failed_save_is_one_line_and_loses_nothing(point: str, code: str, inta
         assert sorted(p.name for p in run.glob("train_state-*")) == [state["weights_file"]]
         store.load_safetensors(run / state["weights_file"])  # whole, and loads
     # And the user's next command, as the line says, finishes the run.
-    again = _minigpt(["train", "cfg.yaml"] + (["--resume"] if state else []), root)
+    again = _minigpt(forks, ["train", "cfg.yaml"] + (["--resume"] if state else []), root)
     assert again.returncode == 0, again.stderr
     assert run_state.saved_step(run / store.MODEL_FILE) == 20
     assert [json.loads(x)["step"] for x in (run / run_state.METRICS_FILE).read_text().splitlines()
             if "val_loss" in x] == [10, 20]
 
 
-def test_other_commands_say_which_file(failed) -> None:
+def test_other_commands_say_which_file(failed, forks) -> None:
     """export-hf, quantize, eval --json and the data cache: the same one line, exit 1."""
     root = failed["train_state-*.safetensors:partial"][0]  # finished by the test above, or now
     if run_state.saved_step(root / "run" / store.MODEL_FILE) != 20:
-        assert _minigpt(["train", "cfg.yaml"], root).returncode == 0
-    _one_line(_minigpt(["export-hf", "run", "hf"], root, "config.json:partial"), "config.json")
-    _one_line(_minigpt(["quantize", "run", "q"], root, "model.safetensors:synced"),
+        assert _minigpt(forks, ["train", "cfg.yaml"], root).returncode == 0
+    _one_line(_minigpt(forks, ["export-hf", "run", "hf"], root, "config.json:partial"),
+              "config.json")
+    _one_line(_minigpt(forks, ["quantize", "run", "q"], root, "model.safetensors:synced"),
               "model.safetensors")
-    _one_line(_minigpt(["eval", "--checkpoint", "run", "--data", "corpus.txt", "--json",
-                        "e.json"], root, "e.json:partial", "EROFS"), "e.json",
+    _one_line(_minigpt(forks, ["eval", "--checkpoint", "run", "--data", "corpus.txt", "--json",
+                               "e.json"], root, "e.json:partial", "EROFS"), "e.json",
               "Read-only file system")
     assert not (root / "e.json").exists()
     cfg = yaml.safe_load((root / "cfg.yaml").read_text())
     cfg["out_dir"] = str(root / "run2")
     (root / "cfg2.yaml").write_text(yaml.safe_dump(cfg))
     (root / "corpus.txt").write_text(make_text(seed=1))  # new text: a new data cache entry
-    _one_line(_minigpt(["train", "cfg2.yaml"], root, "train.bin:partial"), "train.bin",
+    _one_line(_minigpt(forks, ["train", "cfg2.yaml"], root, "train.bin:partial"), "train.bin",
               "nothing of this run was saved yet")

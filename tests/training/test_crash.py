@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import shutil
 import signal
 import subprocess
-import sys
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -36,6 +36,7 @@ from minigpt_cli.model import store
 from minigpt_cli.training import run_state
 from minigpt_cli.training.loop import train
 from tests.conftest import make_text, tiny_raw
+from tests.forks import Forks
 
 # tiny_raw: 20 steps, saves at 5, 10, 15 and 20, evaluations (and best.safetensors) at 10, 20.
 POINTS = [
@@ -69,27 +70,44 @@ def _tensors(path: Path) -> dict[str, torch.Tensor]:
     return store.load_safetensors(path)[0]
 
 
-def _crash(point: str, dtype: str, root: Path) -> subprocess.CompletedProcess:
+def _crash(forks: queue.Queue[Forks], point: str, dtype: str, root: Path
+           ) -> subprocess.CompletedProcess:
+    """`minigpt train` in its own process (forked from a server, tests/forks.py), killed at
+    `point`."""
     root.mkdir(parents=True)
     (root / "corpus.txt").write_text(make_text())
     (root / "cfg.yaml").write_text(yaml.safe_dump(_raw(root, dtype)))
-    env = {**os.environ, ENV: point, "OMP_NUM_THREADS": str(torch.get_num_threads())}
-    return subprocess.run([sys.executable, "-m", "minigpt_cli", "train", "cfg.yaml"], cwd=root,
-                          env=env, capture_output=True, text=True, timeout=120)
+    server = forks.get()
+    try:
+        return server.completed(["train", "cfg.yaml"], root, {**os.environ, ENV: point}, 120)
+    finally:
+        forks.put(server)
 
 
 @pytest.fixture(scope="module")
 def crashed(tmp_path_factory: pytest.TempPathFactory
             ) -> Iterator[dict[str, tuple[Path, Future]]]:
     """Every crash point's run directory and its child's exit, two children at a time, started
-    at once so the tests below resume earlier cases while later ones still run."""
+    at once so the tests below resume earlier cases while later ones still run. The children
+    run with the test process's thread count (the servers start with it), so bf16's products
+    reduce in the same order as the uninterrupted run's here."""
     base = tmp_path_factory.mktemp("crash")
-    with ThreadPoolExecutor(2) as pool:
-        cases = {}
-        for i, (point, dtype) in enumerate(CASES):
-            root = base / f"case{i}"
-            cases[point, dtype] = (root, pool.submit(_crash, point, dtype, root))
-        yield cases
+    env = {**{k: v for k, v in os.environ.items() if k != ENV},
+           "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    servers = [Forks(base / f"io{k}", env) for k in range(2)]
+    forks: queue.Queue[Forks] = queue.Queue()
+    for server in servers:
+        forks.put(server)
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            cases = {}
+            for i, (point, dtype) in enumerate(CASES):
+                root = base / f"case{i}"
+                cases[point, dtype] = (root, pool.submit(_crash, forks, point, dtype, root))
+            yield cases
+    finally:
+        for server in servers:
+            server.close()
 
 
 def _uninterrupted(base: Path, dtype: str) -> Path:
