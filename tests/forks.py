@@ -12,9 +12,12 @@ environment's it started with (OMP_NUM_THREADS), as a fresh process's would be.
 from __future__ import annotations
 
 import json
+import queue
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 FORK_SERVER = r"""
@@ -88,3 +91,28 @@ class Forks:
     def close(self) -> None:
         self.proc.stdin.close()
         self.proc.wait(timeout=30)
+
+
+@contextmanager
+def pool(base: Path, env: dict[str, str], n: int = 2) -> Iterator[queue.Queue[Forks]]:
+    """n fork servers started with `env`, handed out by `completed` to whichever is free (n
+    commands at a time, from as many threads), closed at the end."""
+    servers = [Forks(base / f"io{k}", env) for k in range(n)]
+    free: queue.Queue[Forks] = queue.Queue()
+    for server in servers:
+        free.put(server)
+    try:
+        yield free
+    finally:
+        for server in servers:
+            server.close()
+
+
+def completed(free: queue.Queue[Forks], args: list[str], cwd: Path, env: dict[str, str],
+              timeout: int = 180) -> subprocess.CompletedProcess:
+    """Forks.completed on the first free server of a pool."""
+    server = free.get()
+    try:
+        return server.completed(args, cwd, env, timeout)
+    finally:
+        free.put(server)

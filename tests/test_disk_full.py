@@ -21,7 +21,7 @@ from minigpt_cli.faults import ERRNO_ENV, FAIL_ENV
 from minigpt_cli.model import store
 from minigpt_cli.training import run_state
 from tests.conftest import make_text, tiny_raw
-from tests.forks import Forks
+from tests.forks import Forks, completed, pool
 
 # (where the write fails, the errno, what the line must say is intact)
 TRAIN_POINTS = [
@@ -36,15 +36,9 @@ TRAIN_POINTS = [
 @pytest.fixture(scope="module")
 def forks(tmp_path_factory: pytest.TempPathFactory) -> Iterator[queue.Queue[Forks]]:
     """Two fork servers (tests/forks.py), each command taking whichever is free."""
-    base = tmp_path_factory.mktemp("forks")
     env = {k: v for k, v in os.environ.items() if k not in (FAIL_ENV, ERRNO_ENV)}
-    free: queue.Queue[Forks] = queue.Queue()
-    servers = [Forks(base / f"io{k}", env) for k in range(2)]
-    for server in servers:
-        free.put(server)
-    yield free
-    for server in servers:
-        server.close()
+    with pool(tmp_path_factory.mktemp("forks"), env) as free:
+        yield free
 
 
 def _minigpt(forks: queue.Queue[Forks], args: list[str], cwd: Path, point: str | None = None,
@@ -54,11 +48,7 @@ def _minigpt(forks: queue.Queue[Forks], args: list[str], cwd: Path, point: str |
     env.pop(FAIL_ENV, None)
     if point:
         env.update({FAIL_ENV: point, ERRNO_ENV: code})
-    server = forks.get()
-    try:
-        return server.completed(args, cwd, env)
-    finally:
-        forks.put(server)
+    return completed(forks, args, cwd, env)
 
 
 def _one_line(p: subprocess.CompletedProcess, *says: str) -> str:

@@ -36,7 +36,7 @@ from minigpt_cli.model import store
 from minigpt_cli.training import run_state
 from minigpt_cli.training.loop import train
 from tests.conftest import make_text, tiny_raw
-from tests.forks import Forks
+from tests.forks import Forks, completed, pool
 
 # tiny_raw: 20 steps, saves at 5, 10, 15 and 20, evaluations (and best.safetensors) at 10, 20.
 POINTS = [
@@ -77,11 +77,7 @@ def _crash(forks: queue.Queue[Forks], point: str, dtype: str, root: Path
     root.mkdir(parents=True)
     (root / "corpus.txt").write_text(make_text())
     (root / "cfg.yaml").write_text(yaml.safe_dump(_raw(root, dtype)))
-    server = forks.get()
-    try:
-        return server.completed(["train", "cfg.yaml"], root, {**os.environ, ENV: point}, 120)
-    finally:
-        forks.put(server)
+    return completed(forks, ["train", "cfg.yaml"], root, {**os.environ, ENV: point}, 120)
 
 
 @pytest.fixture(scope="module")
@@ -94,20 +90,12 @@ def crashed(tmp_path_factory: pytest.TempPathFactory
     base = tmp_path_factory.mktemp("crash")
     env = {**{k: v for k, v in os.environ.items() if k != ENV},
            "OMP_NUM_THREADS": str(torch.get_num_threads())}
-    servers = [Forks(base / f"io{k}", env) for k in range(2)]
-    forks: queue.Queue[Forks] = queue.Queue()
-    for server in servers:
-        forks.put(server)
-    try:
-        with ThreadPoolExecutor(2) as pool:
-            cases = {}
-            for i, (point, dtype) in enumerate(CASES):
-                root = base / f"case{i}"
-                cases[point, dtype] = (root, pool.submit(_crash, forks, point, dtype, root))
-            yield cases
-    finally:
-        for server in servers:
-            server.close()
+    with pool(base, env) as forks, ThreadPoolExecutor(2) as threads:
+        cases = {}
+        for i, (point, dtype) in enumerate(CASES):
+            root = base / f"case{i}"
+            cases[point, dtype] = (root, threads.submit(_crash, forks, point, dtype, root))
+        yield cases
 
 
 def _uninterrupted(base: Path, dtype: str) -> Path:

@@ -379,6 +379,29 @@ static inline void q_end(int RB, vi a[][CV], vf sums[][CV]) {
 }
 #endif
 
+#if !defined(Q8_VNNI) && !defined(Q8_AVX2)
+/* Input i's weight in column c of a group's packed bytes, int8 (bits 8: quads of w + 128) or
+ * int4 (bits 4: nibbles of w + 8, see q4_group): what the vector paths read, one at a time. */
+static inline int32_t plain_weight(const uint8_t *Q, int bits, int i, int c) {
+    if (bits == 8) return (int32_t)Q[(size_t)(i / 4) * 4 * STRIP + 4 * c + i % 4] - 128;
+    const int byte = Q[(size_t)(i / 8) * 4 * STRIP + 4 * c + i % 4];
+    return (i % 8 < 4 ? byte & 15 : byte >> 4) - 8;
+}
+
+/* A group's exact integer sums with plain loops, for any compiler and CPU. */
+static void plain_group(int RB, const qrows *xq, int r0, int g, const uint8_t *Q, int bits,
+                        vf sums[][CV]) {
+    for (int r = 0; r < RB; r++) {
+        const int8_t *x = xq->v + (size_t)(r0 + r) * xq->stride + g * GROUP;
+        for (int c = 0; c < STRIP; c++) {
+            int32_t dot = 0;
+            for (int i = 0; i < GROUP; i++) dot += plain_weight(Q, bits, i, c) * x[i];
+            sums[r][c / VL][c % VL] = (float)dot;
+        }
+    }
+}
+#endif
+
 /* One group's exact integer sums, sums[r][c] = sum over its GROUP inputs of w * x (at most
  * 32 x 127 x 127: exact in float32 too), for RB rows from r0 and the strip's STRIP columns. */
 static inline void q8_group(int RB, const qrows *xq, int r0, int g, const uint8_t *Q,
@@ -395,16 +418,7 @@ static inline void q8_group(int RB, const qrows *xq, int r0, int g, const uint8_
     }
     q_end(RB, a, sums);
 #else
-    for (int r = 0; r < RB; r++) {
-        const int8_t *x = xq->v + (size_t)(r0 + r) * xq->stride + g * GROUP;
-        for (int c = 0; c < STRIP; c++) {
-            int32_t dot = 0;
-            for (int k = 0; k < GROUP / 4; k++)
-                for (int j = 0; j < 4; j++)
-                    dot += ((int32_t)Q[(size_t)k * 4 * STRIP + 4 * c + j] - 128) * x[4 * k + j];
-            sums[r][c / VL][c % VL] = (float)dot;
-        }
-    }
+    plain_group(RB, xq, r0, g, Q, 8, sums);
 #endif
 }
 
@@ -448,18 +462,7 @@ static inline void q4_group(int RB, const qrows *xq, int r0, int g, const uint8_
     }
     q_end(RB, a, sums);
 #else
-    for (int r = 0; r < RB; r++) {
-        const int8_t *x = xq->v + (size_t)(r0 + r) * xq->stride + g * GROUP;
-        for (int c = 0; c < STRIP; c++) {
-            int32_t dot = 0;
-            for (int p = 0; p < GROUP / 8; p++)
-                for (int j = 0; j < 4; j++) {
-                    const int byte = Q[(size_t)p * 4 * STRIP + 4 * c + j];
-                    dot += ((byte & 15) - 8) * x[8 * p + j] + ((byte >> 4) - 8) * x[8 * p + 4 + j];
-                }
-            sums[r][c / VL][c % VL] = (float)dot;
-        }
-    }
+    plain_group(RB, xq, r0, g, Q, 4, sums);
 #endif
 }
 
@@ -572,7 +575,6 @@ static void q8_matvec(int B, int n_in, int n_out, const float *x, const uint8_t 
     const qstrip_fn *kernels = bits == 4 ? Q4STRIPS : Q8STRIPS;
     const int groups = (n_in + GROUP - 1) / GROUP, strips = (n_out + STRIP - 1) / STRIP;
     qrows rows = *buffers;
-    const qrows *xq = &rows;
     rows.stride = groups * GROUP;
     int lo, hi;
     share(B, &lo, &hi);
@@ -589,7 +591,7 @@ static void q8_matvec(int B, int n_in, int n_out, const float *x, const uint8_t 
         }
         for (int b = 0, rb; b < B; b += rb) {
             rb = B - b < Q8_RB ? B - b : Q8_RB;
-            kernels[rb](groups, xq, b, Q + (size_t)u * groups * GROUP * STRIP * bits / 8,
+            kernels[rb](groups, &rows, b, Q + (size_t)u * groups * GROUP * STRIP * bits / 8,
                          S + (size_t)u * groups * STRIP, bs, acc + b * STRIP);
         }
         finish_strip(B, n_out, acc, y, j, w, op);
